@@ -1,0 +1,169 @@
+"""The pipeline's configuration tree: one pydantic model per stage, unknown keys rejected."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    """A config section: typos fail loudly instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    """Where the images are and how they are split and fed."""
+
+    path: str = Field(
+        "data/fashion_mnist",
+        description="Folder of class sub-folders, or a CSV manifest (path,label[,split]), "
+        "relative to the project root.",
+    )
+    dvc_file: str | None = Field(
+        "data.dvc",
+        description="The .dvc file that pins the data version; null to skip the DVC pull.",
+    )
+    image_size: int = Field(96, ge=32, le=1024, description="Square input size fed to the base.")
+    batch_size: int = Field(64, ge=1, le=4096)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                "data.val_fraction + data.test_fraction must be below 1 so that images remain "
+                f"for training (got {self.val_fraction} + {self.test_fraction})"
+            )
+        return self
+
+
+class BaseModelConfig(Section):
+    """The Keras Applications base."""
+
+    architecture: str = Field("MobileNet", description="A keras.applications name, e.g. ResNet50.")
+    weights: str | None = Field(
+        "imagenet",
+        description="'imagenet' (Keras cache, or download when online), a path to a weights "
+        "file, or null for random initialisation.",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra constructor arguments of the architecture, e.g. {alpha: 0.25}.",
+    )
+
+    @field_validator("weights", mode="before")
+    @classmethod
+    def _none_string_means_null(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and value.lower() in {"none", "null", ""} else value
+
+
+class HeadConfig(Section):
+    """The new classification head trained on top of the base."""
+
+    pooling: Literal["avg", "max"] = "avg"
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    hidden_units: int = Field(0, ge=0, description="0 for a single softmax layer.")
+
+
+class FeatureExtractionConfig(Section):
+    """Training the head on the frozen base."""
+
+    epochs: int = Field(30, ge=1)
+    learning_rate: float = Field(1e-3, gt=0.0)
+    patience: int = Field(4, ge=1, description="Early-stopping patience on validation loss.")
+
+
+class FineTuneStage(Section):
+    """One unfreezing step: more of the top of the base becomes trainable."""
+
+    unfreeze_blocks: int | Literal["all"] = Field(
+        description="How many blocks, counted from the top of the base, are trainable."
+    )
+    epochs: int = Field(5, ge=1)
+    learning_rate: float | None = Field(
+        None, gt=0.0, description="Defaults to the previous stage's rate times lr_factor."
+    )
+
+    @field_validator("unfreeze_blocks")
+    @classmethod
+    def _positive(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("unfreeze_blocks must be at least 1, or 'all'")
+        return value
+
+
+class FineTuneConfig(Section):
+    """Staged unfreezing after feature extraction; an empty list means none."""
+
+    lr_factor: float = Field(0.1, gt=0.0, le=1.0)
+    patience: int = Field(2, ge=1)
+    stages: list[FineTuneStage] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _each_stage_unfreezes_more(self) -> FineTuneConfig:
+        previous = 0
+        for index, stage in enumerate(self.stages):
+            if previous == "all":
+                raise ValueError(f"fine_tune.stages[{index}] follows a stage that unfroze 'all'")
+            if stage.unfreeze_blocks != "all" and stage.unfreeze_blocks <= previous:
+                raise ValueError(
+                    f"fine_tune.stages[{index}].unfreeze_blocks must be larger than the previous "
+                    f"stage's ({stage.unfreeze_blocks} <= {previous})"
+                )
+            previous = stage.unfreeze_blocks
+        return self
+
+    def learning_rates(self, head_rate: float) -> list[float]:
+        """Each stage's rate: explicit, or the previous one times lr_factor."""
+        rates, rate = [], head_rate
+        for stage in self.stages:
+            rate = stage.learning_rate if stage.learning_rate is not None else rate * self.lr_factor
+            rates.append(rate)
+        return rates
+
+
+class EvaluationConfig(Section):
+    primary_metric: Literal["accuracy", "macro_f1"] = "accuracy"
+
+
+class RegistryConfig(Section):
+    """Registration and the promotion gate."""
+
+    model_name: str = Field("fashion-mnist-classifier", min_length=1)
+    min_value: float = Field(0.0, ge=0.0, le=1.0, description="The primary metric a champion needs.")
+    min_improvement: float = Field(
+        0.0, ge=0.0, description="How much the challenger must beat the champion by."
+    )
+
+
+class TrackingConfig(Section):
+    experiment: str = Field("transfer-learning", min_length=1)
+    log_models: bool = Field(True, description="Log a loadable model for every stage.")
+
+
+class DemoDataConfig(Section):
+    """How the Fashion-MNIST demo dataset is cut from the full dataset."""
+
+    out: str = Field("data/fashion_mnist", description="Folder written, relative to the project root.")
+    train_per_class: int = Field(100, ge=1, le=6000)
+    val_per_class: int = Field(50, ge=0, le=6000)
+    test_per_class: int = Field(1000, ge=1, le=1000, description="1000 keeps the full test set.")
+    seed: int = 0
+
+
+class PipelineConfig(Section):
+    """The whole tree, as loaded from conf/*.yaml."""
+
+    seed: int = 42
+    data: DataConfig = Field(default_factory=DataConfig)
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    head: HeadConfig = Field(default_factory=HeadConfig)
+    feature_extraction: FeatureExtractionConfig = Field(default_factory=FeatureExtractionConfig)
+    fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
