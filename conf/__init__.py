@@ -1,6 +1,6 @@
 """Configuration: YAML files validated by the models in conf.schema."""
 
-from conf.loader import ConfigError, load_config
+from conf.loader import ConfigError, load_config, project_root
 from conf.schema import DemoDataConfig, PipelineConfig
 
-__all__ = ["ConfigError", "DemoDataConfig", "PipelineConfig", "load_config"]
+__all__ = ["ConfigError", "DemoDataConfig", "PipelineConfig", "load_config", "project_root"]

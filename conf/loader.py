@@ -77,3 +77,12 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _apply_override(tree, override)
     return _validate(PipelineConfig, tree, str(path))
 
+
+
+def project_root(config_path: str | Path) -> Path:
+    """The folder config paths are relative to: the nearest DVC or git repository above the file."""
+    start = Path(config_path).resolve().parent
+    for folder in (start, *start.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return start

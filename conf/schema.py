@@ -74,6 +74,11 @@ class FeatureExtractionConfig(Section):
     epochs: int = Field(30, ge=1)
     learning_rate: float = Field(1e-3, gt=0.0)
     patience: int = Field(4, ge=1, description="Early-stopping patience on validation loss.")
+    cache_dir: str | None = Field(
+        ".cache/features",
+        description="Where frozen-base features are cached, relative to the project root; "
+        "null computes them afresh every run.",
+    )
 
 
 class FineTuneStage(Section):
@@ -141,7 +146,6 @@ class RegistryConfig(Section):
 
 class TrackingConfig(Section):
     experiment: str = Field("transfer-learning", min_length=1)
-    log_models: bool = Field(True, description="Log a loadable model for every stage.")
 
 
 class DemoDataConfig(Section):

@@ -1,0 +1,61 @@
+# The two commands: `make demo` runs the whole pipeline on the embedded default, `make test` the suite.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)
+DEBIAN_FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CONFIG ?= conf/default.yaml
+
+# Prefect's temporary local server needs ~20 s to start on 2 cores; its default time-out is 20 s.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+export MLFLOW_DISABLE_TELEMETRY ?= true
+export DVC_NO_ANALYTICS ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: help install fashion-mnist demo-data demo train test lint mlflow-ui clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(BIN)/transferflow: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c 'import tensorflow, keras, mlflow, prefect, dvc, pandas, pytest'
+	touch $@
+
+install: $(BIN)/transferflow ## Create .venv and install the project with its dependencies
+
+fashion-mnist: ## Make Fashion-MNIST available offline (Keras cache, or Debian's dataset-fashion-mnist)
+	@if [ -f $(KERAS_CACHE)/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -f $(DEBIAN_FMNIST) ]; then \
+	  echo "Fashion-MNIST: found"; \
+	else \
+	  echo "Fashion-MNIST: installing Debian's dataset-fashion-mnist"; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	fi
+
+demo-data: install fashion-mnist ## Build the demo dataset, check it is the version data.dvc pins, push it to the local DVC remote
+	$(BIN)/transferflow demo-data --config $(CONFIG)
+
+demo: demo-data ## Run the whole pipeline on the demo data (Fashion-MNIST, MobileNet ImageNet weights)
+	$(BIN)/transferflow train --config $(CONFIG)
+
+train: install ## Run the training flow on CONFIG without rebuilding the demo data
+	$(BIN)/transferflow train --config $(CONFIG)
+
+test: install fashion-mnist ## Run the test suite (unit, integration and slow end-to-end tests)
+	$(BIN)/python -m pytest
+
+lint: install ## ruff and mypy
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy conf tasks flows
+
+mlflow-ui: install ## Open the MLflow UI on the local store at http://127.0.0.1:5000
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+clean: ## Remove local run state (MLflow store, feature cache, reports); keeps .venv and the data
+	rm -rf mlflow.db mlartifacts .cache reports

@@ -1,0 +1,76 @@
+"""The training flow: pull data -> build base -> train head -> unfreeze stage by stage -> register."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow
+
+from tasks.config import load_pipeline_config
+from tasks.data import load_images, pull_data_version
+from tasks.evaluate import evaluate_on_features, evaluate_on_images
+from tasks.features import extract_frozen_features
+from tasks.model import build_classifier_for
+from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
+from tasks.report import StageSummary, publish_report
+from tasks.tracking import finish_tracking, log_stage_run, start_tracking
+from tasks.train import fine_tune_stage, train_new_head
+
+DEFAULT_CONFIG = "conf/default.yaml"
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run produced: its MLflow run, per-stage scores, and the registry outcome."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    data_version: str
+    stages: list[StageSummary]
+    model_name: str
+    version: str
+    decision: PromotionDecision
+
+
+@flow(name="train-classifier", log_prints=True)
+def train_classifier(
+    config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None
+) -> TrainingResult:
+    """Train a transfer-learning classifier and register it; promote it only if it beats the champion."""
+    loaded = load_pipeline_config(config_path, overrides or [])
+    config = loaded.config
+    data_version = pull_data_version(loaded)
+    table = load_images(loaded, data_version)
+    classifier = build_classifier_for(loaded, len(table.classes))
+    run = start_tracking(loaded, table, data_version, strategy="fine_tune")
+    try:
+        features = extract_frozen_features(classifier, table, loaded, data_version)
+        history = train_new_head(classifier, features, config)
+        evaluation = evaluate_on_features(classifier, features["test"], table.classes)
+        records = [log_stage_run(run, "feature_extraction", config.feature_extraction, history, evaluation, classifier, table, loaded)]
+        summaries = [StageSummary.of("feature_extraction", history, evaluation)]
+        rates = config.fine_tune.learning_rates(config.feature_extraction.learning_rate)
+        for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
+            name = f"fine_tune_{number}"
+            history = fine_tune_stage(classifier, table, stage, rate, config)
+            evaluation = evaluate_on_images(classifier.model, table, config)
+            records.append(log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded))
+            summaries.append(StageSummary.of(name, history, evaluation))
+        challenger = register_challenger_step(run, records[-1], table, loaded, data_version)
+        decision = promote_if_better(run, challenger, evaluation, table, loaded)
+    except BaseException:
+        finish_tracking(run, summaries=[], failed=True)
+        raise
+    finish_tracking(run, summaries=summaries, failed=False)
+    publish_report(run, summaries, challenger, decision, evaluation, loaded)
+    return TrainingResult(
+        run_id=run.run_id,
+        experiment_id=run.experiment_id,
+        tracking_uri=run.tracking_uri,
+        data_version=data_version,
+        stages=summaries,
+        model_name=challenger.name,
+        version=challenger.version,
+        decision=decision,
+    )

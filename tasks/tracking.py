@@ -1,0 +1,322 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+from tasks.evaluate import Evaluation, confusion_matrix_figure
+from tasks.train import TrainingHistory
+
+# MLflow caps a param value at 6000 characters; ours are far shorter, but be safe.
+_PARAM_LIMIT = 6000
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """An MLflow run, named explicitly because MLflow's active run is per thread."""
+
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+
+    def ui_path(self) -> str:
+        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What a stage left in MLflow: its run and its loadable model."""
+
+    stage: str
+    run_id: str
+    model_uri: str | None
+
+
+def tracking_uri(project_root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the project folder (never the cwd)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
+
+
+def ui_hint(uri: str, project_root: Path) -> str:
+    """How a user opens the MLflow UI on this tracking store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    artifacts = project_root.resolve() / "mlartifacts"
+    return (
+        f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} "
+        "--host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000"
+    )
+
+
+def git_commit(project_root: Path) -> str:
+    """The project's current commit, with `-dirty` when the work tree has changes."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project_root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit}-dirty" if dirty else commit
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"a": {"b": 1}, "c": [x, y]}` -> `{"a.b": "1", "c.0": "x", "c.1": "y"}`."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list | tuple) and value and isinstance(value[0], dict):
+            for index, item in enumerate(value):
+                flat.update(flatten(item, f"{name}.{index}."))
+        else:
+            flat[name] = str(value)[:_PARAM_LIMIT]
+    return flat
+
+
+def ensure_experiment(uri: str, name: str, project_root: Path) -> str:
+    """The experiment's id, creating it with artifacts in the project folder for a local store."""
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        location = (project_root.resolve() / "mlartifacts").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def start_pipeline_run(
+    uri: str,
+    experiment_id: str,
+    *,
+    run_name: str,
+    params: dict[str, str],
+    tags: dict[str, str],
+    dataset: pd.DataFrame,
+    dataset_source: str,
+    data_version: str,
+) -> RunRef:
+    """Open the parent run: params, tags, and the dataset as an input with the DVC hash as digest."""
+    client = MlflowClient(uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    _log_params(client, run_id, params)
+    source = mlflow.data.from_pandas(
+        dataset, source=dataset_source, name=Path(dataset_source).name, digest=data_version[:36]
+    )
+    client.log_inputs(run_id, datasets=[_dataset_input(source)])
+    return RunRef(run_id, experiment_id, uri)
+
+
+def _dataset_input(dataset):
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
+    items = [Param(key, value) for key, value in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's batch limit for params
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_stage(
+    parent: RunRef,
+    stage: str,
+    *,
+    params: dict[str, str],
+    history: TrainingHistory,
+    evaluation: Evaluation,
+    model=None,
+    input_example: np.ndarray | None = None,
+    pip_requirements: list[str] | None = None,
+) -> StageRecord:
+    """Record one finished stage as a nested run: params, per-epoch curves, test scores, model."""
+    client = MlflowClient(parent.tracking_uri)
+    started_ms = int((time.time() - history.seconds) * 1000)
+    run = client.create_run(
+        parent.experiment_id,
+        start_time=started_ms,
+        run_name=stage,
+        tags={"mlflow.parentRunId": parent.run_id, "stage": stage},
+    )
+    run_id = run.info.run_id
+    stage_params = {
+        **params,
+        "learning_rate": str(history.learning_rate),
+        "trainable_params": str(history.trainable_params),
+    }
+    _log_params(client, run_id, stage_params)
+    now = int(time.time() * 1000)
+    curves = [
+        Metric(name, value, now, step)
+        for name, values in history.epochs.items()
+        for step, value in enumerate(values)
+    ]
+    summary = {
+        **evaluation.metrics(),
+        "epochs_run": float(history.epochs_run),
+        "best_epoch": float(history.best_epoch),
+        "train_seconds": history.seconds,
+    }
+    curves += [Metric(name, value, now, 0) for name, value in summary.items()]
+    for start in range(0, len(curves), 1000):  # MLflow's batch limit for metrics
+        client.log_batch(run_id, metrics=curves[start : start + 1000])
+    figure = confusion_matrix_figure(evaluation, title=stage)
+    client.log_figure(run_id, figure, "confusion_matrix.png")
+    client.log_dict(run_id, _per_class(evaluation), "per_class.json")
+    model_uri = None
+    if model is not None:
+        model_uri = _log_model(parent.tracking_uri, run_id, model, input_example, pip_requirements)
+    client.set_terminated(run_id, "FINISHED")
+    return StageRecord(stage, run_id, model_uri)
+
+
+def _per_class(evaluation: Evaluation) -> dict[str, Any]:
+    return {
+        "classes": list(evaluation.classes),
+        "precision": list(evaluation.precision),
+        "recall": list(evaluation.recall),
+        "confusion": evaluation.confusion.tolist(),
+    }
+
+
+def _log_model(uri, run_id, model, input_example, pip_requirements) -> str:
+    import mlflow.tensorflow
+    from mlflow.models import infer_signature
+
+    signature = None
+    if input_example is not None:
+        signature = infer_signature(input_example, np.asarray(model(input_example, training=False)))
+    mlflow.set_tracking_uri(uri)
+    # The fluent API is the only way to log a model; resuming the run by id keeps it explicit.
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.tensorflow.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=input_example,
+            pip_requirements=pip_requirements,
+        )
+    return info.model_uri
+
+
+def log_summary(run: RunRef, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """Headline metrics and tags on the parent run, for the experiment's table view."""
+    client = MlflowClient(run.tracking_uri)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run.run_id,
+        metrics=[Metric(name, value, now, 0) for name, value in metrics.items()],
+        tags=[RunTag(name, value) for name, value in tags.items()],
+    )
+
+
+def finish_run(run: RunRef, failed: bool = False) -> None:
+    MlflowClient(run.tracking_uri).set_terminated(run.run_id, "FAILED" if failed else "FINISHED")
+
+
+# --- Prefect steps -------------------------------------------------------------------------------
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
+
+_MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
+
+
+def model_requirements() -> list[str]:
+    """The pins a logged model needs; giving them saves MLflow ~12 s of requirement inference."""
+    import keras
+    import tensorflow as tf
+
+    return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
+
+
+@task(name="start-tracking", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+def start_tracking(loaded, table, data_version: str, strategy: str) -> RunRef:
+    """Open the pipeline's parent run with the resolved config, git commit and data version."""
+    config = loaded.config
+    uri = tracking_uri(loaded.project)
+    experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
+    tree = config.model_dump(mode="json", exclude={"demo"})
+    dataset = table.frame.assign(path=[_relative(p, loaded.project) for p in table.frame["path"]])
+    return start_pipeline_run(
+        uri,
+        experiment_id,
+        run_name=f"{config.base.architecture}-{strategy}",
+        params=flatten(tree),
+        tags={
+            "mlflow.source.git.commit": git_commit(loaded.project),
+            "data_version": data_version,
+            "strategy": strategy,
+            "architecture": config.base.architecture,
+        },
+        dataset=dataset,
+        dataset_source=str(loaded.path(config.data.path)),
+        data_version=data_version,
+    )
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return str(Path(path).relative_to(root.resolve()))
+    except ValueError:
+        return path
+
+
+@task(name="log-stage", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+def log_stage_run(
+    run: RunRef, stage: str, settings, history, evaluation, classifier, table, loaded
+) -> StageRecord:
+    """Log a finished stage as a nested run, with its model loadable as a pyfunc."""
+    from tasks.data import image_dataset
+
+    config = loaded.config
+    example_frame = table.split("test").head(1)
+    example = next(
+        iter(image_dataset(example_frame, table.classes, config.data.image_size, batch_size=1))
+    )[0].numpy()
+    return log_stage(
+        run,
+        stage,
+        params=flatten(settings.model_dump(mode="json")),
+        history=history,
+        evaluation=evaluation,
+        model=classifier.model,
+        input_example=example,
+        pip_requirements=model_requirements(),
+    )
+
+
+@task(name="finish-tracking", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+def finish_tracking(run: RunRef, summaries, failed: bool) -> None:
+    """Close the parent run, with the final stage's scores as its headline metrics."""
+    if summaries:
+        final = summaries[-1]
+        log_summary(
+            run,
+            {"test_accuracy": final.test_accuracy, "test_macro_f1": final.test_macro_f1},
+            {"final_stage": final.stage},
+        )
+    finish_run(run, failed=failed)

@@ -1,0 +1,149 @@
+"""Training stages: the head on cached features, then the whole model at each unfreezing stage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TrainingHistory:
+    """Per-epoch metrics of one stage (Keras names: loss, accuracy, val_loss, val_accuracy)."""
+
+    epochs: dict[str, tuple[float, ...]]
+    best_epoch: int
+    seconds: float
+    trainable_params: int
+    learning_rate: float
+    stopped_early: bool = field(default=False)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.epochs.get("loss", ()))
+
+
+def _compile(model, learning_rate: float) -> None:
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss=keras.losses.SparseCategoricalCrossentropy(),
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+
+def _fit(model, train, validation, epochs: int, patience: int, learning_rate: float, **fit_args):
+    """Compile afresh and fit with fresh callbacks, so no stage inherits another's state."""
+    _compile(model, learning_rate)
+    callbacks = []
+    if validation is not None:
+        stopper = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=patience, restore_best_weights=True
+        )
+        callbacks.append(stopper)
+    started = time.perf_counter()
+    history = model.fit(
+        train, validation_data=validation, epochs=epochs, callbacks=callbacks, verbose=0, **fit_args
+    )
+    seconds = time.perf_counter() - started
+    epochs_seen = {name: tuple(float(v) for v in values) for name, values in history.history.items()}
+    if validation is not None:
+        best_epoch = int(np.argmin(epochs_seen["val_loss"]))
+    else:
+        best_epoch = len(epochs_seen["loss"]) - 1
+    trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    return TrainingHistory(
+        epochs=epochs_seen,
+        best_epoch=best_epoch,
+        seconds=seconds,
+        trainable_params=trainable,
+        learning_rate=learning_rate,
+        stopped_early=len(epochs_seen["loss"]) < epochs,
+    )
+
+
+def train_head(
+    head,
+    train: tuple[np.ndarray, np.ndarray],
+    validation: tuple[np.ndarray, np.ndarray] | None,
+    *,
+    epochs: int,
+    learning_rate: float,
+    patience: int,
+    batch_size: int,
+    seed: int,
+) -> TrainingHistory:
+    """Fit the new head on frozen-base features (arrays), keeping the best validation epoch."""
+    keras.utils.set_random_seed(seed)
+    features, labels = train
+    return _fit(
+        head,
+        features,
+        validation,
+        epochs,
+        patience,
+        learning_rate,
+        y=labels,
+        batch_size=batch_size,
+        shuffle=True,
+    )
+
+
+def fine_tune(
+    model, train, validation, *, epochs: int, learning_rate: float, patience: int, seed: int
+) -> TrainingHistory:
+    """Fit the whole classifier on image batches after a stage has unfrozen more of the base.
+
+    BatchNorm layers stay frozen (unfreeze_top_blocks never makes them trainable, and a frozen
+    Keras 3 BatchNorm runs in inference mode even under fit), so they keep the ImageNet statistics
+    that small fine-tuning batches would otherwise overwrite.
+    """
+    keras.utils.set_random_seed(seed)
+    return _fit(model, train, validation, epochs, patience, learning_rate)
+
+
+# --- Prefect steps -------------------------------------------------------------------------------
+
+from prefect import task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+
+@task(name="train-head", cache_policy=NO_CACHE)
+def train_new_head(classifier, features, config) -> TrainingHistory:
+    """Feature extraction: the new head learns on the frozen base's cached features."""
+    settings = config.feature_extraction
+    validation = features["val"].load() if "val" in features else None
+    history = train_head(
+        classifier.head,
+        features["train"].load(),
+        validation,
+        epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        patience=settings.patience,
+        batch_size=config.data.batch_size,
+        seed=config.seed,
+    )
+    return history
+
+
+@task(name="fine-tune-stage", cache_policy=NO_CACHE)
+def fine_tune_stage(classifier, table, stage, learning_rate: float, config) -> TrainingHistory:
+    """Unfreeze the top blocks the stage names, then fine-tune the whole model at a lower rate."""
+    from tasks.data import image_dataset
+    from tasks.model import unfreeze_top_blocks
+
+    unfreeze_top_blocks(classifier.base, stage.unfreeze_blocks)
+    size, batch = config.data.image_size, config.data.batch_size
+    train = image_dataset(table.split("train"), table.classes, size, batch, shuffle_seed=config.seed)
+    val_frame = table.split("val")
+    validation = None if val_frame.empty else image_dataset(val_frame, table.classes, size, batch)
+    return fine_tune(
+        classifier.model,
+        train,
+        validation,
+        epochs=stage.epochs,
+        learning_rate=learning_rate,
+        patience=config.fine_tune.patience,
+        seed=config.seed,
+    )

@@ -1,0 +1,196 @@
+"""The real training flow end to end: git + DVC repo and remote, MLflow SQLite store, Prefect."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import HAVE_IMAGENET_WEIGHTS
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = str(Path(sys.executable).with_name("dvc"))
+
+# A shrunk default: few images, two short stages; everything else is the real pipeline.
+SHRUNK = {
+    "extends": "default.yaml",
+    "data": {"image_size": 96, "batch_size": 32},
+    "feature_extraction": {"epochs": 8, "patience": 3},
+    "fine_tune": {
+        "stages": [{"unfreeze_blocks": 2, "epochs": 2}, {"unfreeze_blocks": 3, "epochs": 1}]
+    },
+    "registry": {"model_name": "fmnist-test", "min_value": 0.3, "min_improvement": 0.0},
+    "tracking": {"experiment": "flow-test"},
+    "demo": {"train_per_class": 12, "val_per_class": 4, "test_per_class": 8},
+}
+
+
+def run(*command: str, cwd: Path) -> str:
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def origin(tmp_path_factory) -> Path:
+    """A project repository as a team would have it: data tracked by DVC and pushed to a remote."""
+    from tasks.demo_data import write_demo_dataset
+
+    base = tmp_path_factory.mktemp("project")
+    repo, remote = base / "origin", base / "remote"
+    remote.mkdir()
+    repo.mkdir()
+    shutil.copytree(ROOT / "conf", repo / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    (repo / "conf" / "test.yaml").write_text(yaml.safe_dump(SHRUNK))
+    demo = SHRUNK["demo"]
+    write_demo_dataset(
+        repo / "data" / "fashion_mnist",
+        train_per_class=demo["train_per_class"],
+        val_per_class=demo["val_per_class"],
+        test_per_class=demo["test_per_class"],
+        seed=0,
+    )
+    run("git", "init", "-q", cwd=repo)
+    run("git", "config", "user.email", "t@example.com", cwd=repo)
+    run("git", "config", "user.name", "test", cwd=repo)
+    run(DVC, "init", "-q", cwd=repo)
+    run(DVC, "remote", "add", "-d", "storage", str(remote), cwd=repo)
+    run(DVC, "add", "-q", "data", cwd=repo)
+    run(DVC, "push", "-q", cwd=repo)
+    run("git", "add", "-A", cwd=repo)
+    run("git", "commit", "-qm", "data v1", cwd=repo)
+    return repo
+
+
+def fresh_clone(origin: Path, where: Path) -> Path:
+    """A clone with no data and no DVC cache: the flow must pull everything from the remote."""
+    run("git", "clone", "-q", str(origin), str(where), cwd=origin.parent)
+    assert not (where / "data" / "fashion_mnist").exists()
+    return where
+
+
+def pinned_md5(repo: Path) -> str:
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+@pytest.fixture(scope="module")
+def first_run(origin: Path, tmp_path_factory):
+    """One real run of the flow in a fresh clone, tracked in the clone's own MLflow store."""
+    from flows.train import train_classifier
+
+    clone = fresh_clone(origin, tmp_path_factory.mktemp("run1") / "clone")
+    result = train_classifier(str(clone / "conf" / "test.yaml"), weights_override())
+    return clone, result
+
+
+def weights_override() -> list[str]:
+    """ImageNet weights when the test run has them, else a random base: the path is the same."""
+    return [] if HAVE_IMAGENET_WEIGHTS else ["base.weights=null"]
+
+
+def test_flow_pulls_the_pinned_data_and_tracks_every_stage(first_run) -> None:
+    clone, result = first_run
+    assert (clone / "data" / "fashion_mnist" / "manifest.csv").is_file()
+    assert result.data_version == pinned_md5(clone)
+    assert result.tracking_uri == f"sqlite:///{clone / 'mlflow.db'}"
+
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["data_version"] == result.data_version
+    assert len(parent.data.tags["mlflow.source.git.commit"]) >= 40
+    assert parent.data.params["base.architecture"] == "MobileNet"
+    assert parent.data.params["fine_tune.stages.1.unfreeze_blocks"] == "3"
+    assert parent.data.metrics["test_accuracy"] == pytest.approx(result.stages[-1].test_accuracy)
+    dataset_input = parent.inputs.dataset_inputs[0].dataset
+    assert dataset_input.digest == result.data_version[:36]
+
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    by_stage = {child.data.tags["stage"]: child for child in children}
+    assert set(by_stage) == {"feature_extraction", "fine_tune_1", "fine_tune_2"}
+    for summary in result.stages:
+        child = by_stage[summary.stage]
+        assert child.data.metrics["test_accuracy"] == pytest.approx(summary.test_accuracy)
+        assert "test_macro_f1" in child.data.metrics
+        assert "test_recall_sneaker" in child.data.metrics
+        curve = client.get_metric_history(child.info.run_id, "val_loss")
+        assert [m.step for m in curve] == list(range(summary.epochs_run))
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"confusion_matrix.png", "per_class.json"} <= artifacts
+    rates = [float(by_stage[s].data.params["learning_rate"]) for s in ("feature_extraction", "fine_tune_1", "fine_tune_2")]
+    assert rates == pytest.approx([1e-3, 1e-4, 1e-5])
+    trainable = [int(by_stage[s].data.params["trainable_params"]) for s in ("fine_tune_1", "fine_tune_2")]
+    assert trainable[0] < trainable[1]
+
+
+def test_stage_model_loads_back_as_pyfunc_and_predicts(first_run) -> None:
+    clone, result = first_run
+    mlflow.set_tracking_uri(result.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{result.model_name}@champion")
+    images = np.random.default_rng(0).uniform(0, 255, (3, 96, 96, 3)).astype(np.float32)
+    probabilities = np.asarray(model.predict(images))
+    assert probabilities.shape == (3, 10)
+    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_first_model_becomes_champion_and_report_is_written(first_run) -> None:
+    clone, result = first_run
+    client = MlflowClient(result.tracking_uri)
+    assert result.decision.promote, result.decision.reason
+    champion = client.get_model_version_by_alias(result.model_name, "champion")
+    challenger = client.get_model_version_by_alias(result.model_name, "challenger")
+    assert champion.version == challenger.version == result.version == "1"
+    assert champion.tags["promotion.decision"] == "promoted"
+    assert champion.tags["data_version"] == result.data_version
+    assert client.get_run(result.run_id).data.tags["promotion.decision"] == "promoted"
+    metrics = json.loads((clone / "reports" / "metrics.json").read_text())
+    assert metrics["test_accuracy"] == pytest.approx(result.stages[-1].test_accuracy)
+
+
+def test_prefect_records_the_run_with_a_summary_artifact(first_run) -> None:
+    from prefect import get_client
+
+    _, result = first_run
+
+    async def artifact():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    import asyncio
+
+    artifacts = [a for a in asyncio.run(artifact()) if a.key == "training-summary"]
+    assert artifacts, "the flow published no training-summary artifact"
+    assert result.run_id in artifacts[0].data
+
+
+def test_worse_second_run_leaves_the_champion_in_place(first_run) -> None:
+    from flows.train import train_classifier
+
+    clone, first = first_run
+    # Demanding a large improvement makes this run the worse one by the gate's own rule.
+    second = train_classifier(
+        str(clone / "conf" / "test.yaml"),
+        [*weights_override(), "registry.min_improvement=0.5", "fine_tune.stages=[]"],
+    )
+    client = MlflowClient(second.tracking_uri)
+    assert second.version == "2" and not second.decision.promote
+    assert "does not beat champion v1" in second.decision.reason
+    assert client.get_model_version_by_alias(first.model_name, "champion").version == "1"
+    assert client.get_model_version_by_alias(first.model_name, "challenger").version == "2"
+    rejected = client.get_model_version(first.model_name, "2")
+    assert rejected.tags["promotion.decision"] == "rejected"
+    assert float(rejected.tags["promotion.champion_score"]) == pytest.approx(
+        first.stages[-1].test_accuracy, abs=1e-4
+    )
