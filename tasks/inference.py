@@ -9,7 +9,11 @@ import tensorflow as tf
 def forward_pass(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` in inference mode over a dataset of (images, labels); return outputs and labels."""
 
-    @tf.function(reduce_retracing=True)
+    image_spec = dataset.element_spec[0]
+    # One trace for every batch, the short last one included.
+    signature = [tf.TensorSpec((None, *image_spec.shape[1:]), image_spec.dtype)]
+
+    @tf.function(input_signature=signature)
     def step(images):
         return model(images, training=False)
 

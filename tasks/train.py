@@ -100,7 +100,8 @@ def fine_tune(
     that small fine-tuning batches would otherwise overwrite.
     """
     keras.utils.set_random_seed(seed)
-    return _fit(model, train, validation, epochs, patience, learning_rate)
+    # The dataset reshuffles itself each epoch; Keras cannot shuffle a tf.data pipeline.
+    return _fit(model, train, validation, epochs, patience, learning_rate, shuffle=False)
 
 
 # --- Prefect steps -------------------------------------------------------------------------------

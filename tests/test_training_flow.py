@@ -151,7 +151,7 @@ def test_first_model_becomes_champion_and_report_is_written(first_run) -> None:
     assert result.decision.promote, result.decision.reason
     champion = client.get_model_version_by_alias(result.model_name, "champion")
     challenger = client.get_model_version_by_alias(result.model_name, "challenger")
-    assert champion.version == challenger.version == result.version == "1"
+    assert str(champion.version) == str(challenger.version) == result.version == "1"
     assert champion.tags["promotion.decision"] == "promoted"
     assert champion.tags["data_version"] == result.data_version
     assert client.get_run(result.run_id).data.tags["promotion.decision"] == "promoted"
@@ -182,13 +182,13 @@ def test_worse_second_run_leaves_the_champion_in_place(first_run) -> None:
     # Demanding a large improvement makes this run the worse one by the gate's own rule.
     second = train_classifier(
         str(clone / "conf" / "test.yaml"),
-        [*weights_override(), "registry.min_improvement=0.5", "fine_tune.stages=[]"],
+        [*weights_override(), "registry.min_value=0", "registry.min_improvement=0.5", "fine_tune.stages=[]"],
     )
     client = MlflowClient(second.tracking_uri)
     assert second.version == "2" and not second.decision.promote
     assert "does not beat champion v1" in second.decision.reason
-    assert client.get_model_version_by_alias(first.model_name, "champion").version == "1"
-    assert client.get_model_version_by_alias(first.model_name, "challenger").version == "2"
+    assert str(client.get_model_version_by_alias(first.model_name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(first.model_name, "challenger").version) == "2"
     rejected = client.get_model_version(first.model_name, "2")
     assert rejected.tags["promotion.decision"] == "rejected"
     assert float(rejected.tags["promotion.champion_score"]) == pytest.approx(
