@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from prefect import flow
 
 from tasks.config import load_pipeline_config
-from tasks.demo_data import build_demo_dataset, write_demo_report
 from tasks.data import pinned_data_version, push_data_version, track_data_version
+from tasks.demo_data import build_demo_dataset, write_demo_report
 
 DEFAULT_CONFIG = "conf/default.yaml"
 

@@ -48,14 +48,27 @@ def train_classifier(
         features = extract_frozen_features(classifier, table, loaded, data_version)
         history = train_new_head(classifier, features, config)
         evaluation = evaluate_on_features(classifier, features["test"], table.classes)
-        records = [log_stage_run(run, "feature_extraction", config.feature_extraction, history, evaluation, classifier, table, loaded)]
+        records = [
+            log_stage_run(
+                run,
+                "feature_extraction",
+                config.feature_extraction,
+                history,
+                evaluation,
+                classifier,
+                table,
+                loaded,
+            )
+        ]
         summaries = [StageSummary.of("feature_extraction", history, evaluation)]
         rates = config.fine_tune.learning_rates(config.feature_extraction.learning_rate)
         for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
             name = f"fine_tune_{number}"
             history = fine_tune_stage(classifier, table, stage, rate, config)
             evaluation = evaluate_on_images(classifier.model, table, config)
-            records.append(log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded))
+            records.append(
+                log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded)
+            )
             summaries.append(StageSummary.of(name, history, evaluation))
         challenger = register_challenger_step(run, records[-1], table, loaded, data_version)
         decision = promote_if_better(run, challenger, evaluation, table, loaded)

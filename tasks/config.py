@@ -22,7 +22,9 @@ class LoadedConfig:
         return (self.project / relative).resolve()
 
 
-def load_and_check(config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedConfig:
+def load_and_check(
+    config_path: str | Path, overrides: list[str] | tuple[str, ...] = ()
+) -> LoadedConfig:
     """Validate the config file and its overrides, and the architecture name."""
     config = load_config(config_path, overrides)
     check_architecture(config.base.architecture)

@@ -15,6 +15,9 @@ import numpy as np
 import pandas as pd
 import yaml
 from PIL import Image
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -403,10 +406,6 @@ def _shorten(listing: str, limit: int = 2000) -> str:
 
 # --- Prefect steps -------------------------------------------------------------------------------
 
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-
 
 def _retry_failed_downloads(task, task_run, state) -> bool:
     """Retry only interrupted transfers; a missing remote or a bad .dvc file will not heal."""
@@ -461,7 +460,10 @@ def load_images(loaded, data_version: str) -> ImageTable:
     """Read the dataset's table and split, and check every image decodes, before any training."""
     config = loaded.config
     table = load_image_table(
-        loaded.path(config.data.path), config.data.val_fraction, config.data.test_fraction, config.seed
+        loaded.path(config.data.path),
+        config.data.val_fraction,
+        config.data.test_fraction,
+        config.seed,
     )
     check_images(table)
     return table

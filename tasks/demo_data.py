@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 CLASS_NAMES = (
     "t-shirt_top",
@@ -184,9 +186,6 @@ def _grey_png(pixels: np.ndarray) -> bytes:
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
-
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 
 @task(name="build-demo-dataset", cache_policy=NO_CACHE)

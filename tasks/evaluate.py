@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,9 @@ def score_predictions(
 ) -> Evaluation:
     """Score predicted class probabilities against the true label ids."""
     if len(probabilities) != len(labels) or len(labels) == 0:
-        raise ValueError(f"need as many predictions as labels, and some: {len(probabilities)} vs {len(labels)}")
+        raise ValueError(
+            f"need as many predictions as labels, and some: {len(probabilities)} vs {len(labels)}"
+        )
     labels = np.asarray(labels, dtype=np.int64)
     predicted = probabilities.argmax(axis=1)
     k = len(classes)
@@ -50,7 +54,9 @@ def score_predictions(
     predicted_count = confusion.sum(axis=0)
     actual_count = confusion.sum(axis=1)
     # A class never predicted (or absent) scores 0 rather than NaN, as scikit-learn's zero_division=0.
-    precision = np.divide(true_positive, predicted_count, out=np.zeros(k), where=predicted_count > 0)
+    precision = np.divide(
+        true_positive, predicted_count, out=np.zeros(k), where=predicted_count > 0
+    )
     recall = np.divide(true_positive, actual_count, out=np.zeros(k), where=actual_count > 0)
     denominator = precision + recall
     f1 = np.divide(2 * precision * recall, denominator, out=np.zeros(k), where=denominator > 0)
@@ -99,9 +105,6 @@ def evaluate_model(model, dataset, classes: tuple[str, ...]) -> Evaluation:
 
 # --- Prefect steps -------------------------------------------------------------------------------
 
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
 
 @task(name="evaluate-head-on-features", cache_policy=NO_CACHE)
 def evaluate_on_features(classifier, test_features, classes: tuple[str, ...]) -> Evaluation:
@@ -125,5 +128,7 @@ def evaluate_on_images(model, table, config) -> Evaluation:
     """Score the whole model on the held-out test images."""
     from tasks.data import image_dataset
 
-    test = image_dataset(table.split("test"), table.classes, config.data.image_size, config.data.batch_size)
+    test = image_dataset(
+        table.split("test"), table.classes, config.data.image_size, config.data.batch_size
+    )
     return evaluate_model(model, test, table.classes)

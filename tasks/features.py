@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.inference import forward_pass
 
@@ -81,12 +83,11 @@ def cached_features(
 
 # --- Prefect steps -------------------------------------------------------------------------------
 
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
 
 @task(name="extract-frozen-features", cache_policy=NO_CACHE)
-def extract_frozen_features(classifier, table, loaded, data_version: str) -> dict[str, CachedFeatures]:
+def extract_frozen_features(
+    classifier, table, loaded, data_version: str
+) -> dict[str, CachedFeatures]:
     """Every split's features through the frozen base, reused from the cache when the key matches."""
     from tasks.data import image_dataset
 
@@ -99,12 +100,20 @@ def extract_frozen_features(classifier, table, loaded, data_version: str) -> dic
         image_size=config.data.image_size,
         pooling=config.head.pooling,
     )
-    cache_dir = loaded.path(config.feature_extraction.cache_dir) if config.feature_extraction.cache_dir else None
+    cache_dir = (
+        loaded.path(config.feature_extraction.cache_dir)
+        if config.feature_extraction.cache_dir
+        else None
+    )
     features = {}
     for split in ("train", "val", "test"):
         frame = table.split(split)
         if frame.empty:
             continue
-        dataset = image_dataset(frame, table.classes, config.data.image_size, config.data.batch_size)
-        features[split] = cached_features(classifier.feature_extractor, dataset, frame, key, cache_dir)
+        dataset = image_dataset(
+            frame, table.classes, config.data.image_size, config.data.batch_size
+        )
+        features[split] = cached_features(
+            classifier.feature_extractor, dataset, frame, key, cache_dir
+        )
     return features

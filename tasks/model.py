@@ -21,6 +21,8 @@ from typing import Any, Literal
 import keras
 import numpy as np
 from keras.src.utils import file_utils
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 APPLICATIONS_DOCS = "https://keras.io/api/applications/"
 
@@ -622,9 +624,6 @@ def build_classifier(
 
 # --- Prefect steps -------------------------------------------------------------------------------
 
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
 
 @task(name="build-classifier", cache_policy=NO_CACHE)
 def build_classifier_for(loaded, num_classes: int) -> Classifier:
@@ -634,7 +633,9 @@ def build_classifier_for(loaded, num_classes: int) -> Classifier:
     if weights not in (None, "imagenet"):
         weights = str(loaded.path(weights))  # a weights file named relative to the project
     keras.utils.set_random_seed(config.seed)
-    base = build_base(config.base.architecture, weights, config.data.image_size, config.base.options)
+    base = build_base(
+        config.base.architecture, weights, config.data.image_size, config.base.options
+    )
     return build_classifier(
         base,
         config.base.architecture,

@@ -14,6 +14,9 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from tasks.evaluate import Evaluation, confusion_matrix_figure
 from tasks.train import TrainingHistory
@@ -45,7 +48,9 @@ class StageRecord:
 
 def tracking_uri(project_root: Path) -> str:
     """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the project folder (never the cwd)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
+    )
 
 
 def ui_hint(uri: str, project_root: Path) -> str:
@@ -63,7 +68,11 @@ def git_commit(project_root: Path) -> str:
     """The project's current commit, with `-dirty` when the work tree has changes."""
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=project_root, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "HEAD"],
+            cwd=project_root,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
@@ -237,10 +246,6 @@ def finish_run(run: RunRef, failed: bool = False) -> None:
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
-
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
 
 _MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
 

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import keras
 import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,9 @@ def _fit(model, train, validation, epochs: int, patience: int, learning_rate: fl
         train, validation_data=validation, epochs=epochs, callbacks=callbacks, verbose=0, **fit_args
     )
     seconds = time.perf_counter() - started
-    epochs_seen = {name: tuple(float(v) for v in values) for name, values in history.history.items()}
+    epochs_seen = {
+        name: tuple(float(v) for v in values) for name, values in history.history.items()
+    }
     if validation is not None:
         best_epoch = int(np.argmin(epochs_seen["val_loss"]))
     else:
@@ -106,9 +110,6 @@ def fine_tune(
 
 # --- Prefect steps -------------------------------------------------------------------------------
 
-from prefect import task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-
 
 @task(name="train-head", cache_policy=NO_CACHE)
 def train_new_head(classifier, features, config) -> TrainingHistory:
@@ -136,7 +137,9 @@ def fine_tune_stage(classifier, table, stage, learning_rate: float, config) -> T
 
     unfreeze_top_blocks(classifier.base, stage.unfreeze_blocks)
     size, batch = config.data.image_size, config.data.batch_size
-    train = image_dataset(table.split("train"), table.classes, size, batch, shuffle_seed=config.seed)
+    train = image_dataset(
+        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed
+    )
     val_frame = table.split("val")
     validation = None if val_frame.empty else image_dataset(val_frame, table.classes, size, batch)
     return fine_tune(

@@ -73,7 +73,7 @@ def test_unknown_architecture_suggests_the_right_name(tmp_path: Path) -> None:
 
 def test_bad_config_value_names_the_key(tmp_path: Path) -> None:
     config = project(tmp_path, image_folder(tmp_path / "images"))
-    with pytest.raises(ConfigError, match="head.dropout"):
+    with pytest.raises(ConfigError, match=r"head\.dropout"):
         train(config, "head.dropout=2")
 
 

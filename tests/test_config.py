@@ -70,7 +70,7 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(broken)
     bad_override = CONF / "default.yaml"
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(bad_override, ["no-equals-sign"])
 
 
