@@ -16,7 +16,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install fashion-mnist demo-data demo train test lint mlflow-ui clean
+.PHONY: help install fashion-mnist demo-data demo train test lint mlflow-ui clean bench
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -59,3 +59,6 @@ mlflow-ui: install ## Open the MLflow UI on the local store at http://127.0.0.1:
 
 clean: ## Remove local run state (MLflow store, feature cache, reports); keeps .venv and the data
 	rm -rf mlflow.db mlartifacts .cache reports
+
+bench: demo-data ## Benchmark against the machine's forward-pass limit and a plain Keras script
+	$(BIN)/python bench/bench.py --config $(CONFIG)

@@ -218,8 +218,8 @@ def image_dataset(
     Files are read and decoded on the fly, so memory holds only a few batches. Only paths are
     shuffled (a full shuffle is then cheap), reshuffled each epoch. Decoding to uint16 and dividing
     by 257 keeps 8-bit pixels exact and scales 16-bit ones down instead of truncating them.
-    Antialiased resizing averages when shrinking large photos; when enlarging (28 -> 96) it gives
-    the same pixels as plain bilinear.
+    Shrinking is antialiased (averages large photos properly); enlarging is plain bilinear, which
+    gives the same pixels as antialiased resizing there at a quarter of the cost.
     """
     import tensorflow as tf  # imported here so listing or checking data does not load TensorFlow
 
@@ -236,8 +236,18 @@ def image_dataset(
             tf.io.read_file(path), channels=3, dtype=tf.uint16, expand_animations=False
         )
         image = tf.cast(image, tf.float32) / 257.0
-        image = tf.image.resize(image, (image_size, image_size), antialias=True)
-        return tf.clip_by_value(image, 0.0, 255.0), label
+        height, width = tf.shape(image)[0], tf.shape(image)[1]
+        shrinking = tf.logical_or(height > image_size, width > image_size)
+        # Antialiasing costs 4x the whole decode and changes nothing when enlarging, so it
+        # runs only when shrinking, where it matters.
+        image = tf.cond(
+            shrinking,
+            lambda: tf.clip_by_value(
+                tf.image.resize(image, (image_size, image_size), antialias=True), 0.0, 255.0
+            ),
+            lambda: tf.image.resize(image, (image_size, image_size)),
+        )
+        return tf.ensure_shape(image, (image_size, image_size, 3)), label
 
     return (
         dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)

@@ -1,0 +1,185 @@
+"""Benchmark the pipeline against the limits of this machine and a plain Keras script.
+
+Run `make bench` (or `python bench/bench.py -c conf/default.yaml`) after `make demo-data`. Prints
+each figure as it is measured, then one last line of `name=value` pairs to compare runs. Runs
+use their own MLflow store, feature cache and model name: the demo's champion is left alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TRACKING_TASKS = ("start-tracking", "log-stage", "register-challenger", "finish-tracking")
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def forward_throughput(loaded, batch: int = 128, batches: int = 20) -> float:
+    """1. The limit: the frozen feature extractor's compiled forward pass on in-memory tensors."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tasks.model import build_classifier_for
+
+    classifier = build_classifier_for.fn(loaded, 10)
+    size = loaded.config.data.image_size
+    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)), tf.float32)
+    step = tf.function(lambda x: classifier.feature_extractor(x, training=False))
+    step(images)  # trace and warm up
+    started = time.perf_counter()
+    for _ in range(batches):
+        step(images).numpy()
+    return batch * batches / (time.perf_counter() - started)
+
+
+def extraction_throughput(loaded) -> tuple[float, int]:
+    """2. The pipeline's feature extraction over every demo image, from files, no cache."""
+    from tasks.data import image_dataset, load_image_table
+    from tasks.features import FeatureKey, cached_features
+    from tasks.model import build_classifier_for
+
+    config = loaded.config
+    table = load_image_table(loaded.path(config.data.path), 0.1, 0.2, config.seed)
+    classifier = build_classifier_for.fn(loaded, len(table.classes))
+    key = FeatureKey("bench", "MobileNet", "{}", "x", config.data.image_size, "avg")
+    frame = table.frame
+    dataset = image_dataset(frame, table.classes, config.data.image_size, 128)
+    started = time.perf_counter()
+    cached_features(classifier.feature_extractor, dataset, frame, key, cache_dir=None)
+    return len(frame) / (time.perf_counter() - started), len(frame)
+
+
+def run_flow(config: str, overrides: list[str]) -> tuple[float, float, object]:
+    """3 and 6. One training-flow run: wall time, and seconds spent in MLflow tracking tasks."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.train import train_classifier
+
+    started = time.perf_counter()
+    state = train_classifier(config, overrides, return_state=True)
+    wall = time.perf_counter() - started
+    result = state.result()
+    flow_run_id = state.state_details.flow_run_id
+
+    async def task_runs():
+        async with get_client() as client:
+            return await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
+
+    tracking = sum(
+        run.total_run_time.total_seconds()
+        for run in asyncio.run(task_runs())
+        if run.name.rsplit("-", 1)[0] in TRACKING_TASKS
+    )
+    return wall, tracking, result
+
+
+def plain_script(config: str) -> float:
+    """3. The same work as a plain Keras script, in a process of its own."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plain_keras.py"), config],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    say(f"   plain script: {done.stdout.strip().splitlines()[-1]}")
+    return time.perf_counter() - started
+
+
+def peak_rss(images_per_class: int, work: Path, size: int) -> float:
+    """5. Peak RSS (MB) of loading, checking and extracting features for 10 x images_per_class."""
+    code = f"""
+import resource, sys
+sys.path.insert(0, {str(ROOT)!r})
+from pathlib import Path
+from tasks.demo_data import write_demo_dataset
+from tasks.data import load_image_table, check_images, image_dataset
+from tasks.features import FeatureKey, cached_features
+from tasks.model import build_base, build_classifier
+root = Path({str(work)!r}) / "rss-{images_per_class}"
+write_demo_dataset(root, train_per_class={images_per_class}, val_per_class=0, test_per_class=1, seed=0)
+table = load_image_table(root / "manifest.csv", 0.0, 0.0, 0)
+check_images(table)
+frame = table.split("train")
+classifier = build_classifier(build_base("MobileNet", "imagenet", {size}, {{"alpha": 0.25}}), "MobileNet", 10, "avg", 0.2, 0, 0)
+key = FeatureKey("rss", "MobileNet", "{{}}", "x", {size}, "avg")
+cached_features(classifier.feature_extractor, image_dataset(frame, table.classes, {size}, 128), frame, key, Path({str(work)!r}) / "cache-{images_per_class}")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default=str(ROOT / "conf" / "default.yaml"))
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 60,000-image memory run")
+    args = parser.parse_args()
+
+    from tasks.config import load_and_check
+
+    loaded = load_and_check(args.config)
+    size = loaded.config.data.image_size
+    work = Path(tempfile.mkdtemp(prefix="transferflow-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    overrides = [
+        f"feature_extraction.cache_dir={work / 'features'}",
+        "registry.model_name=bench-classifier",
+        "tracking.experiment=bench",
+    ]
+    figures: dict[str, float] = {}
+    say(f"benchmark on {os.cpu_count()} cores, {size} px, config {args.config}")
+
+    forward = forward_throughput(loaded)
+    say(f"1. forward pass (compiled, in memory, batch 128): {forward:,.0f} images/s")
+    extract, count = extraction_throughput(loaded)
+    figures["extract_vs_forward"] = extract / forward
+    say(f"2. feature extraction from {count:,} files: {extract:,.0f} images/s = {extract / forward:.2f} x forward")
+
+    cold, cold_tracking, result = run_flow(args.config, overrides)
+    warm, warm_tracking, _ = run_flow(args.config, overrides)
+    plain = plain_script(args.config)
+    figures |= {
+        "flow_cold_s": cold,
+        "flow_warm_s": warm,
+        "plain_s": plain,
+        "flow_vs_plain_cold": cold / plain,
+        "flow_vs_plain_warm": warm / plain,
+        "tracking_share": warm_tracking / warm,
+    }
+    accuracy = result.stages[-1].test_accuracy
+    say(f"3. training flow: cold {cold:.1f} s, warm {warm:.1f} s (accuracy {accuracy:.4f}); plain Keras script {plain:.1f} s")
+    say(f"   flow / plain: cold {cold / plain:.2f}, warm {warm / plain:.2f}")
+    say(f"6. MLflow tracking tasks: cold {cold_tracking:.1f} s ({cold_tracking / cold:.1%}), warm {warm_tracking:.1f} s ({warm_tracking / warm:.1%})")
+
+    if not args.skip_rss:
+        small, large = peak_rss(1000, work, size), peak_rss(6000, work, size)
+        figures |= {"rss_mb_small": small, "rss_mb_large": large}
+        say(f"5. peak RSS: {small:,.0f} MB for 10,000 images, {large:,.0f} MB for 60,000 ({large / small:.2f} x)")
+
+    compare = ROOT / "conf" / "compare.yaml"
+    if compare.is_file():
+        say("4. comparison flow vs strategies one by one: see `make compare`")
+    shutil.rmtree(work, ignore_errors=True)
+    print(" ".join(f"{name}={value:.3f}" for name, value in figures.items()))
+
+
+if __name__ == "__main__":
+    main()
