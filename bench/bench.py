@@ -35,7 +35,9 @@ def forward_throughput(loaded, batch: int = 128, batches: int = 20) -> float:
 
     classifier = build_classifier_for.fn(loaded, 10)
     size = loaded.config.data.image_size
-    images = tf.constant(np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)), tf.float32)
+    images = tf.constant(
+        np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)), tf.float32
+    )
     step = tf.function(lambda x: classifier.feature_extractor(x, training=False))
     step(images)  # trace and warm up
     started = time.perf_counter()
@@ -151,7 +153,9 @@ def main() -> None:
     say(f"1. forward pass (compiled, in memory, batch 128): {forward:,.0f} images/s")
     extract, count = extraction_throughput(loaded)
     figures["extract_vs_forward"] = extract / forward
-    say(f"2. feature extraction from {count:,} files: {extract:,.0f} images/s = {extract / forward:.2f} x forward")
+    say(
+        f"2. feature extraction from {count:,} files: {extract:,.0f} images/s = {extract / forward:.2f} x forward"
+    )
 
     cold, cold_tracking, result = run_flow(args.config, overrides)
     warm, warm_tracking, _ = run_flow(args.config, overrides)
@@ -165,14 +169,20 @@ def main() -> None:
         "tracking_share": warm_tracking / warm,
     }
     accuracy = result.stages[-1].test_accuracy
-    say(f"3. training flow: cold {cold:.1f} s, warm {warm:.1f} s (accuracy {accuracy:.4f}); plain Keras script {plain:.1f} s")
+    say(
+        f"3. training flow: cold {cold:.1f} s, warm {warm:.1f} s (accuracy {accuracy:.4f}); plain Keras script {plain:.1f} s"
+    )
     say(f"   flow / plain: cold {cold / plain:.2f}, warm {warm / plain:.2f}")
-    say(f"6. MLflow tracking tasks: cold {cold_tracking:.1f} s ({cold_tracking / cold:.1%}), warm {warm_tracking:.1f} s ({warm_tracking / warm:.1%})")
+    say(
+        f"6. MLflow tracking tasks: cold {cold_tracking:.1f} s ({cold_tracking / cold:.1%}), warm {warm_tracking:.1f} s ({warm_tracking / warm:.1%})"
+    )
 
     if not args.skip_rss:
         small, large = peak_rss(1000, work, size), peak_rss(6000, work, size)
         figures |= {"rss_mb_small": small, "rss_mb_large": large}
-        say(f"5. peak RSS: {small:,.0f} MB for 10,000 images, {large:,.0f} MB for 60,000 ({large / small:.2f} x)")
+        say(
+            f"5. peak RSS: {small:,.0f} MB for 10,000 images, {large:,.0f} MB for 60,000 ({large / small:.2f} x)"
+        )
 
     compare = ROOT / "conf" / "compare.yaml"
     if compare.is_file():

@@ -47,7 +47,10 @@ def main(config_path: str = "conf/default.yaml") -> dict[str, float]:
 
     keras.utils.set_random_seed(config["seed"])
     base = keras.applications.MobileNet(
-        include_top=False, weights="imagenet", input_shape=(size, size, 3), **config["base"]["options"]
+        include_top=False,
+        weights="imagenet",
+        input_shape=(size, size, 3),
+        **config["base"]["options"],
     )
     base.trainable = False
     inputs = keras.Input((size, size, 3))

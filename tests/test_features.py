@@ -1,0 +1,113 @@
+"""The frozen-feature cache: one forward pass per key, reused after, recomputed when the key moves."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+
+from tasks.features import FeatureKey, cached_features, weights_fingerprint
+
+KEY = FeatureKey("data-v1", "Tiny", "{}", "w1", 8, "avg")
+
+
+class CountingExtractor:
+    """A real Keras feature extractor that counts the images it sees."""
+
+    def __init__(self) -> None:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((8, 8, 3))
+        self.model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs * 2.0))
+        self.images = 0
+
+    def __call__(self, images, training=False):
+        tf.py_function(self._count, [tf.shape(images)[0]], [])
+        return self.model(images, training=training)
+
+    def _count(self, n) -> None:
+        self.images += int(n)
+
+
+def dataset(n: int) -> tuple[tf.data.Dataset, pd.DataFrame]:
+    images = np.arange(n * 8 * 8 * 3, dtype=np.float32).reshape(n, 8, 8, 3) % 255
+    frame = pd.DataFrame({"path": [f"img{i}.png" for i in range(n)], "label": ["a"] * n})
+    return tf.data.Dataset.from_tensor_slices((images, np.arange(n, dtype=np.int32) % 2)).batch(
+        4
+    ), frame
+
+
+def test_second_call_reuses_the_cache_without_a_forward_pass(tmp_path: Path) -> None:
+    extractor = CountingExtractor()
+    data, frame = dataset(10)
+    first = cached_features(extractor, data, frame, KEY, tmp_path)
+    seen = extractor.images
+    second = cached_features(extractor, data, frame, KEY, tmp_path)
+    assert not first.reused and second.reused
+    assert seen == 10 and extractor.images == 10  # no image went through the base again
+    features, labels = second.load()
+    assert features.shape == (10, 3) and labels.tolist() == [i % 2 for i in range(10)]
+    np.testing.assert_allclose(features, first.load()[0])
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        {"data_version": "data-v2"},
+        {"architecture": "Other"},
+        {"weights_sha256": "w2"},
+        {"image_size": 16},
+        {"pooling": "max"},
+        {"options": '{"alpha": 0.5}'},
+    ],
+)
+def test_any_change_of_the_key_recomputes(tmp_path: Path, changed: dict) -> None:
+    extractor = CountingExtractor()
+    data, frame = dataset(6)
+    cached_features(extractor, data, frame, KEY, tmp_path)
+    again = cached_features(extractor, data, frame, replace(KEY, **changed), tmp_path)
+    assert not again.reused and extractor.images == 12
+
+
+def test_a_different_set_of_images_is_a_different_entry(tmp_path: Path) -> None:
+    extractor = CountingExtractor()
+    data, frame = dataset(6)
+    cached_features(extractor, data, frame, KEY, tmp_path)
+    other = frame.assign(path=frame["path"][::-1].to_numpy())
+    assert not cached_features(extractor, data, other, KEY, tmp_path).reused
+
+
+def test_concurrent_runs_sharing_the_cache_both_get_whole_files(tmp_path: Path) -> None:
+    data, frame = dataset(40)
+    results, errors = [], []
+
+    def run() -> None:
+        try:
+            results.append(cached_features(CountingExtractor(), data, frame, KEY, tmp_path).load())
+        except Exception as error:  # pragma: no cover - the assertion below reports it
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for features, labels in results:
+        np.testing.assert_allclose(features, results[0][0])
+        assert len(labels) == 40
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy", ".npy"]  # no stray temp files
+
+
+def test_weights_fingerprint_follows_the_values() -> None:
+    layer_model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    before = weights_fingerprint(layer_model)
+    assert weights_fingerprint(layer_model) == before
+    kernel = layer_model.layers[0].kernel
+    kernel.assign(kernel.numpy() + 1.0)
+    assert weights_fingerprint(layer_model) != before
