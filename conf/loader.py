@@ -78,7 +78,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return _validate(PipelineConfig, tree, str(path))
 
 
-
 def project_root(config_path: str | Path) -> Path:
     """The folder config paths are relative to: the nearest DVC or git repository above the file."""
     start = Path(config_path).resolve().parent

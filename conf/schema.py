@@ -138,7 +138,9 @@ class RegistryConfig(Section):
     """Registration and the promotion gate."""
 
     model_name: str = Field("fashion-mnist-classifier", min_length=1)
-    min_value: float = Field(0.0, ge=0.0, le=1.0, description="The primary metric a champion needs.")
+    min_value: float = Field(
+        0.0, ge=0.0, le=1.0, description="The primary metric a champion needs."
+    )
     min_improvement: float = Field(
         0.0, ge=0.0, description="How much the challenger must beat the champion by."
     )
@@ -151,7 +153,9 @@ class TrackingConfig(Section):
 class DemoDataConfig(Section):
     """How the Fashion-MNIST demo dataset is cut from the full dataset."""
 
-    out: str = Field("data/fashion_mnist", description="Folder written, relative to the project root.")
+    out: str = Field(
+        "data/fashion_mnist", description="Folder written, relative to the project root."
+    )
     train_per_class: int = Field(100, ge=1, le=6000)
     val_per_class: int = Field(50, ge=0, le=6000)
     test_per_class: int = Field(1000, ge=1, le=1000, description="1000 keeps the full test set.")

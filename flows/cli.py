@@ -34,9 +34,9 @@ def _environment() -> None:
 @app.command()
 def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
+    from conf import project_root
     from flows.train import train_classifier
     from tasks.tracking import ui_hint
-    from conf import project_root
 
     result = train_classifier(config, list(set_ or []))
     typer.echo("")
@@ -47,8 +47,12 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
             f"  ({stage.epochs_run} epochs, {stage.train_seconds:.0f} s)"
         )
     outcome = "now the champion" if result.decision.promote else "not promoted"
-    typer.echo(f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on {result.tracking_uri}")
-    typer.echo(f"Registered:   {result.model_name} version {result.version}, alias 'challenger', {outcome}")
+    typer.echo(
+        f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on {result.tracking_uri}"
+    )
+    typer.echo(
+        f"Registered:   {result.model_name} version {result.version}, alias 'challenger', {outcome}"
+    )
     typer.echo(f"Decision:     {result.decision.reason}")
     typer.echo(f"MLflow UI:    {ui_hint(result.tracking_uri, project_root(config))}")
 
