@@ -66,9 +66,16 @@ def markdown_summary(
         f"Registered `{challenger.name}` version {challenger.version} (alias `challenger`): "
         f"{outcome} — {decision.reason}.",
         "",
-        f"MLflow run: `{run.ui_path()}` on `{run.tracking_uri}` ({ui}).",
+        _mlflow_link(run, ui),
     ]
     return "\n".join(lines)
+
+
+def _mlflow_link(run: RunRef, ui: str) -> str:
+    if run.tracking_uri.startswith(("http://", "https://")):
+        return f"[Open the run in MLflow]({run.tracking_uri.rstrip('/')}/{run.ui_path()})"
+    # A local store has no server to link to until the user starts one on the default port.
+    return f"MLflow run: http://127.0.0.1:5000/{run.ui_path()} once `{ui}` is running."
 
 
 @task(name="publish-report", cache_policy=NO_CACHE)

@@ -54,13 +54,13 @@ def tracking_uri(project_root: Path) -> str:
 
 
 def ui_hint(uri: str, project_root: Path) -> str:
-    """How a user opens the MLflow UI on this tracking store."""
+    """How a user opens the MLflow UI on this tracking store: its URL, or the command to serve it."""
     if uri.startswith(("http://", "https://")):
         return f"open {uri}"
     artifacts = project_root.resolve() / "mlartifacts"
     return (
         f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} "
-        "--host 127.0.0.1 --port 5000, then open http://127.0.0.1:5000"
+        "--host 127.0.0.1 --port 5000"
     )
 
 
