@@ -109,11 +109,11 @@ class FineTuneConfig(Section):
 
     @model_validator(mode="after")
     def _each_stage_unfreezes_more(self) -> FineTuneConfig:
-        previous = 0
+        previous: int | str = 0
         for index, stage in enumerate(self.stages):
             if previous == "all":
                 raise ValueError(f"fine_tune.stages[{index}] follows a stage that unfroze 'all'")
-            if stage.unfreeze_blocks != "all" and stage.unfreeze_blocks <= previous:
+            if isinstance(stage.unfreeze_blocks, int) and stage.unfreeze_blocks <= int(previous):
                 raise ValueError(
                     f"fine_tune.stages[{index}].unfreeze_blocks must be larger than the previous "
                     f"stage's ({stage.unfreeze_blocks} <= {previous})"
@@ -162,6 +162,43 @@ class DemoDataConfig(Section):
     seed: int = 0
 
 
+class ScheduleConfig(Section):
+    """The retraining deployment that `transferflow serve` (`make serve`) registers with Prefect."""
+
+    deployment_name: str = Field(
+        "scheduled", min_length=1, description="Run it with retrain-classifier/<this name>."
+    )
+    cron: str = Field("0 3 * * 1", description="When it runs, five-field cron, in `timezone`.")
+    timezone: str = Field("UTC", description="An IANA time zone, e.g. Europe/Berlin.")
+    git_pull: bool = Field(
+        False, description="`git pull --ff-only` the project before checking for changes."
+    )
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        from prefect.schedules import Cron  # the parser the Prefect server itself applies
+
+        try:
+            Cron(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; expected five fields, e.g. '0 3 * * 1' (Monday 03:00)"
+            ) from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        import zoneinfo
+
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r}; use an IANA name such as UTC") from None
+        return value
+
+
 class PipelineConfig(Section):
     """The whole tree, as loaded from conf/*.yaml."""
 
@@ -175,3 +212,4 @@ class PipelineConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import Metric, Param, RunTag
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -129,7 +129,7 @@ def start_pipeline_run(
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     _log_params(client, run_id, params)
-    source = mlflow.data.from_pandas(
+    source = from_pandas(
         dataset, source=dataset_source, name=Path(dataset_source).name, digest=data_version[:36]
     )
     client.log_inputs(run_id, datasets=[_dataset_input(source)])
@@ -247,7 +247,9 @@ def finish_run(run: RunRef, failed: bool = False) -> None:
 
 # --- Prefect steps -------------------------------------------------------------------------------
 
-_MLFLOW_RETRIES = {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=2)}
+
+# MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
+_BACKOFF = exponential_backoff(backoff_factor=2)
 
 
 def model_requirements() -> list[str]:
@@ -258,7 +260,7 @@ def model_requirements() -> list[str]:
     return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
 
 
-@task(name="start-tracking", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+@task(name="start-tracking", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
 def start_tracking(loaded, table, data_version: str, strategy: str) -> RunRef:
     """Open the pipeline's parent run with the resolved config, git commit and data version."""
     config = loaded.config
@@ -290,7 +292,7 @@ def _relative(path: str, root: Path) -> str:
         return path
 
 
-@task(name="log-stage", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+@task(name="log-stage", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
 def log_stage_run(
     run: RunRef, stage: str, settings, history, evaluation, classifier, table, loaded
 ) -> StageRecord:
@@ -314,7 +316,7 @@ def log_stage_run(
     )
 
 
-@task(name="finish-tracking", cache_policy=NO_CACHE, **_MLFLOW_RETRIES)
+@task(name="finish-tracking", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
 def finish_tracking(run: RunRef, summaries, failed: bool) -> None:
     """Close the parent run, with the final stage's scores as its headline metrics."""
     if summaries:
