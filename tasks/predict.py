@@ -1,0 +1,205 @@
+"""Batch prediction: a registered model, loaded as an MLflow pyfunc, labels a folder of images."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf import project_root
+from tasks.data import (
+    DataNotFoundError,
+    EmptyDatasetError,
+    UndecodableImagesError,
+    _images_under,
+    find_undecodable_images,
+    image_dataset,
+)
+from tasks.registry import ModelVersionRef, registered_version
+from tasks.tracking import tracking_uri
+
+# image_dataset pairs every image with a label; images to predict all take this placeholder.
+_UNLABELLED = ""
+
+
+class ServingModelError(ValueError):
+    """The model URI does not name a loadable image classifier."""
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A model loaded as a pyfunc, with the version it came from and what its outputs mean."""
+
+    model_uri: str
+    version: ModelVersionRef | None
+    classes: tuple[str, ...] | None
+    image_size: int
+    pyfunc: Any
+
+    def describe(self) -> str:
+        if self.version is None:
+            return self.model_uri
+        return f"{self.version.name} version {self.version.version} ({self.model_uri})"
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    """Where the predictions went, how many there are, and which model made them."""
+
+    output: Path
+    count: int
+    model: str
+    label_counts: dict[str, int]
+
+
+def list_images(folder: str | Path) -> list[str]:
+    """Every .png, .jpg and .jpeg under `folder` (recursively), after checking each one decodes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataNotFoundError(f"{folder} is not a folder; point --images at a folder of images")
+    paths = _images_under(folder)
+    if not paths:
+        raise EmptyDatasetError(f"no images (.png, .jpg, .jpeg) under {folder}")
+    bad = find_undecodable_images(paths)
+    if bad:
+        raise UndecodableImagesError(bad)
+    return paths
+
+
+def default_tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI`, else the store of the project that holds the current directory."""
+    return tracking_uri(project_root("conf/default.yaml"))
+
+
+def resolve_version(uri: str, model_uri: str) -> ModelVersionRef | None:
+    """The registered version a `models:/NAME/N` or `models:/NAME@alias` URI points to now.
+
+    None for URIs that name no registered version (`runs:/...`, a logged model's `models:/m-...`).
+    """
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    if not model_uri.startswith("models:/"):
+        return None
+    try:
+        found = get_model_name_and_version(MlflowClient(uri), model_uri)
+    except MlflowException as exc:
+        raise ServingModelError(
+            f"{model_uri} does not resolve to a registered model version in {uri}: {exc.message}"
+        ) from exc
+    if len(found) == 1:
+        return None
+    version = registered_version(uri, *found)
+    if version is None:
+        raise ServingModelError(f"{model_uri}: {found[0]} has no version {found[1]} in {uri}")
+    return version
+
+
+def load_serving_model(model_uri: str, uri: str) -> ServingModel:
+    """Load the model as a pyfunc, with its input size from its signature and its class names.
+
+    An alias is resolved once and the version it names is loaded, so the class names and the
+    weights come from the same version even if the alias moves meanwhile.
+    """
+    import mlflow.pyfunc
+
+    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the tracking store's registry
+    version = resolve_version(uri, model_uri)
+    pyfunc = mlflow.pyfunc.load_model(version.uri if version else model_uri)
+    classes = None
+    if version is not None and version.tags.get("classes"):
+        classes = tuple(json.loads(version.tags["classes"]))
+    return ServingModel(model_uri, version, classes, _input_size(model_uri, pyfunc), pyfunc)
+
+
+def _input_size(model_uri: str, pyfunc) -> int:
+    schema = pyfunc.metadata.get_input_schema()
+    shape = None
+    if schema is not None and schema.is_tensor_spec():
+        shape = tuple(schema.inputs[0].shape)
+    if shape is None or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or shape[1] < 1:
+        raise ServingModelError(
+            f"{model_uri} has no signature for square RGB images (batch, size, size, 3), got "
+            f"{shape}; log the model with a signature (the training flow does)"
+        )
+    return int(shape[1])
+
+
+def predict_images(model: ServingModel, paths: list[str], batch_size: int) -> pd.DataFrame:
+    """Each image's most probable class (its name when the version records them) and probability."""
+    import keras
+
+    frame = pd.DataFrame({"path": paths, "label": _UNLABELLED})
+    batches = image_dataset(frame, (_UNLABELLED,), model.image_size, batch_size)
+    outputs = []
+    # The pyfunc calls Keras `predict`, which would draw a progress bar for every batch.
+    interactive = keras.config.is_interactive_logging_enabled()
+    keras.config.disable_interactive_logging()
+    try:
+        for images, _ in batches:
+            outputs.append(np.asarray(model.pyfunc.predict(images.numpy())))
+    finally:
+        if interactive:
+            keras.config.enable_interactive_logging()
+    probabilities = np.concatenate(outputs)
+    names = model.classes or tuple(str(i) for i in range(probabilities.shape[1]))
+    if len(names) != probabilities.shape[1]:
+        raise ServingModelError(
+            f"{model.describe()} outputs {probabilities.shape[1]} classes but its `classes` tag "
+            f"names {len(names)}: {', '.join(names)}"
+        )
+    best = probabilities.argmax(axis=1)
+    return pd.DataFrame(
+        {
+            "path": paths,
+            "label": [names[i] for i in best],
+            "probability": probabilities[np.arange(len(best)), best],
+        }
+    )
+
+
+def write_predictions(predictions: pd.DataFrame, output: str | Path) -> Path:
+    """Write the predictions as CSV (path,label,probability); returns the file's path."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    predictions.to_csv(output, index=False, float_format="%.6f")
+    return output
+
+
+# --- Prefect steps -------------------------------------------------------------------------------
+
+
+@task(name="list-images", cache_policy=NO_CACHE)
+def list_images_step(images: str) -> list[str]:
+    """Find the images to label and check they all decode, before loading any model."""
+    return list_images(images)
+
+
+@task(name="load-serving-model", cache_policy=NO_CACHE)
+def load_serving_model_step(model_uri: str, uri: str | None) -> ServingModel:
+    """Load the model as a pyfunc from `uri`, else MLFLOW_TRACKING_URI or the project's store."""
+    return load_serving_model(model_uri, uri or default_tracking_uri())
+
+
+@task(name="predict-images", cache_policy=NO_CACHE)
+def predict_images_step(model: ServingModel, paths: list[str], batch_size: int) -> pd.DataFrame:
+    return predict_images(model, paths, batch_size)
+
+
+@task(name="write-predictions", cache_policy=NO_CACHE)
+def write_predictions_step(
+    predictions: pd.DataFrame, output: str, model: ServingModel
+) -> PredictionResult:
+    """Write the CSV and summarise it: rows, labels, and the model version that made them."""
+    path = write_predictions(predictions, output)
+    counts = predictions["label"].value_counts().sort_index()
+    return PredictionResult(
+        path, len(predictions), model.describe(), {str(k): int(v) for k, v in counts.items()}
+    )

@@ -1,0 +1,162 @@
+"""Batch prediction with a registered model: the real flow, MLflow pyfunc and Prefect."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flows.cli import app
+
+NAME = "predict-test"
+CLASSES = ["boot", "coat", "shirt"]
+SIZE = 32
+
+
+@pytest.fixture
+def registered(mlflow_uri: str, tmp_path: Path):
+    """The pipeline's classifier, logged as a pyfunc with a signature and registered twice.
+
+    v1 is registered without class names, v2 with them, and v2 is the champion. The base is one
+    convolution: a randomly initialised MobileNet's features vanish (about 1e-17), so every image
+    would get exactly 1/3 and no assertion on labels could fail.
+    """
+    import keras
+    import mlflow
+    import mlflow.tensorflow
+    from mlflow import MlflowClient
+    from mlflow.models import infer_signature
+
+    from tasks.model import build_classifier
+    from tasks.registry import promote_version, register_challenger
+    from tasks.tracking import ensure_experiment, model_requirements
+
+    conv = keras.layers.Conv2D(
+        8, 3, activation="relu", kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0, 0)
+    )
+    base = keras.Sequential([keras.Input((SIZE, SIZE, 3)), conv], name="tiny_base")
+    model = build_classifier(base, "MobileNet", len(CLASSES), "avg", 0.0, 0, seed=0).model
+    example = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
+    signature = infer_signature(example, np.asarray(model(example, training=False)))
+    experiment = ensure_experiment(mlflow_uri, "predict", tmp_path)
+    run_id = MlflowClient(mlflow_uri).create_run(experiment).info.run_id
+    mlflow.set_tracking_uri(mlflow_uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.tensorflow.log_model(
+            model, name="model", signature=signature, pip_requirements=model_requirements()
+        )
+    register_challenger(mlflow_uri, info.model_uri, NAME, run_id, {})
+    register_challenger(mlflow_uri, info.model_uri, NAME, run_id, {"classes": json.dumps(CLASSES)})
+    promote_version(mlflow_uri, NAME, 2, "test")
+    return model
+
+
+def write_images(folder: Path) -> list[Path]:
+    """Images in every mode the pipeline accepts, some in nested folders, plus files to skip."""
+    rng = np.random.default_rng(1)
+
+    def pixels(shape, low, high, dtype=np.uint8):  # each image its own brightness and contrast
+        return rng.integers(low, high, shape, dtype=dtype)
+
+    images = {
+        folder / "a" / "rgb.png": Image.fromarray(pixels((40, 50, 3), 0, 256)),
+        folder / "a" / "grey.jpg": Image.fromarray(pixels((40, 50), 150, 256)),
+        folder / "b" / "deeper" / "rgba.PNG": Image.fromarray(pixels((30, 30, 4), 0, 100)),
+        folder / "palette.png": Image.fromarray(pixels((40, 50, 3), 100, 140)).convert("P"),
+        folder / "sixteen_bit.png": Image.fromarray(pixels((20, 20), 0, 30000, np.uint16)),
+        folder / "big.jpeg": Image.fromarray(pixels((300, 200, 3), 200, 256)),
+    }
+    for path, image in images.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    (folder / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(folder / "a" / ".hidden.png")
+    return sorted(images)
+
+
+def expected_predictions(model, paths: list[Path]) -> dict[str, tuple[int, float]]:
+    """The same model run directly on the pipeline's decoding of each image, one at a time."""
+    from tasks.data import image_dataset
+
+    frame = pd.DataFrame({"path": [str(p) for p in paths], "label": "x"})
+    found = {}
+    for path, (image, _) in zip(frame["path"], image_dataset(frame, ["x"], SIZE, 1), strict=True):
+        probabilities = np.asarray(model(image, training=False))[0]
+        found[path] = (int(probabilities.argmax()), float(probabilities.max()))
+    return found
+
+
+def test_predict_writes_a_class_name_and_probability_for_every_image(
+    registered, mlflow_uri: str, tmp_path: Path
+) -> None:
+    from flows.predict import predict_folder
+
+    paths = write_images(tmp_path / "images")
+    output = tmp_path / "out" / "predictions.csv"
+    done = CliRunner().invoke(
+        app,
+        [
+            "predict",
+            "--model",
+            f"models:/{NAME}@champion",
+            "--images",
+            str(tmp_path / "images"),
+            "--output",
+            str(output),
+            "--batch-size",
+            "4",  # six images: one full batch and a short one
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert f"Wrote 6 predictions by {NAME} version 2 (models:/{NAME}@champion)" in done.output
+
+    table = pd.read_csv(output)
+    assert list(table.columns) == ["path", "label", "probability"]
+    assert sorted(table["path"]) == [str(p) for p in paths]
+    expected = expected_predictions(registered, paths)
+    for row in table.itertuples():
+        index, probability = expected[row.path]
+        assert row.label == CLASSES[index]
+        assert row.probability == pytest.approx(probability, abs=1e-4)
+        assert 1 / len(CLASSES) - 1e-6 <= row.probability <= 1
+    # Distinct outputs per image, so rows swapped or labels shifted would show.
+    assert table["label"].nunique() > 1 and table["probability"].nunique() == len(table)
+
+    # A version without class names still predicts, labelling by class index.
+    result = predict_folder(
+        f"models:/{NAME}/1", str(tmp_path / "images"), str(tmp_path / "by_index.csv")
+    )
+    by_index = pd.read_csv(tmp_path / "by_index.csv", dtype={"label": str})
+    assert result.count == 6 and result.model.startswith(f"{NAME} version 1")
+    assert set(by_index["label"]) <= {"0", "1", "2"}
+    assert list(by_index["label"]) == [str(CLASSES.index(label)) for label in table["label"]]
+
+
+def test_undecodable_images_are_all_named_before_any_model_is_loaded(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "images"
+    (folder / "ok").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(folder / "ok" / "fine.png")
+    Image.new("RGB", (64, 64)).save(folder / "ok" / "cut.png")
+    (folder / "ok" / "cut.png").write_bytes((folder / "ok" / "cut.png").read_bytes()[:60])
+    (folder / "text.jpg").write_text("not a jpeg")
+
+    done = CliRunner().invoke(
+        app, ["predict", "--model", "models:/never-registered@champion", "--images", str(folder)]
+    )
+    assert done.exit_code == 1
+    assert "2 image file(s) cannot be decoded" in done.output
+    assert str(folder / "ok" / "cut.png") in done.output
+    assert str(folder / "text.jpg") in done.output
+    assert "never-registered" not in done.output  # the model was never looked up
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = CliRunner().invoke(app, ["predict", "--model", "models:/x/1", "--images", str(empty)])
+    assert done.exit_code == 1 and f"no images (.png, .jpg, .jpeg) under {empty}" in done.output
