@@ -1,0 +1,393 @@
+"""`transferflow serve` against real Prefect and MLflow servers: retrain only when the data moved.
+
+A team's repository (`origin`) with data tracked by DVC and pushed to a local remote, and the
+serving machine's checkout of it (`clone`, schedule.git_pull on). The deployment is triggered on
+demand the way `prefect deployment run` does.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import HAVE_IMAGENET_WEIGHTS
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+DEPLOYMENT = "retrain-classifier/test-retrain"
+MODEL = "retrain-test"
+
+# The real pipeline on a shrunk config: 32 px, a few images per class, two head epochs, no fine-tuning.
+SHRUNK = {
+    "extends": "default.yaml",
+    "data": {"image_size": 32, "batch_size": 32},
+    "feature_extraction": {"epochs": 4, "patience": 2},
+    "fine_tune": {"stages": []},
+    "registry": {"model_name": MODEL, "min_value": 0.0, "min_improvement": 0.0},
+    "tracking": {"experiment": "retrain-test"},
+    "demo": {"train_per_class": 4, "val_per_class": 2, "test_per_class": 3},
+    "schedule": {"deployment_name": "test-retrain", "cron": "0 3 * * 1", "git_pull": True},
+}
+
+
+def run(*command: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(command: list[str], log: Path, env: dict[str, str], cwd: Path = ROOT):
+    """A server in a process group of its own, so that stopping it stops all its workers."""
+    with log.open("wb") as out:
+        return subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def stop(process: subprocess.Popen) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def tail(log: Path, characters: int = 4000) -> str:
+    return log.read_text(errors="replace")[-characters:] if log.exists() else "(no log)"
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout} s:\n{tail(log)}")
+
+
+@dataclass(frozen=True)
+class Servers:
+    prefect_api: str
+    mlflow_uri: str
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory) -> Iterator[Servers]:
+    """A Prefect server and an MLflow tracking server on free loopback ports, started together."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    base = tmp_path_factory.mktemp("servers")
+    prefect_port, mlflow_port = free_port(), free_port()
+    prefect_env = {**os.environ, "PREFECT_HOME": str(base / "prefect-server")}
+    prefect_env.pop("PREFECT_API_URL", None)
+    prefect = start(
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(prefect_port),
+        ],
+        base / "prefect.log",
+        prefect_env,
+    )
+    mlflow = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{base / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(base / "mlartifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+        ],
+        base / "mlflow.log",
+        dict(os.environ),
+    )
+    try:
+        api = f"http://127.0.0.1:{prefect_port}/api"
+        wait_healthy(f"{api}/health", prefect, base / "prefect.log")
+        wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", mlflow, base / "mlflow.log")
+        # Prefect reads its settings once at import; this points this process's client at the server.
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            yield Servers(prefect_api=api, mlflow_uri=f"http://127.0.0.1:{mlflow_port}")
+    finally:
+        stop(mlflow)
+        stop(prefect)
+
+
+@dataclass(frozen=True)
+class Project:
+    origin: Path  # where the team commits
+    clone: Path  # the serving machine's checkout
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Project:
+    """A git + DVC repository with its data pushed to a local remote, and a clone without data."""
+    from tasks.demo_data import write_demo_dataset
+
+    base = tmp_path_factory.mktemp("project")
+    origin, remote = base / "origin", base / "remote"
+    origin.mkdir()
+    remote.mkdir()
+    shutil.copytree(
+        ROOT / "conf", origin / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py")
+    )
+    (origin / "conf" / "test.yaml").write_text(yaml.safe_dump(SHRUNK))
+    demo = SHRUNK["demo"]
+    write_demo_dataset(
+        origin / "data" / "fashion_mnist",
+        train_per_class=demo["train_per_class"],
+        val_per_class=demo["val_per_class"],
+        test_per_class=demo["test_per_class"],
+        seed=0,
+    )
+    run("git", "init", "-q", "-b", "main", cwd=origin)
+    run("git", "config", "user.email", "t@example.com", cwd=origin)
+    run("git", "config", "user.name", "test", cwd=origin)
+    run(str(BIN / "dvc"), "init", "-q", cwd=origin)
+    run(str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote), cwd=origin)
+    run(str(BIN / "dvc"), "add", "-q", "data", cwd=origin)
+    run(str(BIN / "dvc"), "push", "-q", cwd=origin)
+    run("git", "add", "-A", cwd=origin)
+    run("git", "commit", "-qm", "data v1", cwd=origin)
+    clone = base / "clone"
+    run("git", "clone", "-q", str(origin), str(clone), cwd=base)
+    return Project(origin=origin, clone=clone)
+
+
+@dataclass(frozen=True)
+class Served:
+    """The `transferflow serve` process, its log, and what it was started with."""
+
+    process: subprocess.Popen
+    log: Path
+    env: dict[str, str]
+    arguments: list[str]
+
+
+@pytest.fixture(scope="module")
+def serving(servers: Servers, project: Project, tmp_path_factory) -> Iterator[Served]:
+    """`transferflow serve` on the clone's config, as `make serve` runs it."""
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    arguments = [
+        "-c",
+        str(project.clone / "conf" / "test.yaml"),
+        "-s",
+        "feature_extraction.epochs=2",
+    ]
+    if not HAVE_IMAGENET_WEIGHTS:
+        arguments += ["-s", "base.weights=null"]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": servers.prefect_api,
+        "PREFECT_HOME": str(log.parent / "prefect"),
+        "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "MLFLOW_TRACKING_URI": servers.mlflow_uri,
+    }
+    process = start([str(BIN / "transferflow"), "serve", *arguments], log, env)
+    try:
+        wait_for_deployment(process, log)
+        yield Served(process, log, env, arguments)
+    finally:
+        stop(process)
+
+
+def wait_for_deployment(process: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"transferflow serve exited with {process.returncode}:\n{tail(log)}"
+                )
+            try:
+                client.read_deployment_by_name(DEPLOYMENT)
+                return
+            except ObjectNotFound:
+                time.sleep(1)
+    raise TimeoutError(f"{DEPLOYMENT} was not served within {timeout} s:\n{tail(log)}")
+
+
+@dataclass(frozen=True)
+class Triggered:
+    """One on-demand run of the deployment, as a user sees it in the Prefect UI."""
+
+    state: str
+    check: str  # the retraining-check artifact's markdown
+    seconds: float
+
+
+def trigger(serve_log: Path) -> Triggered:
+    """`prefect deployment run` and wait, the Python way; returns the run's state and its note."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+
+    started = time.monotonic()
+    flow_run = run_deployment(DEPLOYMENT, timeout=420, poll_interval=1)
+    seconds = time.monotonic() - started
+    assert flow_run.state is not None and flow_run.state.is_completed(), (
+        f"{flow_run.state}\n{tail(serve_log)}"
+    )
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id]))
+        )
+    notes = [a.data for a in artifacts if a.key == "retraining-check"]
+    assert len(notes) == 1, f"expected one retraining-check artifact, got {artifacts}"
+    return Triggered(state=flow_run.state.name, check=str(notes[0]), seconds=seconds)
+
+
+def pinned_md5(repo: Path) -> str:
+    return yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+
+
+def versions(uri: str) -> dict[str, dict[str, str]]:
+    found = MlflowClient(uri).search_model_versions(f"name = '{MODEL}'")
+    return {str(v.version): dict(v.tags) for v in found}
+
+
+def run_count(uri: str) -> int:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(SHRUNK["tracking"]["experiment"])
+    return 0 if experiment is None else len(client.search_runs([experiment.experiment_id]))
+
+
+def add_images(repo: Path, per_class: int) -> None:
+    """New labelled training images arrive: copies of existing ones under new names."""
+    folder = repo / "data" / "fashion_mnist"
+    manifest = pd.read_csv(folder / "manifest.csv")
+    train = manifest[manifest["split"] == "train"].groupby("label").head(per_class)
+    rows = []
+    for row in train.itertuples():
+        new = str(Path(row.path).with_name(f"new_{Path(row.path).name}"))
+        shutil.copyfile(folder / row.path, folder / new)
+        rows.append({"path": new, "label": row.label, "split": "train"})
+    updated = pd.concat([manifest, pd.DataFrame(rows)], ignore_index=True)
+    # Written beside and swapped in: DVC may have linked the old file from its cache.
+    updated.to_csv(folder / "manifest.csv.new", index=False, lineterminator="\n")
+    os.replace(folder / "manifest.csv.new", folder / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def first(servers: Servers, serving: Served) -> Triggered:
+    return trigger(serving.log)
+
+
+def test_first_run_trains_registers_and_crowns_a_champion(
+    servers: Servers, project: Project, first: Triggered
+) -> None:
+    assert "# Retraining check: retraining" in first.check
+    assert "has no champion yet" in first.check
+    registered = versions(servers.mlflow_uri)
+    assert set(registered) == {"1"}
+    assert registered["1"]["data_version"] == pinned_md5(project.origin)
+    assert registered["1"]["promotion.decision"] == "promoted"
+    champion = MlflowClient(servers.mlflow_uri).get_model_version_by_alias(MODEL, "champion")
+    assert str(champion.version) == "1"
+    assert (project.clone / "data" / "fashion_mnist" / "manifest.csv").is_file()  # pulled by DVC
+
+
+def test_second_run_with_unchanged_data_is_up_to_date(
+    servers: Servers, serving: Served, first: Triggered
+) -> None:
+    runs_before = run_count(servers.mlflow_uri)
+    second = trigger(serving.log)
+    assert "# Retraining check: up to date" in second.check
+    assert "champion v1" in second.check
+    assert set(versions(servers.mlflow_uri)) == {"1"}
+    assert run_count(servers.mlflow_uri) == runs_before
+    assert second.seconds < first.seconds
+
+
+def test_new_data_pushed_to_the_repository_retrains_and_registers(
+    servers: Servers, project: Project, serving: Served, first: Triggered
+) -> None:
+    old_md5 = pinned_md5(project.origin)
+    add_images(project.origin, per_class=2)
+    run(str(BIN / "dvc"), "add", "-q", "data", cwd=project.origin)
+    run(str(BIN / "dvc"), "push", "-q", cwd=project.origin)
+    run("git", "commit", "-qam", "data v2: more shirts and sneakers", cwd=project.origin)
+    new_md5 = pinned_md5(project.origin)
+    assert new_md5 != old_md5
+
+    third = trigger(serving.log)
+    assert "# Retraining check: retraining" in third.check
+    assert f"champion v1 was trained on {old_md5}, the data is now {new_md5}" in third.check
+    assert "`git pull` moved" in third.check
+    registered = versions(servers.mlflow_uri)
+    assert set(registered) == {"1", "2"}
+    assert registered["2"]["data_version"] == new_md5
+    assert registered["2"]["promotion.decision"] in {"promoted", "rejected"}
+    challenger = MlflowClient(servers.mlflow_uri).get_model_version_by_alias(MODEL, "challenger")
+    assert str(challenger.version) == "2"
+
+
+def test_the_same_deployment_runs_on_a_process_work_pool(
+    servers: Servers, serving: Served, first: Triggered, tmp_path: Path
+) -> None:
+    from prefect import get_client
+
+    stop(serving.process)  # from here the pool's worker runs the deployment of the same name
+    prefect = str(BIN / "prefect")
+    run(prefect, "work-pool", "create", "test-pool", "--type", "process", cwd=ROOT, env=serving.env)
+    deploy = [str(BIN / "transferflow"), "deploy", "--pool", "test-pool", *serving.arguments]
+    said = run(*deploy, cwd=ROOT, env=serving.env)
+    assert "prefect worker start --pool test-pool" in said
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(DEPLOYMENT)
+    assert deployment.work_pool_name == "test-pool"
+    assert deployment.schedules[0].schedule.cron == SHRUNK["schedule"]["cron"]
+
+    log = tmp_path / "worker.log"
+    worker = start([prefect, "worker", "start", "--pool", "test-pool"], log, serving.env)
+    try:
+        registered = versions(servers.mlflow_uri)
+        on_pool = trigger(log)
+    finally:
+        stop(worker)
+    assert "# Retraining check: up to date" in on_pool.check
+    assert versions(servers.mlflow_uri) == registered
