@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 
 class Section(BaseModel):
@@ -199,6 +207,89 @@ class ScheduleConfig(Section):
         return value
 
 
+# The sections a comparison strategy may change; data, split and seed stay the same for all.
+STRATEGY_SECTIONS = ("base", "head", "feature_extraction", "fine_tune")
+
+
+class StrategyConfig(Section):
+    """One strategy of a comparison: its name and how it differs from the rest of the file.
+
+    Each key given replaces that key of the section (a whole `options` mapping, a whole `stages`
+    list), so `base: {architecture: ResNet50, options: {}}` leaves no MobileNet alpha behind.
+    """
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]*$",
+        description="Tagged strategy=<name> on its MLflow runs: lower-case letters, digits, _ and -.",
+    )
+    from_scratch: bool = Field(
+        False,
+        description="Random weights and the whole network, BatchNorm included, trainable from the "
+        "first epoch; no head-only stage and no unfreezing.",
+    )
+    epochs: int | None = Field(
+        None,
+        ge=1,
+        description="from_scratch only. Default: the largest epoch budget among the transfer "
+        "strategies (head epochs plus all their fine-tuning epochs).",
+    )
+    base: dict[str, Any] = Field(default_factory=dict)
+    head: dict[str, Any] = Field(default_factory=dict)
+    feature_extraction: dict[str, Any] = Field(default_factory=dict)
+    fine_tune: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _scratch_settings_are_consistent(self) -> StrategyConfig:
+        if self.epochs is not None and not self.from_scratch:
+            raise ValueError(
+                f"strategy {self.name!r}: epochs applies to a from_scratch strategy only; a "
+                "transfer strategy trains for its feature_extraction and fine_tune epochs"
+            )
+        if self.from_scratch and ("weights" in self.base or self.fine_tune):
+            raise ValueError(
+                f"strategy {self.name!r}: a from_scratch strategy starts from random weights and has "
+                "no fine-tuning stages; drop base.weights and fine_tune from it"
+            )
+        return self
+
+
+class CompareConfig(Section):
+    """`transferflow compare`: strategies trained on one data version, split and seed."""
+
+    label_budgets: list[PositiveInt] = Field(
+        default_factory=lambda: [10, 25, 100],
+        description="Labelled training images per class, drawn per class from `seed`; each must "
+        "fit the training split (the demo has 100 per class).",
+    )
+    full: bool = Field(
+        False, description="Run at full_label_budgets instead (make compare FULL=1)."
+    )
+    full_label_budgets: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 25, 50, 100])
+    strategies: list[StrategyConfig] = Field(default_factory=list)
+
+    @field_validator("label_budgets", "full_label_budgets")
+    @classmethod
+    def _distinct_budgets(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("name at least one label budget")
+        if len(set(value)) != len(value):
+            raise ValueError(f"label budgets repeat: {value}")
+        return sorted(value)
+
+    @field_validator("strategies")
+    @classmethod
+    def _distinct_names(cls, value: list[StrategyConfig]) -> list[StrategyConfig]:
+        names = [strategy.name for strategy in value]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"strategy names must be unique; repeated: {', '.join(repeated)}")
+        return value
+
+    def budgets(self) -> list[int]:
+        """The label budgets this run compares at, smallest first."""
+        return self.full_label_budgets if self.full else self.label_budgets
+
+
 class PipelineConfig(Section):
     """The whole tree, as loaded from conf/*.yaml."""
 
@@ -212,4 +303,32 @@ class PipelineConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    # Left out of every dump too: moving the cron or the deployment name must not change the
+    # config fingerprint, which would make the next scheduled run retrain.
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, exclude=True)
+    # Left out of every dump: training runs' params and the registry's config fingerprint
+    # stay what they were, whatever strategies a file declares.
+    compare: CompareConfig = Field(default_factory=CompareConfig, exclude=True)
+
+    def for_strategy(self, strategy: StrategyConfig) -> PipelineConfig:
+        """The config one comparison strategy trains with: its section keys replace the file's."""
+        tree = self.model_dump()
+        for section in STRATEGY_SECTIONS:
+            tree[section] = {**tree[section], **getattr(strategy, section)}
+        if strategy.from_scratch:
+            tree["base"]["weights"] = None
+            tree["fine_tune"]["stages"] = []
+        return PipelineConfig.model_validate(tree)
+
+    @model_validator(mode="after")
+    def _strategies_are_valid_configs(self) -> PipelineConfig:
+        for strategy in self.compare.strategies:
+            try:
+                self.for_strategy(strategy)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+                    for error in exc.errors()
+                )
+                raise ValueError(f"compare.strategies {strategy.name!r}: {problems}") from None
+        return self

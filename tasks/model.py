@@ -565,6 +565,40 @@ def unfreeze_top_blocks(base: keras.Model, blocks: int | Literal["all"]) -> int:
     return trainable_parameter_count(base)
 
 
+def make_fully_trainable(base: keras.Model) -> int:
+    """Make every layer of the base trainable, BatchNormalization included; return the count.
+
+    For training from random weights: there are no pretrained statistics to protect, and a deep
+    network without working batch normalisation barely trains. A trainable Keras 3 BatchNorm
+    uses batch statistics under fit even though the classifier calls the base with training=False.
+    """
+    base.trainable = True
+    for layer in base._flatten_layers(include_self=False, recursive=True):
+        layer.trainable = True
+    return trainable_parameter_count(base)
+
+
+def measure_batch_norm_statistics(model: keras.Model, images) -> None:
+    """Set every trainable BatchNorm layer's moving mean and variance to those of `images`.
+
+    One forward pass in training mode with the momentum at 0 makes each layer keep exactly the
+    statistics of its input for this batch; frozen (pretrained) BatchNorm layers do not change.
+    """
+    layers = [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable
+    ]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+
+
 # --- the classifier ------------------------------------------------------------------------------
 
 

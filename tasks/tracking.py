@@ -123,14 +123,22 @@ def start_pipeline_run(
     dataset: pd.DataFrame,
     dataset_source: str,
     data_version: str,
+    dataset_name: str | None = None,
 ) -> RunRef:
-    """Open the parent run: params, tags, and the dataset as an input with the DVC hash as digest."""
+    """Open the parent run: params, tags, and the dataset as an input with the DVC hash as digest.
+
+    MLflow identifies a dataset by name and digest: a subset of the data version needs a name
+    of its own, or its runs show the whole version's dataset.
+    """
     client = MlflowClient(uri)
     run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     run_id = run.info.run_id
     _log_params(client, run_id, params)
     source = from_pandas(
-        dataset, source=dataset_source, name=Path(dataset_source).name, digest=data_version[:36]
+        dataset,
+        source=dataset_source,
+        name=dataset_name or Path(dataset_source).name,
+        digest=data_version[:36],
     )
     client.log_inputs(run_id, datasets=[_dataset_input(source)])
     return RunRef(run_id, experiment_id, uri)
@@ -261,8 +269,20 @@ def model_requirements() -> list[str]:
 
 
 @task(name="start-tracking", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
-def start_tracking(loaded, table, data_version: str, strategy: str) -> RunRef:
-    """Open the pipeline's parent run with the resolved config, git commit and data version."""
+def start_tracking(
+    loaded,
+    table,
+    data_version: str,
+    strategy: str,
+    run_name: str | None = None,
+    tags: dict[str, str] | None = None,
+    dataset_name: str | None = None,
+) -> RunRef:
+    """Open the pipeline's parent run with the resolved config, git commit and data version.
+
+    `tags` add to the standard ones, e.g. a comparison's id and label budget; `dataset_name`
+    names a subset of the data (default: the data file or folder's name).
+    """
     config = loaded.config
     uri = tracking_uri(loaded.project)
     experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
@@ -271,17 +291,19 @@ def start_tracking(loaded, table, data_version: str, strategy: str) -> RunRef:
     return start_pipeline_run(
         uri,
         experiment_id,
-        run_name=f"{config.base.architecture}-{strategy}",
+        run_name=run_name or f"{config.base.architecture}-{strategy}",
         params=flatten(tree),
         tags={
             "mlflow.source.git.commit": git_commit(loaded.project),
             "data_version": data_version,
             "strategy": strategy,
             "architecture": config.base.architecture,
+            **(tags or {}),
         },
         dataset=dataset,
         dataset_source=str(loaded.path(config.data.path)),
         data_version=data_version,
+        dataset_name=dataset_name,
     )
 
 

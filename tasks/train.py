@@ -35,10 +35,19 @@ def _compile(model, learning_rate: float) -> None:
     )
 
 
-def _fit(model, train, validation, epochs: int, patience: int, learning_rate: float, **fit_args):
+def _fit(
+    model,
+    train,
+    validation,
+    epochs: int,
+    patience: int,
+    learning_rate: float,
+    extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
+    **fit_args,
+):
     """Compile afresh and fit with fresh callbacks, so no stage inherits another's state."""
     _compile(model, learning_rate)
-    callbacks = []
+    callbacks = list(extra_callbacks)
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True
@@ -132,16 +141,10 @@ def train_new_head(classifier, features, config) -> TrainingHistory:
 @task(name="fine-tune-stage", cache_policy=NO_CACHE)
 def fine_tune_stage(classifier, table, stage, learning_rate: float, config) -> TrainingHistory:
     """Unfreeze the top blocks the stage names, then fine-tune the whole model at a lower rate."""
-    from tasks.data import image_dataset
     from tasks.model import unfreeze_top_blocks
 
     unfreeze_top_blocks(classifier.base, stage.unfreeze_blocks)
-    size, batch = config.data.image_size, config.data.batch_size
-    train = image_dataset(
-        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed
-    )
-    val_frame = table.split("val")
-    validation = None if val_frame.empty else image_dataset(val_frame, table.classes, size, batch)
+    train, validation = _image_splits(table, config)
     return fine_tune(
         classifier.model,
         train,
@@ -151,3 +154,85 @@ def fine_tune_stage(classifier, table, stage, learning_rate: float, config) -> T
         patience=config.fine_tune.patience,
         seed=config.seed,
     )
+
+
+class _MeasuredBatchNorm(keras.callbacks.Callback):
+    """Before each validation, BatchNorm statistics measured on a fixed batch of training images."""
+
+    def __init__(self, images) -> None:
+        super().__init__()
+        self.images = images
+
+    def on_test_begin(self, logs=None) -> None:
+        from tasks.model import measure_batch_norm_statistics
+
+        measure_batch_norm_statistics(self.model, self.images)
+
+
+def fit_from_scratch(
+    model, train, validation, images, *, epochs: int, learning_rate: float, patience: int, seed: int
+) -> TrainingHistory:
+    """Fit a network whose every layer, BatchNorm included, trains from random weights.
+
+    Keras' running BatchNorm averages (momentum 0.99, starting at variance 1) need thousands of
+    steps to reach a from-scratch network's statistics (variances near 1e-4); ten labels per class
+    give a few dozen steps, so validation and early stopping would judge a network that predicts
+    one class in inference mode. The statistics are measured on `images` (training images)
+    before each validation and once more at the end, for the weights the model keeps.
+    """
+    from tasks.model import measure_batch_norm_statistics
+
+    keras.utils.set_random_seed(seed)
+    history = _fit(
+        model,
+        train,
+        validation,
+        epochs,
+        patience,
+        learning_rate,
+        extra_callbacks=(_MeasuredBatchNorm(images),),
+        shuffle=False,
+    )
+    measure_batch_norm_statistics(model, images)
+    return history
+
+
+@task(name="train-from-scratch", cache_policy=NO_CACHE)
+def train_from_scratch(classifier, table, stage, config) -> TrainingHistory:
+    """Train the whole network from its random weights: the baseline that transfer has to beat.
+
+    Everything trains from the first epoch, BatchNorm included, at the stage's rate (the head
+    stage's, as both start from random weights) with the head stage's early-stopping patience.
+    BatchNorm statistics come from up to 512 training images (see fit_from_scratch).
+    """
+    from tasks.data import image_dataset
+    from tasks.model import make_fully_trainable
+
+    make_fully_trainable(classifier.base)
+    train, validation = _image_splits(table, config)
+    sample = image_dataset(
+        table.split("train"), table.classes, config.data.image_size, 512, shuffle_seed=config.seed
+    )
+    return fit_from_scratch(
+        classifier.model,
+        train,
+        validation,
+        next(iter(sample))[0],
+        epochs=stage.epochs,
+        learning_rate=stage.learning_rate,
+        patience=config.feature_extraction.patience,
+        seed=config.seed,
+    )
+
+
+def _image_splits(table, config):
+    """The shuffled training images and the validation images (None when there are none)."""
+    from tasks.data import image_dataset
+
+    size, batch = config.data.image_size, config.data.batch_size
+    train = image_dataset(
+        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed
+    )
+    val_frame = table.split("val")
+    validation = None if val_frame.empty else image_dataset(val_frame, table.classes, size, batch)
+    return train, validation

@@ -1,0 +1,302 @@
+"""The strategy comparison: strategies from conf, label budgets, and the real flow end to end."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from conf import load_config
+from tasks.comparison import (
+    COLUMNS,
+    LabelBudgetError,
+    NoStrategiesError,
+    keep_labels_per_class,
+    resolve_strategies,
+)
+from tasks.config import LoadedConfig
+from tasks.data import ImageTable
+from tests.conftest import HAVE_IMAGENET_WEIGHTS
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+
+# --- strategies and label budgets ----------------------------------------------------------------
+
+
+def image_table(train_per_class: int) -> ImageTable:
+    rows = [
+        (f"/data/{split}/{label}/{i:03d}.png", label, split)
+        for label in ("bag", "coat", "shirt")
+        for split, count in (("train", train_per_class), ("val", 3), ("test", 4))
+        for i in range(count)
+    ]
+    return ImageTable(
+        pd.DataFrame(rows, columns=["path", "label", "split"]), ("bag", "coat", "shirt")
+    )
+
+
+def train_paths(table: ImageTable, label: str) -> set[str]:
+    train = table.split("train")
+    return set(train.loc[train["label"] == label, "path"])
+
+
+def test_label_budget_keeps_that_many_per_class_and_smaller_budgets_are_subsets() -> None:
+    table = image_table(train_per_class=30)
+    small, large = (keep_labels_per_class(table, budget, seed=42) for budget in (5, 20))
+    for label in table.classes:
+        assert len(train_paths(small, label)) == 5 and len(train_paths(large, label)) == 20
+        assert train_paths(small, label) < train_paths(large, label)
+    assert small.split("val").equals(table.split("val"))
+    assert small.split("test").equals(table.split("test"))
+    again = keep_labels_per_class(table, 5, seed=42)
+    assert again.frame.equals(small.frame)
+    other_seed = keep_labels_per_class(table, 5, seed=7)
+    assert not other_seed.frame.equals(small.frame)
+
+
+def test_label_budget_larger_than_the_data_says_how_to_get_more() -> None:
+    with pytest.raises(LabelBudgetError) as error:
+        keep_labels_per_class(image_table(train_per_class=10), 25, seed=42)
+    message = str(error.value)
+    assert "25 per class" in message and "bag 10" in message
+    assert "demo.train_per_class=25" in message
+
+
+def test_compare_config_resolves_every_strategy() -> None:
+    loaded = LoadedConfig(load_config(CONF / "compare.yaml"), ROOT)
+    strategies = {s.name: s for s in resolve_strategies(loaded)}
+    assert list(strategies) == [
+        "from_scratch",
+        "feature_extraction",
+        "fine_tune_1",
+        "fine_tune_2",
+        "fine_tune_3",
+        "full_unfreeze",
+    ]
+    scratch = strategies["from_scratch"]
+    assert scratch.loaded.config.base.weights is None
+    assert scratch.loaded.config.base.options == {"alpha": 0.25}
+    # The same epoch budget as the longest transfer strategy: head epochs plus three 4-epoch stages.
+    head_epochs = loaded.config.feature_extraction.epochs
+    assert scratch.scratch is not None and scratch.scratch.unfreeze_blocks == "all"
+    assert scratch.scratch.epochs == head_epochs + 12
+    assert strategies["feature_extraction"].loaded.config.fine_tune.stages == []
+    assert [
+        s.unfreeze_blocks for s in strategies["fine_tune_3"].loaded.config.fine_tune.stages
+    ] == [
+        2,
+        4,
+        8,
+    ]
+    for strategy in strategies.values():
+        assert strategy.loaded.config.data == loaded.config.data
+        assert strategy.loaded.config.seed == loaded.config.seed
+
+
+def test_default_config_declares_no_strategies() -> None:
+    loaded = LoadedConfig(load_config(CONF / "default.yaml"), ROOT)
+    with pytest.raises(NoStrategiesError, match=r"conf/compare\.yaml"):
+        resolve_strategies(loaded)
+
+
+def test_compare_section_leaves_training_params_alone() -> None:
+    plain = load_config(CONF / "default.yaml")
+    declared = load_config(
+        CONF / "default.yaml",
+        ["compare.label_budgets=[5]", "compare.strategies=[{name: fe, fine_tune: {stages: []}}]"],
+    )
+    assert declared.compare.label_budgets == [5]
+    assert declared.model_dump() == plain.model_dump()
+
+
+def test_from_scratch_batch_norm_statistics_are_measured_not_left_at_their_start() -> None:
+    import keras
+    import numpy as np
+
+    from tasks.model import measure_batch_norm_statistics
+
+    inputs = keras.Input((4, 4, 3))
+    trained = keras.layers.BatchNormalization(name="trained")(inputs)
+    frozen_layer = keras.layers.BatchNormalization(name="frozen")
+    frozen_layer.trainable = False
+    model = keras.Model(inputs, frozen_layer(trained))
+    images = np.random.default_rng(0).normal(5.0, 3.0, (64, 4, 4, 3)).astype("float32")
+
+    measure_batch_norm_statistics(model, images)
+
+    layer = model.get_layer("trained")
+    assert np.allclose(layer.moving_mean.numpy(), images.mean(axis=(0, 1, 2)), atol=1e-3)
+    assert np.allclose(layer.moving_variance.numpy(), images.var(axis=(0, 1, 2)), rtol=1e-3)
+    assert layer.momentum == 0.99  # restored for training
+    assert np.allclose(frozen_layer.moving_mean.numpy(), 0.0)
+    assert np.allclose(frozen_layer.moving_variance.numpy(), 1.0)
+
+
+# --- the flow end to end -------------------------------------------------------------------------
+
+BUDGETS = [2, 4]
+STRATEGIES = ["from_scratch", "feature_extraction", "fine_tune_1"]
+STAGES = {
+    "from_scratch": {"from_scratch"},
+    "feature_extraction": {"feature_extraction"},
+    "fine_tune_1": {"feature_extraction", "fine_tune_1"},
+}
+# The demo comparison shrunk: 32 px, two short stages, three strategies, two label budgets.
+SHRUNK = {
+    "extends": "compare.yaml",
+    "data": {"image_size": 32, "batch_size": 32, "dvc_file": None},
+    "feature_extraction": {"epochs": 3, "patience": 2},
+    "compare": {
+        "label_budgets": BUDGETS,
+        "strategies": [
+            {"name": "from_scratch", "from_scratch": True},
+            {"name": "feature_extraction", "fine_tune": {"stages": []}},
+            {"name": "fine_tune_1", "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 1}]}},
+        ],
+    },
+    "registry": {"model_name": "fmnist-compare-test", "min_value": 0.0},
+    "tracking": {"experiment": "compare-test"},
+}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """One real comparison in a project of its own: plain data folder, own MLflow store."""
+    from flows.compare import compare_strategies
+    from tasks.demo_data import write_demo_dataset
+
+    project = tmp_path_factory.mktemp("compare") / "project"
+    shutil.copytree(CONF, project / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    (project / "conf" / "test.yaml").write_text(yaml.safe_dump(SHRUNK))
+    write_demo_dataset(
+        project / "data" / "fashion_mnist",
+        train_per_class=6,
+        val_per_class=2,
+        test_per_class=5,
+        seed=0,
+    )
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    overrides = [] if HAVE_IMAGENET_WEIGHTS else ["base.weights=null"]
+    result = compare_strategies(str(project / "conf" / "test.yaml"), overrides)
+    return project, result
+
+
+def strategy_runs(result) -> list:
+    client = MlflowClient(result.tracking_uri)
+    runs = client.search_runs(
+        [result.experiment_id], f"tags.comparison_id = '{result.comparison_id}'"
+    )
+    return [run for run in runs if "strategy" in run.data.tags]
+
+
+@pytest.mark.slow
+def test_one_parent_run_per_strategy_and_budget_with_nested_stages(compared) -> None:
+    _, result = compared
+    client = MlflowClient(result.tracking_uri)
+    parents = strategy_runs(result)
+    found = sorted(
+        (run.data.tags["strategy"], int(run.data.tags["label_budget"])) for run in parents
+    )
+    assert found == sorted(itertools.product(STRATEGIES, BUDGETS))
+    for parent in parents:
+        assert parent.info.status == "FINISHED"
+        assert "mlflow.parentRunId" not in parent.data.tags
+        assert parent.data.tags["data_version"] == result.data_version
+        budget = int(parent.data.tags["label_budget"])
+        assert parent.data.metrics["labels_per_class"] == budget
+        assert {"test_accuracy", "test_macro_f1", "trainable_params", "training_seconds"} <= set(
+            parent.data.metrics
+        )
+        dataset = parent.inputs.dataset_inputs[0].dataset
+        # Budget per class times ten classes, plus the whole validation and test splits.
+        assert json.loads(dataset.profile)["num_rows"] == 10 * budget + 10 * 2 + 10 * 5
+        children = client.search_runs(
+            [result.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+        )
+        assert {child.data.tags["stage"] for child in children} == STAGES[
+            parent.data.tags["strategy"]
+        ]
+
+    scratch = next(p for p in parents if p.data.tags["strategy"] == "from_scratch")
+    assert scratch.data.params["base.weights"] == "None"
+    scratch_stage = client.search_runs(
+        [result.experiment_id], f"tags.mlflow.parentRunId = '{scratch.info.run_id}'"
+    )[0]
+    assert scratch_stage.data.params["epochs"] == "4"  # the head's 3 epochs plus fine_tune_1's 1
+    head_only = next(p for p in parents if p.data.tags["strategy"] == "feature_extraction")
+    assert (
+        scratch.data.metrics["trainable_params"] > 50 * head_only.data.metrics["trainable_params"]
+    )
+
+
+@pytest.mark.slow
+def test_strategies_on_one_base_share_the_cached_features(compared) -> None:
+    project, _ = compared
+    cached = list((project / ".cache" / "features").glob("*.features.npy"))
+    # One training subset per budget, plus validation and test once for every strategy and budget.
+    assert len(cached) == len(BUDGETS) + 2
+
+
+@pytest.mark.slow
+def test_comparison_table_is_an_mlflow_and_prefect_artifact_with_charts(compared) -> None:
+    project, result = compared
+    assert list(result.table.columns) == list(COLUMNS)
+    assert len(result.table) == len(STRATEGIES) * len(BUDGETS)
+    assert set(result.table["run_id"]) == {run.info.run_id for run in strategy_runs(result)}
+
+    client = MlflowClient(result.tracking_uri)
+    summary = client.get_run(result.run_id)
+    assert summary.data.tags["comparison_id"] == result.comparison_id
+    assert summary.data.tags["best_strategy"] == result.best_strategy
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"comparison.csv", "comparison.png", "data_efficiency.png"} <= artifacts
+    local = client.download_artifacts(result.run_id, "comparison.csv", str(project / "downloaded"))
+    logged = pd.read_csv(local)
+    assert len(logged) == len(result.table) and list(logged.columns) == list(COLUMNS)
+
+    for path in (result.files.table, result.files.chart, result.files.data_efficiency):
+        assert path.parent == project / "reports" and path.stat().st_size > 0
+    assert result.files.chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.files.data_efficiency.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    from prefect import get_client
+
+    async def latest():
+        async with get_client() as prefect:
+            return await prefect.read_latest_artifacts()
+
+    tables = [a for a in asyncio.run(latest()) if a.key == "strategy-comparison"]
+    assert tables, "the flow published no strategy-comparison table artifact"
+    rows = json.loads(tables[0].data)  # Prefect stores a table artifact as JSON text
+    assert len(rows) == len(STRATEGIES) * len(BUDGETS)
+    assert {row["strategy"] for row in rows} == set(STRATEGIES)
+
+
+@pytest.mark.slow
+def test_best_strategy_is_registered_through_the_gate(compared) -> None:
+    _, result = compared
+    table = result.table
+    largest = table[table["labels_per_class"] == max(BUDGETS)]
+    best_row = table[table["run_id"] == result.best_run_id].iloc[0]
+    assert best_row["labels_per_class"] == max(BUDGETS)
+    assert best_row["test_accuracy"] == largest["test_accuracy"].max()
+
+    client = MlflowClient(result.tracking_uri)
+    version = client.get_model_version(result.model_name, result.version)
+    assert version.tags["run_id"] == result.best_run_id
+    stage_run = client.get_run(version.run_id)  # the winner's final stage, which logged the model
+    assert stage_run.data.tags["mlflow.parentRunId"] == result.best_run_id
+    assert version.tags["promotion.decision"] == "promoted", result.decision.reason
+    champion = client.get_model_version_by_alias(result.model_name, "champion")
+    assert str(champion.version) == result.version == "1"
+    assert client.get_run(result.run_id).data.tags["promotion.decision"] == "promoted"
