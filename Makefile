@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 KERAS_CACHE := $(or $(KERAS_HOME),$(HOME)/.keras)
 DEBIAN_FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONFIG ?= conf/default.yaml
+COMPARE_CONFIG ?= conf/compare.yaml
 
 # Prefect's temporary local server needs ~20 s to start on 2 cores; its default time-out is 20 s.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 90
@@ -16,7 +17,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install fashion-mnist demo-data demo train test lint mlflow-ui clean bench
+.PHONY: help install fashion-mnist demo-data demo train compare test lint mlflow-ui clean bench serve stop-server
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -48,6 +49,9 @@ demo: demo-data ## Run the whole pipeline on the demo data (Fashion-MNIST, Mobil
 train: install ## Run the training flow on CONFIG without rebuilding the demo data
 	$(BIN)/transferflow train --config $(CONFIG)
 
+compare: demo-data ## Compare strategies at several label budgets on the demo data (FULL=1: every budget)
+	$(BIN)/transferflow compare --config $(COMPARE_CONFIG) $(if $(FULL),--set compare.full=true)
+
 test: install fashion-mnist ## Run the test suite (unit, integration and slow end-to-end tests)
 	$(BIN)/python -m pytest
 
@@ -56,6 +60,31 @@ lint: install ## ruff and mypy
 
 mlflow-ui: install ## Open the MLflow UI on the local store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
+
+# `make serve` keeps its Prefect server (state in .prefect/) running after it stops, for the UI.
+PREFECT_PORT ?= 4200
+PREFECT_HEALTHY = $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health', timeout=2)" 2>/dev/null
+
+serve: install ## Serve the scheduled retraining deployment (starts a Prefect server unless PREFECT_API_URL is set)
+	@if [ -z "$$PREFECT_API_URL" ]; then \
+	  mkdir -p .prefect; \
+	  export PREFECT_HOME=$(CURDIR)/.prefect; \
+	  if ! $(PREFECT_HEALTHY); then \
+	    echo "Starting a Prefect server on http://127.0.0.1:$(PREFECT_PORT) (log .prefect/server.log; make stop-server stops it)"; \
+	    setsid $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) >.prefect/server.log 2>&1 & echo $$! >.prefect/server.pid; \
+	    for _ in $$(seq 120); do $(PREFECT_HEALTHY) && break; sleep 1; done; \
+	    $(PREFECT_HEALTHY) || { echo "The Prefect server did not start; see .prefect/server.log"; exit 1; }; \
+	  fi; \
+	  export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; \
+	fi; \
+	echo "Prefect UI: $${PREFECT_API_URL%/api}"; \
+	$(BIN)/transferflow serve --config $(CONFIG)
+
+stop-server: ## Stop the Prefect server that `make serve` started
+	@if [ -f .prefect/server.pid ]; then \
+	  kill -- -$$(cat .prefect/server.pid) 2>/dev/null && echo "Prefect server stopped" || echo "Prefect server was not running"; \
+	  rm -f .prefect/server.pid; \
+	else echo "No Prefect server started by make serve"; fi
 
 clean: ## Remove local run state (MLflow store, feature cache, reports); keeps .venv and the data
 	rm -rf mlflow.db mlartifacts .cache reports

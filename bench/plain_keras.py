@@ -62,9 +62,13 @@ def main(config_path: str = "conf/default.yaml") -> dict[str, float]:
     model = keras.Model(inputs, outputs)
 
     def fit(rate: float, epochs: int, patience: int) -> None:
-        model.compile(keras.optimizers.Adam(rate), "sparse_categorical_crossentropy", ["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(rate),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
         stop = keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)
-        model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop], verbose=0)
+        model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop], verbose=0, shuffle=False)
 
     accuracies = {}
     head = config["feature_extraction"]

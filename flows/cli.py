@@ -62,6 +62,28 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
     typer.echo(f"MLflow UI:    {hint}")
 
 
+@app.command()
+def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) -> None:
+    """Compare strategies (from scratch, feature extraction, fine-tuning) at several label budgets."""
+    from flows.compare import compare_strategies
+
+    result = compare_strategies(config, list(set_ or []))
+    shown = result.table.drop(columns=["run_id"])
+    typer.echo("")
+    typer.echo(shown.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    outcome = "now the champion" if result.decision.promote else "not promoted"
+    typer.echo(f"Best strategy: {result.best_strategy} (run {result.best_run_id})")
+    typer.echo(
+        f"Registered:    {result.model_name} version {result.version}, alias 'challenger', "
+        f"{outcome}: {result.decision.reason}"
+    )
+    typer.echo(f"Charts:        {result.files.chart}, {result.files.data_efficiency}")
+    typer.echo(
+        f"MLflow:        experiment {result.experiment_id}, runs tagged "
+        f"comparison_id={result.comparison_id} (make mlflow-ui)"
+    )
+
+
 @app.command("demo-data")
 def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Build the Fashion-MNIST demo dataset, pin it with DVC (data.dvc) and push it to the remote."""
@@ -82,6 +104,138 @@ def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None
             fg=typer.colors.YELLOW,
             err=True,
         )
+
+
+@app.command()
+def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
+    """Run the scheduled flow once: train only if data.dvc or the config changed since the champion."""
+    from flows.retrain import retrain_classifier
+
+    result = retrain_classifier(config, list(set_ or []))
+    typer.echo(f"Retraining check: {result.decision.reason}")
+    if result.training is not None:
+        outcome = "now the champion" if result.training.decision.promote else "not promoted"
+        typer.echo(
+            f"Registered: {result.training.model_name} version {result.training.version}, {outcome}"
+        )
+
+
+@app.command()
+def serve(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
+    """Serve the retraining deployment on the config's `schedule:` (needs PREFECT_API_URL)."""
+    _require_prefect_server()
+    from flows.retrain import serve_retraining
+
+    serve_retraining(config, list(set_ or []))
+
+
+@app.command()
+def deploy(
+    pool: Annotated[str, typer.Option("--pool", "-p", help="The Prefect work pool.")],
+    config: ConfigOption = "conf/default.yaml",
+    set_: SetOption = None,
+) -> None:
+    """Register the retraining deployment for a work pool's workers instead of serving it here."""
+    _require_prefect_server()
+    from flows.retrain import deploy_retraining
+
+    deploy_retraining(config, list(set_ or []), pool)
+    typer.echo(
+        f"Deployed to work pool '{pool}'; start a worker: prefect worker start --pool {pool}"
+    )
+
+
+def _require_prefect_server() -> None:
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        typer.secho(
+            "PREFECT_API_URL is not set: a deployment needs a Prefect server that outlives this "
+            "command. Run `make serve` (starts one on http://127.0.0.1:4200), or set "
+            "PREFECT_API_URL=http://<host>:4200/api.",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(1)
+
+
+ModelNameOption = Annotated[str, typer.Option("--model", help="The registered model's name.")]
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why; recorded on the version.")]
+
+
+@app.command()
+def promote(
+    model: ModelNameOption,
+    version: Annotated[int, typer.Option("--version", help="The version to make champion.")],
+    reason: ReasonOption = "",
+    config: ConfigOption = "conf/default.yaml",
+) -> None:
+    """Make a registered version the champion by hand, bypassing the gate (recorded on it)."""
+    from tasks.registry import promote_version
+
+    _show_move(_registry_action(lambda uri: promote_version(uri, model, version, reason), config))
+
+
+@app.command()
+def rollback(
+    model: ModelNameOption, reason: ReasonOption = "", config: ConfigOption = "conf/default.yaml"
+) -> None:
+    """Move the champion back to the version that held it before (repeat to go further back)."""
+    from tasks.registry import rollback_champion
+
+    _show_move(_registry_action(lambda uri: rollback_champion(uri, model, reason), config))
+
+
+def _registry_action(action, config: str):
+    """Run a promotion or rollback on MLFLOW_TRACKING_URI, else the project's store."""
+    from conf import project_root
+    from tasks.registry import PromotionLockTimeoutError, RegistryActionError
+    from tasks.tracking import tracking_uri
+
+    try:
+        return action(tracking_uri(project_root(config)))
+    except (RegistryActionError, PromotionLockTimeoutError) as error:
+        typer.secho(str(error), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+
+def _show_move(move) -> None:
+    was = f"v{move.previous}" if move.previous else "none"
+    typer.echo(f"{move.name}: champion is now v{move.champion} (was {was})")
+    typer.echo(f"Recorded:     {move.decision} by {move.by} at {move.at}: {move.reason}")
+
+
+@app.command()
+def predict(
+    images: Annotated[
+        str, typer.Option("--images", help="A folder of images, searched recursively.")
+    ],
+    model: Annotated[
+        str | None,
+        typer.Option(help="An MLflow model URI [default: models:/<registry.model_name>@champion]"),
+    ] = None,
+    output: Annotated[str, typer.Option(help="The CSV to write.")] = "predictions.csv",
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    config: ConfigOption = "conf/default.yaml",
+) -> None:
+    """Label every image in a folder with a registered model; write path,label,probability."""
+    from conf import load_config, project_root
+    from flows.predict import predict_folder
+    from tasks.data import DataError
+    from tasks.predict import ServingModelError
+    from tasks.tracking import tracking_uri
+
+    if model is None:
+        model = f"models:/{load_config(config).registry.model_name}@champion"
+    try:
+        result = predict_folder(
+            model, images, output, batch_size, tracking_uri(project_root(config))
+        )
+    except (DataError, ServingModelError) as error:
+        typer.secho(str(error), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"Wrote {result.count} predictions by {result.model} to {result.output}")
+    typer.echo("Labels: " + ", ".join(f"{k} {v}" for k, v in result.label_counts.items()))
 
 
 def main() -> None:
