@@ -110,9 +110,11 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     """
     import mlflow.pyfunc
 
-    mlflow.set_tracking_uri(uri)  # models:/ URIs resolve against the tracking store's registry
+    from tasks.tracking import using_tracking_uri
+
     version = resolve_version(uri, model_uri)
-    pyfunc = mlflow.pyfunc.load_model(version.uri if version else model_uri)
+    with using_tracking_uri(uri):  # models:/ URIs resolve against the tracking store's registry
+        pyfunc = mlflow.pyfunc.load_model(version.uri if version else model_uri)
     classes = None
     if version is not None and version.tags.get("classes"):
         classes = tuple(json.loads(version.tags["classes"]))

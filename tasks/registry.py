@@ -173,8 +173,10 @@ def register_challenger(
     uri: str, model_uri: str, name: str, run_id: str, tags: dict[str, str]
 ) -> ModelVersionRef:
     """Register the model as a new version and point `challenger` at it."""
-    mlflow.set_tracking_uri(uri)
-    version = mlflow.register_model(model_uri, name, tags={**tags, "run_id": run_id})
+    from tasks.tracking import using_tracking_uri
+
+    with using_tracking_uri(uri):
+        version = mlflow.register_model(model_uri, name, tags={**tags, "run_id": run_id})
     client = MlflowClient(uri)
     client.set_registered_model_alias(name, CHALLENGER, str(version.version))
     return _version_ref(client.get_model_version(name, str(version.version)))
@@ -184,8 +186,10 @@ def load_keras_model(model_uri: str, uri: str):
     """A registered or logged model loaded back as Keras, to score it on fresh data."""
     import mlflow.tensorflow
 
-    mlflow.set_tracking_uri(uri)
-    return mlflow.tensorflow.load_model(model_uri)
+    from tasks.tracking import using_tracking_uri
+
+    with using_tracking_uri(uri):
+        return mlflow.tensorflow.load_model(model_uri)
 
 
 def record_decision(

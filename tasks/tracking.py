@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import mlflow
 import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
@@ -19,7 +22,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from tasks.evaluate import Evaluation, confusion_matrix_figure
-from tasks.train import TrainingHistory
+
+if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
+    from tasks.train import TrainingHistory
 
 # MLflow caps a param value at 6000 characters; ours are far shorter, but be safe.
 _PARAM_LIMIT = 6000
@@ -62,6 +67,27 @@ def ui_hint(uri: str, project_root: Path) -> str:
         f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} "
         "--host 127.0.0.1 --port 5000"
     )
+
+
+@contextmanager
+def using_tracking_uri(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API at `uri` for one block, then put everything back.
+
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would send every later run in
+    this process (another project's, a test's) to this store.
+    """
+    from mlflow.tracking._tracking_service import utils
+
+    saved_uri, saved_env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved_uri)
+        if saved_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved_env
 
 
 def git_commit(project_root: Path) -> str:
@@ -225,9 +251,8 @@ def _log_model(uri, run_id, model, input_example, pip_requirements) -> str:
     signature = None
     if input_example is not None:
         signature = infer_signature(input_example, np.asarray(model(input_example, training=False)))
-    mlflow.set_tracking_uri(uri)
     # The fluent API is the only way to log a model; resuming the run by id keeps it explicit.
-    with mlflow.start_run(run_id=run_id):
+    with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.tensorflow.log_model(
             model,
             name="model",
