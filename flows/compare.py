@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 from prefect import flow, tags
 
+from flows.train import transfer_stages
 from tasks.comparison import (
     SCRATCH_STAGE,
     ComparisonFiles,
@@ -25,13 +26,12 @@ from tasks.comparison import (
 )
 from tasks.config import load_pipeline_config
 from tasks.data import ImageTable, load_images, pull_data_version
-from tasks.evaluate import evaluate_on_features, evaluate_on_images
-from tasks.features import extract_frozen_features
+from tasks.evaluate import evaluate_on_images
 from tasks.model import build_classifier_for
 from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
 from tasks.report import StageSummary
 from tasks.tracking import finish_tracking, log_stage_run, start_tracking
-from tasks.train import fine_tune_stage, train_from_scratch, train_new_head
+from tasks.train import train_from_scratch
 
 DEFAULT_CONFIG = "conf/compare.yaml"
 
@@ -142,32 +142,8 @@ def train_strategy(
             ]
             summaries = [StageSummary.of(SCRATCH_STAGE, history, evaluation)]
         else:
-            features = extract_frozen_features(classifier, table, loaded, data_version)
-            history = train_new_head(classifier, features, config)
-            evaluation = evaluate_on_features(classifier, features["test"], table.classes)
-            records = [
-                log_stage_run(
-                    run,
-                    "feature_extraction",
-                    config.feature_extraction,
-                    history,
-                    evaluation,
-                    classifier,
-                    table,
-                    loaded,
-                )
-            ]
-            summaries = [StageSummary.of("feature_extraction", history, evaluation)]
-            rates = config.fine_tune.learning_rates(config.feature_extraction.learning_rate)
-            stages = zip(config.fine_tune.stages, rates, strict=True)
-            for number, (stage, rate) in enumerate(stages, 1):
-                name = f"fine_tune_{number}"
-                history = fine_tune_stage(classifier, table, stage, rate, config)
-                evaluation = evaluate_on_images(classifier.model, table, config)
-                records.append(
-                    log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded)
-                )
-                summaries.append(StageSummary.of(name, history, evaluation))
+            stages = transfer_stages(run, classifier, table, loaded, data_version)
+            records, summaries, evaluation = stages.records, stages.summaries, stages.evaluation
         log_strategy_summary(run, labels_per_class, summaries)
     except BaseException:
         finish_tracking(run, summaries=[], failed=True)

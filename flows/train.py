@@ -8,12 +8,12 @@ from prefect import flow
 
 from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
-from tasks.evaluate import evaluate_on_features, evaluate_on_images
+from tasks.evaluate import Evaluation, evaluate_on_features, evaluate_on_images
 from tasks.features import extract_frozen_features
 from tasks.model import build_classifier_for
 from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
 from tasks.report import StageSummary, publish_report
-from tasks.tracking import finish_tracking, log_stage_run, start_tracking
+from tasks.tracking import StageRecord, finish_tracking, log_stage_run, start_tracking
 from tasks.train import fine_tune_stage, train_new_head
 
 DEFAULT_CONFIG = "conf/default.yaml"
@@ -33,43 +33,53 @@ class TrainingResult:
     decision: PromotionDecision
 
 
+@dataclass(frozen=True)
+class StagesOutcome:
+    """Every stage's MLflow record and scores, and the final stage's evaluation."""
+
+    records: list[StageRecord]
+    summaries: list[StageSummary]
+    evaluation: Evaluation
+
+
+def transfer_stages(run, classifier, table, loaded, data_version: str) -> StagesOutcome:
+    """Feature extraction on the frozen base, then each configured unfreezing stage, each logged."""
+    config = loaded.config
+    features = extract_frozen_features(classifier, table, loaded, data_version)
+    history = train_new_head(classifier, features, config)
+    evaluation = evaluate_on_features(classifier, features["test"], table.classes)
+    settings = config.feature_extraction
+    records = [
+        log_stage_run(
+            run, "feature_extraction", settings, history, evaluation, classifier, table, loaded
+        )
+    ]
+    summaries = [StageSummary.of("feature_extraction", history, evaluation)]
+    rates = config.fine_tune.learning_rates(settings.learning_rate)
+    for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
+        name = f"fine_tune_{number}"
+        history = fine_tune_stage(classifier, table, stage, rate, config)
+        evaluation = evaluate_on_images(classifier.model, table, config)
+        records.append(
+            log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded)
+        )
+        summaries.append(StageSummary.of(name, history, evaluation))
+    return StagesOutcome(records, summaries, evaluation)
+
+
 @flow(name="train-classifier", log_prints=True)
 def train_classifier(
     config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None
 ) -> TrainingResult:
     """Train a transfer-learning classifier and register it; promote it only if it beats the champion."""
     loaded = load_pipeline_config(config_path, overrides or [])
-    config = loaded.config
     data_version = pull_data_version(loaded)
     table = load_images(loaded, data_version)
     classifier = build_classifier_for(loaded, len(table.classes))
     run = start_tracking(loaded, table, data_version, strategy="fine_tune")
     try:
-        features = extract_frozen_features(classifier, table, loaded, data_version)
-        history = train_new_head(classifier, features, config)
-        evaluation = evaluate_on_features(classifier, features["test"], table.classes)
-        records = [
-            log_stage_run(
-                run,
-                "feature_extraction",
-                config.feature_extraction,
-                history,
-                evaluation,
-                classifier,
-                table,
-                loaded,
-            )
-        ]
-        summaries = [StageSummary.of("feature_extraction", history, evaluation)]
-        rates = config.fine_tune.learning_rates(config.feature_extraction.learning_rate)
-        for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
-            name = f"fine_tune_{number}"
-            history = fine_tune_stage(classifier, table, stage, rate, config)
-            evaluation = evaluate_on_images(classifier.model, table, config)
-            records.append(
-                log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded)
-            )
-            summaries.append(StageSummary.of(name, history, evaluation))
+        stages = transfer_stages(run, classifier, table, loaded, data_version)
+        records, summaries, evaluation = stages.records, stages.summaries, stages.evaluation
         challenger = register_challenger_step(run, records[-1], table, loaded, data_version)
         decision = promote_if_better(run, challenger, evaluation, table, loaded)
     except BaseException:
