@@ -68,7 +68,9 @@ def main(config_path: str = "conf/default.yaml") -> dict[str, float]:
             metrics=["accuracy"],
         )
         stop = keras.callbacks.EarlyStopping(patience=patience, restore_best_weights=True)
-        model.fit(train, validation_data=val, epochs=epochs, callbacks=[stop], verbose=0, shuffle=False)
+        model.fit(
+            train, validation_data=val, epochs=epochs, callbacks=[stop], verbose=0, shuffle=False
+        )
 
     accuracies = {}
     head = config["feature_extraction"]

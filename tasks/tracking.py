@@ -83,7 +83,7 @@ def using_tracking_uri(uri: str) -> Iterator[None]:
     try:
         yield
     finally:
-        mlflow.set_tracking_uri(saved_uri)
+        mlflow.set_tracking_uri(saved_uri)  # type: ignore[arg-type]  # None unsets it
         if saved_env is None:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
         else:

@@ -65,7 +65,9 @@ def assert_nothing_tracked(project_dir: Path) -> None:
 
 
 def test_unknown_architecture_suggests_the_right_name(tmp_path: Path) -> None:
-    config = project(tmp_path, image_folder(tmp_path / "images"), base={"architecture": "Mobilenet"})
+    config = project(
+        tmp_path, image_folder(tmp_path / "images"), base={"architecture": "Mobilenet"}
+    )
     with pytest.raises(UnknownArchitectureError, match="MobileNet"):
         train(config)
     assert_nothing_tracked(tmp_path)
@@ -137,7 +139,9 @@ def test_unreachable_dvc_remote_is_named(tmp_path: Path) -> None:
         subprocess.run(command, cwd=repo, check=True, capture_output=True)
     # Data only in the local cache, never pushed, and the remote folder does not exist.
     subprocess.run(["rm", "-rf", str(data), str(repo / ".dvc" / "cache")], check=True)
-    config = project(repo, data, data={"path": "data/images", "dvc_file": "data.dvc", "image_size": 32})
+    config = project(
+        repo, data, data={"path": "data/images", "dvc_file": "data.dvc", "image_size": 32}
+    )
     with pytest.raises(DvcPullError, match="storage"):
         train(config)
     assert_nothing_tracked(repo)

@@ -34,15 +34,28 @@ def head_accuracy(weights: str | None, table) -> float:
     base = build_base("MobileNet", weights, 96, {"alpha": 0.25})
     classifier = build_classifier(base, "MobileNet", 10, "avg", 0.2, 0, seed=0)
     train, test = (
-        forward_pass(classifier.feature_extractor, image_dataset(table.split(s), table.classes, 96, 64))
+        forward_pass(
+            classifier.feature_extractor, image_dataset(table.split(s), table.classes, 96, 64)
+        )
         for s in ("train", "test")
     )
-    train_head(classifier.head, train, None, epochs=60, learning_rate=3e-3, patience=1, batch_size=32, seed=0)
+    train_head(
+        classifier.head,
+        train,
+        None,
+        epochs=60,
+        learning_rate=3e-3,
+        patience=1,
+        batch_size=32,
+        seed=0,
+    )
     probabilities = np.asarray(classifier.head(test[0], training=False))
     return score_predictions(probabilities, test[1], table.classes).accuracy
 
 
-def test_imagenet_features_beat_random_ones_on_real_fashion_mnist(fashion_subset, keras_home: Path) -> None:
+def test_imagenet_features_beat_random_ones_on_real_fashion_mnist(
+    fashion_subset, keras_home: Path
+) -> None:
     assert (keras_home / "models" / "mobilenet_2_5_224_tf_no_top.h5").is_file()
     pretrained = head_accuracy("imagenet", fashion_subset)
     scratch = head_accuracy(None, fashion_subset)

@@ -50,7 +50,9 @@ def origin(tmp_path_factory) -> Path:
     repo, remote = base / "origin", base / "remote"
     remote.mkdir()
     repo.mkdir()
-    shutil.copytree(ROOT / "conf", repo / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
+    shutil.copytree(
+        ROOT / "conf", repo / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py")
+    )
     (repo / "conf" / "test.yaml").write_text(yaml.safe_dump(SHRUNK))
     demo = SHRUNK["demo"]
     write_demo_dataset(
@@ -129,9 +131,14 @@ def test_flow_pulls_the_pinned_data_and_tracks_every_stage(first_run) -> None:
         assert [m.step for m in curve] == list(range(summary.epochs_run))
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"confusion_matrix.png", "per_class.json"} <= artifacts
-    rates = [float(by_stage[s].data.params["learning_rate"]) for s in ("feature_extraction", "fine_tune_1", "fine_tune_2")]
+    rates = [
+        float(by_stage[s].data.params["learning_rate"])
+        for s in ("feature_extraction", "fine_tune_1", "fine_tune_2")
+    ]
     assert rates == pytest.approx([1e-3, 1e-4, 1e-5])
-    trainable = [int(by_stage[s].data.params["trainable_params"]) for s in ("fine_tune_1", "fine_tune_2")]
+    trainable = [
+        int(by_stage[s].data.params["trainable_params"]) for s in ("fine_tune_1", "fine_tune_2")
+    ]
     assert trainable[0] < trainable[1]
 
 
@@ -182,7 +189,12 @@ def test_worse_second_run_leaves_the_champion_in_place(first_run) -> None:
     # Demanding a large improvement makes this run the worse one by the gate's own rule.
     second = train_classifier(
         str(clone / "conf" / "test.yaml"),
-        [*weights_override(), "registry.min_value=0", "registry.min_improvement=0.5", "fine_tune.stages=[]"],
+        [
+            *weights_override(),
+            "registry.min_value=0",
+            "registry.min_improvement=0.5",
+            "fine_tune.stages=[]",
+        ],
     )
     client = MlflowClient(second.tracking_uri)
     assert second.version == "2" and not second.decision.promote
