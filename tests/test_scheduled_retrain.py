@@ -25,6 +25,7 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
+from tests.repositories import dvc_project, run
 
 pytestmark = pytest.mark.slow
 
@@ -44,12 +45,6 @@ SHRUNK = {
     "demo": {"train_per_class": 4, "val_per_class": 2, "test_per_class": 3},
     "schedule": {"deployment_name": "test-retrain", "cron": "0 3 * * 1", "git_pull": True},
 }
-
-
-def run(*command: str, cwd: Path, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 def free_port() -> int:
@@ -161,33 +156,8 @@ class Project:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Project:
     """A git + DVC repository with its data pushed to a local remote, and a clone without data."""
-    from tasks.demo_data import write_demo_dataset
-
     base = tmp_path_factory.mktemp("project")
-    origin, remote = base / "origin", base / "remote"
-    origin.mkdir()
-    remote.mkdir()
-    shutil.copytree(
-        ROOT / "conf", origin / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py")
-    )
-    (origin / "conf" / "test.yaml").write_text(yaml.safe_dump(SHRUNK))
-    demo = SHRUNK["demo"]
-    write_demo_dataset(
-        origin / "data" / "fashion_mnist",
-        train_per_class=demo["train_per_class"],
-        val_per_class=demo["val_per_class"],
-        test_per_class=demo["test_per_class"],
-        seed=0,
-    )
-    run("git", "init", "-q", "-b", "main", cwd=origin)
-    run("git", "config", "user.email", "t@example.com", cwd=origin)
-    run("git", "config", "user.name", "test", cwd=origin)
-    run(str(BIN / "dvc"), "init", "-q", cwd=origin)
-    run(str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote), cwd=origin)
-    run(str(BIN / "dvc"), "add", "-q", "data", cwd=origin)
-    run(str(BIN / "dvc"), "push", "-q", cwd=origin)
-    run("git", "add", "-A", cwd=origin)
-    run("git", "commit", "-qm", "data v1", cwd=origin)
+    origin = dvc_project(base, SHRUNK)
     clone = base / "clone"
     run("git", "clone", "-q", str(origin), str(clone), cwd=base)
     return Project(origin=origin, clone=clone)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -15,11 +12,10 @@ import yaml
 from mlflow import MlflowClient
 
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
+from tests.repositories import dvc_project, run
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-DVC = str(Path(sys.executable).with_name("dvc"))
 
 # A shrunk default: few images, two short stages; everything else is the real pipeline.
 SHRUNK = {
@@ -35,43 +31,10 @@ SHRUNK = {
 }
 
 
-def run(*command: str, cwd: Path) -> str:
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    assert done.returncode == 0, f"{command} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 @pytest.fixture(scope="module")
 def origin(tmp_path_factory) -> Path:
     """A project repository as a team would have it: data tracked by DVC and pushed to a remote."""
-    from tasks.demo_data import write_demo_dataset
-
-    base = tmp_path_factory.mktemp("project")
-    repo, remote = base / "origin", base / "remote"
-    remote.mkdir()
-    repo.mkdir()
-    shutil.copytree(
-        ROOT / "conf", repo / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py")
-    )
-    (repo / "conf" / "test.yaml").write_text(yaml.safe_dump(SHRUNK))
-    demo = SHRUNK["demo"]
-    write_demo_dataset(
-        repo / "data" / "fashion_mnist",
-        train_per_class=demo["train_per_class"],
-        val_per_class=demo["val_per_class"],
-        test_per_class=demo["test_per_class"],
-        seed=0,
-    )
-    run("git", "init", "-q", cwd=repo)
-    run("git", "config", "user.email", "t@example.com", cwd=repo)
-    run("git", "config", "user.name", "test", cwd=repo)
-    run(DVC, "init", "-q", cwd=repo)
-    run(DVC, "remote", "add", "-d", "storage", str(remote), cwd=repo)
-    run(DVC, "add", "-q", "data", cwd=repo)
-    run(DVC, "push", "-q", cwd=repo)
-    run("git", "add", "-A", cwd=repo)
-    run("git", "commit", "-qm", "data v1", cwd=repo)
-    return repo
+    return dvc_project(tmp_path_factory.mktemp("project"), SHRUNK)
 
 
 def fresh_clone(origin: Path, where: Path) -> Path:
