@@ -65,7 +65,7 @@ mlflow-ui: install ## Open the MLflow UI on the local store at http://127.0.0.1:
 PREFECT_PORT ?= 4200
 PREFECT_HEALTHY = $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health', timeout=2)" 2>/dev/null
 
-serve: install ## Serve the scheduled retraining deployment (starts a Prefect server unless PREFECT_API_URL is set)
+serve: demo-data ## Serve the scheduled retraining deployment on the demo data (starts a Prefect server unless PREFECT_API_URL is set)
 	@if [ -z "$$PREFECT_API_URL" ]; then \
 	  mkdir -p .prefect; \
 	  export PREFECT_HOME=$(CURDIR)/.prefect; \
