@@ -307,7 +307,7 @@ def _scan_class_folders(root: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
     rows: list[tuple[str, str]] = []
     empty: list[str] = []
     for class_dir in class_dirs:
-        found = _images_under(class_dir)
+        found = images_under(class_dir)
         if not found:
             empty.append(class_dir.name)
         rows.extend((path, class_dir.name) for path in found)
@@ -324,7 +324,8 @@ def _scan_class_folders(root: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
     return pd.DataFrame(rows, columns=["path", "label"]), tuple(d.name for d in class_dirs)
 
 
-def _images_under(folder: Path) -> list[str]:
+def images_under(folder: Path) -> list[str]:
+    """Every image file under `folder`, sorted; hidden files and folders are skipped."""
     found = []
     for parent, dirs, files in os.walk(folder):
         dirs[:] = [name for name in dirs if not name.startswith(".")]

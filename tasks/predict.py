@@ -19,9 +19,9 @@ from tasks.data import (
     DataNotFoundError,
     EmptyDatasetError,
     UndecodableImagesError,
-    _images_under,
     find_undecodable_images,
     image_dataset,
+    images_under,
 )
 from tasks.registry import ModelVersionRef, registered_version
 from tasks.tracking import tracking_uri
@@ -65,7 +65,7 @@ def list_images(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise DataNotFoundError(f"{folder} is not a folder; point --images at a folder of images")
-    paths = _images_under(folder)
+    paths = images_under(folder)
     if not paths:
         raise EmptyDatasetError(f"no images (.png, .jpg, .jpeg) under {folder}")
     bad = find_undecodable_images(paths)
