@@ -11,6 +11,7 @@ from flows.train import transfer_stages
 from tasks.comparison import (
     SCRATCH_STAGE,
     ComparisonFiles,
+    SharedStages,
     Strategy,
     StrategyOutcome,
     fail_comparison_run,
@@ -68,10 +69,13 @@ def compare_strategies(
     try:
         outcomes = []
         for budget, labelled in budgets.items():
+            shared = SharedStages()
             for strategy in plan.strategies:
                 with tags(f"strategy:{strategy.name}", f"labels-per-class:{budget}"):
                     outcomes.append(
-                        train_strategy(strategy, labelled, budget, data_version, plan.comparison_id)
+                        train_strategy(
+                            strategy, labelled, budget, data_version, plan.comparison_id, shared
+                        )
                     )
         frame = tabulate_comparison(outcomes)
         best = pick_best_strategy(outcomes, plan.metric)
@@ -106,11 +110,13 @@ def train_strategy(
     labels_per_class: int,
     data_version: str,
     comparison_id: str,
+    shared: SharedStages,
 ) -> StrategyOutcome:
     """One strategy at one label budget: its own MLflow parent run, one nested run per stage.
 
-    The training flow's own steps; strategies on the same frozen base read the same cached
-    features, so only the first one pays for the forward pass.
+    The training flow's own steps. Strategies on the same frozen base read the same cached
+    features, so only the first one pays for the forward pass; a strategy that begins with
+    stages an earlier one trained the same way (fine_tune_2 after fine_tune_1) starts from them.
     """
     loaded = strategy.loaded
     config = loaded.config
@@ -142,7 +148,7 @@ def train_strategy(
             ]
             summaries = [StageSummary.of(SCRATCH_STAGE, history, evaluation)]
         else:
-            stages = transfer_stages(run, classifier, table, loaded, data_version)
+            stages = transfer_stages(run, classifier, table, loaded, data_version, shared)
             records, summaries, evaluation = stages.records, stages.summaries, stages.evaluation
         log_strategy_summary(run, labels_per_class, summaries)
     except BaseException:

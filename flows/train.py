@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
+from tasks.comparison import SharedStages, start_from, trained_stage
 from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
 from tasks.evaluate import Evaluation, evaluate_on_features, evaluate_on_images
@@ -13,7 +14,13 @@ from tasks.features import extract_frozen_features
 from tasks.model import build_classifier_for
 from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
 from tasks.report import StageSummary, publish_report
-from tasks.tracking import StageRecord, finish_tracking, log_stage_run, start_tracking
+from tasks.tracking import (
+    StageRecord,
+    finish_tracking,
+    log_reused_stage,
+    log_stage_run,
+    start_tracking,
+)
 from tasks.train import fine_tune_stage, train_new_head
 
 DEFAULT_CONFIG = "conf/default.yaml"
@@ -42,21 +49,47 @@ class StagesOutcome:
     evaluation: Evaluation
 
 
-def transfer_stages(run, classifier, table, loaded, data_version: str) -> StagesOutcome:
-    """Feature extraction on the frozen base, then each configured unfreezing stage, each logged."""
+def transfer_stages(
+    run, classifier, table, loaded, data_version: str, shared: SharedStages | None = None
+) -> StagesOutcome:
+    """Feature extraction on the frozen base, then each configured unfreezing stage, each logged.
+
+    With `shared` (the comparison flow), stages an earlier strategy already trained the same way
+    are recorded as reused and training resumes from their weights.
+    """
     config = loaded.config
-    features = extract_frozen_features(classifier, table, loaded, data_version)
-    history = train_new_head(classifier, features, config)
-    evaluation = evaluate_on_features(classifier, features["test"], table.classes)
-    settings = config.feature_extraction
+    reused = shared.reusable(config) if shared is not None else []
     records = [
-        log_stage_run(
-            run, "feature_extraction", settings, history, evaluation, classifier, table, loaded
-        )
+        log_reused_stage(run, done.name, done.settings, done.history, done.evaluation, done.record)
+        for done in reused
     ]
-    summaries = [StageSummary.of("feature_extraction", history, evaluation)]
+    summaries = [done.summary for done in reused]
+    settings = config.feature_extraction
+    if reused:
+        start_from(classifier, reused[-1])
+        evaluation = reused[-1].evaluation
+    else:
+        features = extract_frozen_features(classifier, table, loaded, data_version)
+        history = train_new_head(classifier, features, config)
+        evaluation = evaluate_on_features(classifier, features["test"], table.classes)
+        records.append(
+            log_stage_run(
+                run, "feature_extraction", settings, history, evaluation, classifier, table, loaded
+            )
+        )
+        summaries.append(StageSummary.of("feature_extraction", history, evaluation))
+        if shared is not None:
+            shared.keep(
+                config,
+                0,
+                trained_stage(
+                    "feature_extraction", settings, history, evaluation, records[-1], classifier
+                ),
+            )
     rates = config.fine_tune.learning_rates(settings.learning_rate)
     for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
+        if number < len(reused):
+            continue
         name = f"fine_tune_{number}"
         history = fine_tune_stage(classifier, table, stage, rate, config)
         evaluation = evaluate_on_images(classifier.model, table, config)
@@ -64,6 +97,12 @@ def transfer_stages(run, classifier, table, loaded, data_version: str) -> Stages
             log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded)
         )
         summaries.append(StageSummary.of(name, history, evaluation))
+        if shared is not None:
+            shared.keep(
+                config,
+                number,
+                trained_stage(name, stage, history, evaluation, records[-1], classifier),
+            )
     return StagesOutcome(records, summaries, evaluation)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -33,6 +35,9 @@ from tasks.tracking import (
     tracking_uri,
     ui_hint,
 )
+
+if TYPE_CHECKING:
+    from tasks.train import TrainingHistory
 
 SCRATCH_STAGE = "from_scratch"
 COLUMNS = (
@@ -197,6 +202,82 @@ def keep_labels_per_class(table: ImageTable, per_class: int, seed: int) -> Image
 def labelled_subset_name(data_path: str, per_class: int) -> str:
     """How a label budget's subset of the data is named in MLflow, e.g. manifest.csv[10-per-class]."""
     return f"{Path(data_path).name}[{per_class}-per-class]"
+
+
+# --- stages shared between strategies -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrainedStage:
+    """One transfer stage as a strategy trained it, kept for strategies that begin the same way."""
+
+    name: str
+    settings: Any  # the stage's config section: FeatureExtractionConfig or FineTuneStage
+    history: TrainingHistory
+    evaluation: Evaluation
+    record: StageRecord
+    weights: list[np.ndarray]  # the whole classifier's, at the end of the stage
+
+    @property
+    def summary(self) -> StageSummary:
+        return StageSummary.of(self.name, self.history, self.evaluation)
+
+
+@dataclass
+class SharedStages:
+    """The transfer stages trained so far at one label budget, by what decides their outcome.
+
+    fine_tune_2 begins with fine_tune_1's stages (same base, head, data, seed, stage settings and
+    learning rates), so it starts from the weights fine_tune_1 ended with instead of training
+    those stages again. Every stage seeds its own training, so this is what training them again
+    would give, less the time.
+    """
+
+    _trained: dict[tuple[str, ...], TrainedStage] = field(default_factory=dict)
+
+    def reusable(self, config: PipelineConfig) -> list[TrainedStage]:
+        """The longest run of `config`'s stages, feature extraction first, already trained."""
+        path = stage_path(config)
+        found = []
+        for end in range(1, len(path) + 1):
+            stage = self._trained.get(path[:end])
+            if stage is None:
+                break
+            found.append(stage)
+        return found
+
+    def keep(self, config: PipelineConfig, number: int, stage: TrainedStage) -> None:
+        """Remember stage `number` of `config` (0 is feature extraction)."""
+        self._trained[stage_path(config)[: number + 1]] = stage
+
+
+def stage_path(config: PipelineConfig) -> tuple[str, ...]:
+    """What decides each transfer stage's outcome, stage by stage.
+
+    Element 0 decides feature extraction (everything but the fine_tune section); element k adds
+    fine-tuning stage k, its learning rate and the section's other settings (patience).
+    """
+    trunk = config.model_dump(mode="json")
+    fine_tune = trunk.pop("fine_tune")
+    fine_tune.pop("stages")
+    rates = config.fine_tune.learning_rates(config.feature_extraction.learning_rate)
+    stages = [
+        json.dumps([stage.model_dump(mode="json"), rate, fine_tune], sort_keys=True)
+        for stage, rate in zip(config.fine_tune.stages, rates, strict=True)
+    ]
+    return (json.dumps(trunk, sort_keys=True), *stages)
+
+
+def trained_stage(
+    name: str, settings, history, evaluation, record: StageRecord, classifier
+) -> TrainedStage:
+    """A stage just trained, with a copy of the classifier's weights as it ended."""
+    return TrainedStage(name, settings, history, evaluation, record, classifier.model.get_weights())
+
+
+def start_from(classifier, stage: TrainedStage) -> None:
+    """Give a freshly built classifier the weights `stage` ended with."""
+    classifier.model.set_weights(stage.weights)
 
 
 # --- the table and its charts --------------------------------------------------------------------

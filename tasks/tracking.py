@@ -193,6 +193,7 @@ def log_stage(
     model=None,
     input_example: np.ndarray | None = None,
     pip_requirements: list[str] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> StageRecord:
     """Record one finished stage as a nested run: params, per-epoch curves, test scores, model."""
     client = MlflowClient(parent.tracking_uri)
@@ -201,7 +202,7 @@ def log_stage(
         parent.experiment_id,
         start_time=started_ms,
         run_name=stage,
-        tags={"mlflow.parentRunId": parent.run_id, "stage": stage},
+        tags={"mlflow.parentRunId": parent.run_id, "stage": stage, **(tags or {})},
     )
     run_id = run.info.run_id
     stage_params = {
@@ -361,6 +362,26 @@ def log_stage_run(
         input_example=example,
         pip_requirements=model_requirements(),
     )
+
+
+@task(name="log-reused-stage", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+def log_reused_stage(
+    run: RunRef, stage: str, settings, history, evaluation, source: StageRecord
+) -> StageRecord:
+    """Record a stage another strategy trained the same way; its model stays on that run.
+
+    The nested run has the stage's params, curves and scores like any other, and the tag
+    `reused_from_run_id` names the run that trained it and holds the model.
+    """
+    record = log_stage(
+        run,
+        stage,
+        params=flatten(settings.model_dump(mode="json")),
+        history=history,
+        evaluation=evaluation,
+        tags={"reused_from_run_id": source.run_id},
+    )
+    return StageRecord(stage, record.run_id, source.model_uri)
 
 
 @task(name="finish-tracking", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
