@@ -19,7 +19,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TRACKING_TASKS = ("start-tracking", "log-stage", "register-challenger", "finish-tracking")
+TRACKING_TASKS = (
+    "start-tracking",
+    "log-stage",
+    "log-reused-stage",
+    "register-challenger",
+    "finish-tracking",
+)
+COMPARE_CONFIG = ROOT / "conf" / "compare.yaml"
 
 
 def say(message: str) -> None:
@@ -105,6 +112,45 @@ def plain_script(config: str) -> float:
     return time.perf_counter() - started
 
 
+def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[str, float]]]:
+    """4. The comparison flow over compare.yaml's transfer strategies, then each one on its own.
+
+    One budget; each lone run has a feature cache of its own, as separate training runs would.
+    """
+    import json
+
+    from prefect import flow
+
+    from flows.compare import compare_strategies
+    from tasks.config import load_and_check
+
+    declared = load_and_check(str(COMPARE_CONFIG)).config.compare.strategies
+    strategies = [
+        s.model_dump(mode="json", exclude_unset=True) for s in declared if not s.from_scratch
+    ]
+
+    def timed(chosen: list[dict], cache: str) -> float:
+        started = time.perf_counter()
+        compare_strategies(
+            str(COMPARE_CONFIG),
+            [
+                f"compare.strategies={json.dumps(chosen)}",
+                f"compare.label_budgets=[{budget}]",
+                f"feature_extraction.cache_dir={work / cache}",
+                "registry.model_name=bench-compare",
+                "tracking.experiment=bench-compare",
+            ],
+        )
+        return time.perf_counter() - started
+
+    flow(name="bench-warm-up")(
+        lambda: None
+    )()  # Prefect's temporary server starts outside the timing
+    together = timed(strategies, "compare-together")
+    alone = [(s["name"], timed([s], f"compare-{s['name']}")) for s in strategies]
+    return together, alone
+
+
 def peak_rss(images_per_class: int, work: Path, size: int) -> float:
     """5. Peak RSS (MB) of loading, checking and extracting features for 10 x images_per_class."""
     code = f"""
@@ -129,26 +175,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return float(done.stdout.strip().splitlines()[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-c", "--config", default=str(ROOT / "conf" / "default.yaml"))
-    parser.add_argument("--skip-rss", action="store_true", help="skip the 60,000-image memory run")
-    args = parser.parse_args()
-
-    from tasks.config import load_and_check
-
-    loaded = load_and_check(args.config)
+def measure_training(args, loaded, overrides, work: Path, figures: dict[str, float]) -> None:
+    """1, 2, 3, 5 and 6: the forward-pass limit, extraction, the training flow, memory, tracking."""
     size = loaded.config.data.image_size
-    work = Path(tempfile.mkdtemp(prefix="transferflow-bench-"))
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    overrides = [
-        f"feature_extraction.cache_dir={work / 'features'}",
-        "registry.model_name=bench-classifier",
-        "tracking.experiment=bench",
-    ]
-    figures: dict[str, float] = {}
-    say(f"benchmark on {os.cpu_count()} cores, {size} px, config {args.config}")
-
     forward = forward_throughput(loaded)
     say(f"1. forward pass (compiled, in memory, batch 128): {forward:,.0f} images/s")
     extract, count = extraction_throughput(loaded)
@@ -184,9 +213,45 @@ def main() -> None:
             f"5. peak RSS: {small:,.0f} MB for 10,000 images, {large:,.0f} MB for 60,000 ({large / small:.2f} x)"
         )
 
-    compare = ROOT / "conf" / "compare.yaml"
-    if compare.is_file():
-        say("4. comparison flow vs strategies one by one: see `make compare`")
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-c", "--config", default=str(ROOT / "conf" / "default.yaml"))
+    parser.add_argument("--skip-rss", action="store_true", help="skip the 60,000-image memory run")
+    parser.add_argument(
+        "--only-compare", action="store_true", help="measure only the comparison flow (4)"
+    )
+    parser.add_argument(
+        "--compare-budget", type=int, default=100, help="labelled images per class for (4)"
+    )
+    args = parser.parse_args()
+
+    from tasks.config import load_and_check
+
+    loaded = load_and_check(args.config)
+    size = loaded.config.data.image_size
+    work = Path(tempfile.mkdtemp(prefix="transferflow-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+    overrides = [
+        f"feature_extraction.cache_dir={work / 'features'}",
+        "registry.model_name=bench-classifier",
+        "tracking.experiment=bench",
+    ]
+    figures: dict[str, float] = {}
+    say(f"benchmark on {os.cpu_count()} cores, {size} px, config {args.config}")
+
+    if not args.only_compare:
+        measure_training(args, loaded, overrides, work, figures)
+
+    together, alone = compare_vs_one_by_one(work, args.compare_budget)
+    total = sum(seconds for _, seconds in alone)
+    figures |= {"compare_s": together, "one_by_one_s": total, "compare_vs_sum": together / total}
+    say(
+        f"4. comparison flow, {len(alone)} strategies at {args.compare_budget} labels per class: "
+        f"{together:.1f} s; one by one {total:.1f} s ({together / total:.2f} x)"
+    )
+    for name, seconds in alone:
+        say(f"   {name} alone: {seconds:.1f} s")
     shutil.rmtree(work, ignore_errors=True)
     print(" ".join(f"{name}={value:.3f}" for name, value in figures.items()))
 
