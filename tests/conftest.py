@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.servers import fresh_name, mlflow_server, prefect_server
 
 # Set before anything imports keras, prefect or mlflow: they read these at import or first use.
 _RUN_DIR = Path(tempfile.mkdtemp(prefix="transferflow-tests-"))
@@ -49,10 +52,37 @@ def keras_home() -> Path:
 
 @pytest.fixture
 def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A tracking store of the test's own, set the way users set it."""
+    """A local SQLite tracking store of the test's own (no server), set the way users set it."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+@pytest.fixture(scope="session")
+def tracking_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `mlflow server` for the whole run: tests on it keep apart by `unique_name`."""
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real `prefect server start` for the whole run; yields its API URL."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-server")) as api:
+        yield api
+
+
+@pytest.fixture
+def server_uri(tracking_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The shared tracking server's URL, set the way users set it."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+    return tracking_server
+
+
+@pytest.fixture
+def unique_name(request: pytest.FixtureRequest) -> str:
+    """A registered-model and experiment name of this test's own on the shared server."""
+    return fresh_name(request.node.name)
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -25,6 +25,7 @@ from tasks.comparison import (
 from tasks.config import LoadedConfig
 from tasks.data import ImageTable
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
+from tests.servers import fresh_name
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -164,20 +165,29 @@ SHRUNK = {
             {"name": "fine_tune_1", "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 1}]}},
         ],
     },
-    "registry": {"model_name": "fmnist-compare-test", "min_value": 0.0},
-    "tracking": {"experiment": "compare-test"},
+    "registry": {"min_value": 0.0},
 }
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-    """One real comparison in a project of its own: plain data folder, own MLflow store."""
+def compared(tmp_path_factory, tracking_server: str, prefect_api: str):
+    """One real comparison in a project of its own (plain data folder) on the run's servers.
+
+    The model and experiment names are the comparison's own: the servers are shared by the run.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.compare import compare_strategies
     from tasks.demo_data import write_demo_dataset
 
     project = tmp_path_factory.mktemp("compare") / "project"
     shutil.copytree(CONF, project / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py"))
-    (project / "conf" / "test.yaml").write_text(yaml.safe_dump(SHRUNK))
+    name = fresh_name("compare")
+    config = SHRUNK | {
+        "registry": SHRUNK["registry"] | {"model_name": name},
+        "tracking": {"experiment": name},
+    }
+    (project / "conf" / "test.yaml").write_text(yaml.safe_dump(config))
     write_demo_dataset(
         project / "data" / "fashion_mnist",
         train_per_class=6,
@@ -187,8 +197,12 @@ def compared(tmp_path_factory):
     )
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     overrides = [] if HAVE_IMAGENET_WEIGHTS else ["base.weights=null"]
-    result = compare_strategies(str(project / "conf" / "test.yaml"), overrides)
-    return project, result
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+            result = compare_strategies(str(project / "conf" / "test.yaml"), overrides)
+        assert result.tracking_uri == tracking_server
+        yield project, result
 
 
 def strategy_runs(result) -> list:
@@ -245,6 +259,41 @@ def test_strategies_on_one_base_share_the_cached_features(compared) -> None:
     cached = list((project / ".cache" / "features").glob("*.features.npy"))
     # One training subset per budget, plus validation and test once for every strategy and budget.
     assert len(cached) == len(BUDGETS) + 2
+
+
+@pytest.mark.slow
+def test_a_strategy_starts_from_the_stages_an_earlier_one_trained(compared) -> None:
+    _, result = compared
+    client = MlflowClient(result.tracking_uri)
+    for budget in BUDGETS:
+        parents = {
+            run.data.tags["strategy"]: run
+            for run in strategy_runs(result)
+            if run.data.tags["label_budget"] == str(budget)
+        }
+        stages = {
+            name: {
+                child.data.tags["stage"]: child
+                for child in client.search_runs(
+                    [result.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+                )
+            }
+            for name, run in parents.items()
+        }
+        trained = stages["feature_extraction"]["feature_extraction"]
+        reused = stages["fine_tune_1"]["feature_extraction"]
+        assert "reused_from_run_id" not in trained.data.tags
+        assert reused.data.tags["reused_from_run_id"] == trained.info.run_id
+        assert reused.data.metrics["test_accuracy"] == trained.data.metrics["test_accuracy"]
+        assert reused.data.params == trained.data.params
+        assert not client.search_logged_models(
+            [result.experiment_id], f"source_run_id = '{reused.info.run_id}'"
+        )
+        fine_tuned = stages["fine_tune_1"]["fine_tune_1"]
+        assert "reused_from_run_id" not in fine_tuned.data.tags
+        assert client.search_logged_models(
+            [result.experiment_id], f"source_run_id = '{fine_tuned.info.run_id}'"
+        )
 
 
 @pytest.mark.slow

@@ -13,14 +13,13 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 
-NAME = "predict-test"
 CLASSES = ["boot", "coat", "shirt"]
 SIZE = 32
 
 
 @pytest.fixture
-def registered(mlflow_uri: str, tmp_path: Path):
-    """The pipeline's classifier, logged as a pyfunc with a signature and registered twice.
+def registered(server_uri: str, unique_name: str, tmp_path: Path):
+    """The pipeline's classifier, logged to the tracking server as a pyfunc and registered twice.
 
     v1 is registered without class names, v2 with them, and v2 is the champion. The base is one
     convolution: a randomly initialised MobileNet's features vanish (about 1e-17), so every image
@@ -34,7 +33,7 @@ def registered(mlflow_uri: str, tmp_path: Path):
 
     from tasks.model import build_classifier
     from tasks.registry import promote_version, register_challenger
-    from tasks.tracking import ensure_experiment, model_requirements
+    from tasks.tracking import ensure_experiment, model_requirements, using_tracking_uri
 
     conv = keras.layers.Conv2D(
         8, 3, activation="relu", kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0, 0)
@@ -43,16 +42,16 @@ def registered(mlflow_uri: str, tmp_path: Path):
     model = build_classifier(base, "MobileNet", len(CLASSES), "avg", 0.0, 0, seed=0).model
     example = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
     signature = infer_signature(example, np.asarray(model(example, training=False)))
-    experiment = ensure_experiment(mlflow_uri, "predict", tmp_path)
-    run_id = MlflowClient(mlflow_uri).create_run(experiment).info.run_id
-    mlflow.set_tracking_uri(mlflow_uri)
-    with mlflow.start_run(run_id=run_id):
+    experiment = ensure_experiment(server_uri, unique_name, tmp_path)
+    run_id = MlflowClient(server_uri).create_run(experiment).info.run_id
+    with using_tracking_uri(server_uri), mlflow.start_run(run_id=run_id):
         info = mlflow.tensorflow.log_model(
             model, name="model", signature=signature, pip_requirements=model_requirements()
         )
-    register_challenger(mlflow_uri, info.model_uri, NAME, run_id, {})
-    register_challenger(mlflow_uri, info.model_uri, NAME, run_id, {"classes": json.dumps(CLASSES)})
-    promote_version(mlflow_uri, NAME, 2, "test")
+    classes = {"classes": json.dumps(CLASSES)}
+    register_challenger(server_uri, info.model_uri, unique_name, run_id, {})
+    register_challenger(server_uri, info.model_uri, unique_name, run_id, classes)
+    promote_version(server_uri, unique_name, 2, "test")
     return model
 
 
@@ -92,7 +91,7 @@ def expected_predictions(model, paths: list[Path]) -> dict[str, tuple[int, float
 
 
 def test_predict_writes_a_class_name_and_probability_for_every_image(
-    registered, mlflow_uri: str, tmp_path: Path
+    registered, unique_name: str, tmp_path: Path
 ) -> None:
     from flows.predict import predict_folder
 
@@ -103,7 +102,7 @@ def test_predict_writes_a_class_name_and_probability_for_every_image(
         [
             "predict",
             "--model",
-            f"models:/{NAME}@champion",
+            f"models:/{unique_name}@champion",
             "--images",
             str(tmp_path / "images"),
             "--output",
@@ -113,7 +112,10 @@ def test_predict_writes_a_class_name_and_probability_for_every_image(
         ],
     )
     assert done.exit_code == 0, done.output
-    assert f"Wrote 6 predictions by {NAME} version 2 (models:/{NAME}@champion)" in done.output
+    assert (
+        f"Wrote 6 predictions by {unique_name} version 2 (models:/{unique_name}@champion)"
+        in done.output
+    )
 
     table = pd.read_csv(output)
     assert list(table.columns) == ["path", "label", "probability"]
@@ -129,10 +131,10 @@ def test_predict_writes_a_class_name_and_probability_for_every_image(
 
     # A version without class names still predicts, labelling by class index.
     result = predict_folder(
-        f"models:/{NAME}/1", str(tmp_path / "images"), str(tmp_path / "by_index.csv")
+        f"models:/{unique_name}/1", str(tmp_path / "images"), str(tmp_path / "by_index.csv")
     )
     by_index = pd.read_csv(tmp_path / "by_index.csv", dtype={"label": str})
-    assert result.count == 6 and result.model.startswith(f"{NAME} version 1")
+    assert result.count == 6 and result.model.startswith(f"{unique_name} version 1")
     assert set(by_index["label"]) <= {"0", "1", "2"}
     assert list(by_index["label"]) == [str(CLASSES.index(label)) for label in table["label"]]
 

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +22,10 @@ from mlflow import MlflowClient
 
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
 from tests.repositories import dvc_project, run
+from tests.servers import BIN, ROOT, start, stop, tail
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DEPLOYMENT = "retrain-classifier/test-retrain"
 MODEL = "retrain-test"
 
@@ -47,48 +42,6 @@ SHRUNK = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def start(command: list[str], log: Path, env: dict[str, str], cwd: Path = ROOT):
-    """A server in a process group of its own, so that stopping it stops all its workers."""
-    with log.open("wb") as out:
-        return subprocess.Popen(
-            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def stop(process: subprocess.Popen) -> None:
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-    except ProcessLookupError:
-        pass
-
-
-def tail(log: Path, characters: int = 4000) -> str:
-    return log.read_text(errors="replace")[-characters:] if log.exists() else "(no log)"
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 150) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout} s:\n{tail(log)}")
-
-
 @dataclass(frozen=True)
 class Servers:
     prefect_api: str
@@ -96,55 +49,13 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory) -> Iterator[Servers]:
-    """A Prefect server and an MLflow tracking server on free loopback ports, started together."""
+def servers(prefect_api: str, tracking_server: str) -> Iterator[Servers]:
+    """The run's Prefect server and MLflow tracking server, on free loopback ports."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    base = tmp_path_factory.mktemp("servers")
-    prefect_port, mlflow_port = free_port(), free_port()
-    prefect_env = {**os.environ, "PREFECT_HOME": str(base / "prefect-server")}
-    prefect_env.pop("PREFECT_API_URL", None)
-    prefect = start(
-        [
-            str(BIN / "prefect"),
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(prefect_port),
-        ],
-        base / "prefect.log",
-        prefect_env,
-    )
-    mlflow = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{base / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(base / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(mlflow_port),
-            "--workers",
-            "1",
-        ],
-        base / "mlflow.log",
-        dict(os.environ),
-    )
-    try:
-        api = f"http://127.0.0.1:{prefect_port}/api"
-        wait_healthy(f"{api}/health", prefect, base / "prefect.log")
-        wait_healthy(f"http://127.0.0.1:{mlflow_port}/health", mlflow, base / "mlflow.log")
-        # Prefect reads its settings once at import; this points this process's client at the server.
-        with temporary_settings(updates={PREFECT_API_URL: api}):
-            yield Servers(prefect_api=api, mlflow_uri=f"http://127.0.0.1:{mlflow_port}")
-    finally:
-        stop(mlflow)
-        stop(prefect)
+    # Prefect reads its settings once at import; this points this process's client at the server.
+    with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
+        yield Servers(prefect_api=prefect_api, mlflow_uri=tracking_server)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from tasks.tracking import using_tracking_uri
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
 from tests.repositories import dvc_project, run
 
@@ -107,8 +108,8 @@ def test_flow_pulls_the_pinned_data_and_tracks_every_stage(first_run) -> None:
 
 def test_stage_model_loads_back_as_pyfunc_and_predicts(first_run) -> None:
     _, result = first_run
-    mlflow.set_tracking_uri(result.tracking_uri)
-    model = mlflow.pyfunc.load_model(f"models:/{result.model_name}@champion")
+    with using_tracking_uri(result.tracking_uri):
+        model = mlflow.pyfunc.load_model(f"models:/{result.model_name}@champion")
     images = np.random.default_rng(0).uniform(0, 255, (3, 96, 96, 3)).astype(np.float32)
     probabilities = np.asarray(model.predict(images))
     assert probabilities.shape == (3, 10)
