@@ -114,6 +114,11 @@ def test_stage_model_loads_back_as_pyfunc_and_predicts(first_run) -> None:
     probabilities = np.asarray(model.predict(images))
     assert probabilities.shape == (3, 10)
     assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    # The signature tells serving what to send: batches of 96 x 96 RGB float32 images.
+    (tensor,) = model.metadata.get_input_schema().inputs
+    assert tensor.shape == (-1, 96, 96, 3) and tensor.type == np.dtype("float32")
+    with pytest.raises(mlflow.exceptions.MlflowException, match="shape"):
+        model.predict(images[:, :64, :64])
 
 
 def test_first_model_becomes_champion_and_report_is_written(first_run) -> None:
