@@ -70,8 +70,8 @@ def extraction_throughput(loaded) -> tuple[float, int]:
     return len(frame) / (time.perf_counter() - started), len(frame)
 
 
-def run_flow(config: str, overrides: list[str]) -> tuple[float, float, object]:
-    """3 and 6. One training-flow run: wall time, and seconds spent in MLflow tracking tasks."""
+def run_flow(config: str, overrides: list[str]) -> tuple[float, dict[str, float], object]:
+    """3 and 6. One training-flow run: wall time, and seconds per task name (from Prefect)."""
     import asyncio
 
     from prefect import get_client
@@ -91,12 +91,38 @@ def run_flow(config: str, overrides: list[str]) -> tuple[float, float, object]:
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
             )
 
-    tracking = sum(
-        run.total_run_time.total_seconds()
-        for run in asyncio.run(task_runs())
-        if run.name.rsplit("-", 1)[0] in TRACKING_TASKS
-    )
-    return wall, tracking, result
+    seconds: dict[str, float] = {}
+    for run in asyncio.run(task_runs()):
+        name = run.name.rsplit("-", 1)[0]
+        seconds[name] = seconds.get(name, 0.0) + run.total_run_time.total_seconds()
+    return wall, seconds, result
+
+
+def tracking_seconds(seconds: dict[str, float]) -> float:
+    return sum(value for name, value in seconds.items() if name in TRACKING_TASKS)
+
+
+def fresh_dvc_pull(work: Path) -> tuple[float, int]:
+    """7. `dvc pull` of the pinned demo data into an empty checkout, from the project's remote."""
+    checkout = work / "checkout"
+    checkout.mkdir()
+    shutil.copy(ROOT / "data.dvc", checkout / "data.dvc")
+    dvc = str(Path(sys.executable).parent / "dvc")
+
+    def ask(*command: str) -> str:
+        return subprocess.run(
+            [dvc, *command], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+
+    # `dvc remote list` prints name, URL (a local path made absolute) and "(default)".
+    remotes = [line.split() for line in ask("remote", "list").splitlines() if line.strip()]
+    url = next(parts[1] for parts in remotes if parts[0] == ask("remote", "default").strip())
+    for command in (["init", "--no-scm", "-q"], ["remote", "add", "-q", "-d", "bench", url]):
+        subprocess.run([dvc, *command], cwd=checkout, check=True)
+    started = time.perf_counter()
+    subprocess.run([dvc, "pull", "-q"], cwd=checkout, check=True)
+    seconds = time.perf_counter() - started
+    return seconds, sum(1 for p in (checkout / "data").rglob("*") if p.is_file())
 
 
 def plain_script(config: str) -> float:
@@ -152,9 +178,13 @@ def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[st
 
 
 def peak_rss(images_per_class: int, work: Path, size: int) -> float:
-    """5. Peak RSS (MB) of loading, checking and extracting features for 10 x images_per_class."""
+    """5. Peak RSS (MB) while loading, checking and extracting features for 10 x images_per_class.
+
+    The peak is taken from after the model is built (Linux's VmHWM, reset through clear_refs), so
+    it is the data's share on top of TensorFlow and the model, not TensorFlow's start-up peak.
+    """
     code = f"""
-import resource, sys
+import sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 from tasks.demo_data import write_demo_dataset
@@ -163,13 +193,16 @@ from tasks.features import FeatureKey, cached_features
 from tasks.model import build_base, build_classifier
 root = Path({str(work)!r}) / "rss-{images_per_class}"
 write_demo_dataset(root, train_per_class={images_per_class}, val_per_class=0, test_per_class=1, seed=0)
+classifier = build_classifier(build_base("MobileNet", "imagenet", {size}, {{"alpha": 0.25}}), "MobileNet", 10, "avg", 0.2, 0, 0)
+import gc; gc.collect()
+Path("/proc/self/clear_refs").write_text("5")  # reset the peak to what the process holds now
 table = load_image_table(root / "manifest.csv", 0.0, 0.0, 0)
 check_images(table)
 frame = table.split("train")
-classifier = build_classifier(build_base("MobileNet", "imagenet", {size}, {{"alpha": 0.25}}), "MobileNet", 10, "avg", 0.2, 0, 0)
 key = FeatureKey("rss", "MobileNet", "{{}}", "x", {size}, "avg")
 cached_features(classifier.feature_extractor, image_dataset(frame, table.classes, {size}, 128), frame, key, Path({str(work)!r}) / "cache-{images_per_class}")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+print(int(status["VmHWM"].split()[0]) / 1024)
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])
@@ -186,9 +219,11 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
         f"2. feature extraction from {count:,} files: {extract:,.0f} images/s = {extract / forward:.2f} x forward"
     )
 
-    cold, cold_tracking, result = run_flow(args.config, overrides)
-    warm, warm_tracking, _ = run_flow(args.config, overrides)
+    cold, cold_tasks, result = run_flow(args.config, overrides)
+    warm, warm_tasks, _ = run_flow(args.config, overrides)
     plain = plain_script(args.config)
+    cold_tracking, warm_tracking = tracking_seconds(cold_tasks), tracking_seconds(warm_tasks)
+    pull, files = fresh_dvc_pull(work)
     figures |= {
         "flow_cold_s": cold,
         "flow_warm_s": warm,
@@ -196,6 +231,8 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
         "flow_vs_plain_cold": cold / plain,
         "flow_vs_plain_warm": warm / plain,
         "tracking_share": warm_tracking / warm,
+        "dvc_pull_fresh_s": pull,
+        "pull_share": warm_tasks.get("pull-data", 0.0) / warm,
     }
     accuracy = result.stages[-1].test_accuracy
     say(
@@ -204,6 +241,11 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
     say(f"   flow / plain: cold {cold / plain:.2f}, warm {warm / plain:.2f}")
     say(
         f"6. MLflow tracking tasks: cold {cold_tracking:.1f} s ({cold_tracking / cold:.1%}), warm {warm_tracking:.1f} s ({warm_tracking / warm:.1%})"
+    )
+    say(
+        f"7. dvc pull: in the flow (data up to date) cold {cold_tasks.get('pull-data', 0.0):.1f} s, "
+        f"warm {warm_tasks.get('pull-data', 0.0):.1f} s ({warm_tasks.get('pull-data', 0.0) / warm:.1%}); "
+        f"into an empty checkout {pull:.1f} s for {files:,} files"
     )
 
     if not args.skip_rss:
