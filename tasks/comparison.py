@@ -216,7 +216,7 @@ class TrainedStage:
     history: TrainingHistory
     evaluation: Evaluation
     record: StageRecord
-    weights: list[np.ndarray]  # the whole classifier's, at the end of the stage
+    variables: list[np.ndarray]  # the classifier's at the end of the stage, dropout RNG included
 
     @property
     def summary(self) -> StageSummary:
@@ -228,9 +228,9 @@ class SharedStages:
     """The transfer stages trained so far at one label budget, by what decides their outcome.
 
     fine_tune_2 begins with fine_tune_1's stages (same base, head, data, seed, stage settings and
-    learning rates), so it starts from the weights fine_tune_1 ended with instead of training
-    those stages again. Every stage seeds its own training, so this is what training them again
-    would give, less the time.
+    learning rates), so it starts from where fine_tune_1 ended instead of training those stages
+    again. Every stage seeds its own training and the random state travels with the weights, so
+    this is what training them again would give, less the time.
     """
 
     _trained: dict[tuple[str, ...], TrainedStage] = field(default_factory=dict)
@@ -271,13 +271,19 @@ def stage_path(config: PipelineConfig) -> tuple[str, ...]:
 def trained_stage(
     name: str, settings, history, evaluation, record: StageRecord, classifier
 ) -> TrainedStage:
-    """A stage just trained, with a copy of the classifier's weights as it ended."""
-    return TrainedStage(name, settings, history, evaluation, record, classifier.model.get_weights())
+    """A stage just trained, with a copy of the classifier's variables as it ended."""
+    variables = [variable.numpy() for variable in classifier.model.variables]
+    return TrainedStage(name, settings, history, evaluation, record, variables)
 
 
 def start_from(classifier, stage: TrainedStage) -> None:
-    """Give a freshly built classifier the weights `stage` ended with."""
-    classifier.model.set_weights(stage.weights)
+    """Put a freshly built classifier where `stage` ended: weights and dropout's random state.
+
+    Without the random state the next stage would draw other dropout masks than a strategy that
+    trained the earlier stages itself, and end slightly elsewhere.
+    """
+    for variable, value in zip(classifier.model.variables, stage.variables, strict=True):
+        variable.assign(value)
 
 
 # --- the table and its charts --------------------------------------------------------------------

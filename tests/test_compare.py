@@ -349,3 +349,34 @@ def test_best_strategy_is_registered_through_the_gate(compared) -> None:
     champion = client.get_model_version_by_alias(result.model_name, "champion")
     assert str(champion.version) == result.version == "1"
     assert client.get_run(result.run_id).data.tags["promotion.decision"] == "promoted"
+
+
+@pytest.mark.slow
+def test_a_reused_stage_ends_where_training_it_again_would(compared, tracking_server, prefect_api):
+    """fine_tune_1 alone, with a feature cache of its own, scores what it scored after reuse."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.compare import compare_strategies
+
+    project, result = compared
+    strategy = SHRUNK["compare"]["strategies"][2]
+    budget = max(BUDGETS)
+    overrides = [
+        f"compare.strategies=[{json.dumps(strategy)}]",
+        f"compare.label_budgets=[{budget}]",
+        f"feature_extraction.cache_dir={project / '.cache' / 'alone'}",
+        f"registry.model_name={result.model_name}-alone",
+    ]
+    if not HAVE_IMAGENET_WEIGHTS:
+        overrides.append("base.weights=null")
+    with (
+        temporary_settings(updates={PREFECT_API_URL: prefect_api}),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+        alone = compare_strategies(str(project / "conf" / "test.yaml"), overrides)
+    together = result.table.set_index(["strategy", "labels_per_class"])
+    row = together.loc[("fine_tune_1", budget)]
+    (lone,) = alone.table.itertuples()
+    assert (lone.test_accuracy, lone.test_macro_f1) == (row["test_accuracy"], row["test_macro_f1"])
+    assert lone.epochs == row["epochs"]
