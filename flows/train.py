@@ -64,6 +64,15 @@ def transfer_stages(
         for done in reused
     ]
     summaries = [done.summary for done in reused]
+
+    def remember(number: int, name: str, stage_settings, history, evaluation) -> None:
+        """Keep the stage just logged (records[-1]) for later strategies that begin the same way."""
+        if shared is not None:
+            trained = trained_stage(
+                name, stage_settings, history, evaluation, records[-1], classifier
+            )
+            shared.keep(config, number, trained)
+
     settings = config.feature_extraction
     if reused:
         start_from(classifier, reused[-1])
@@ -78,14 +87,7 @@ def transfer_stages(
             )
         )
         summaries.append(StageSummary.of("feature_extraction", history, evaluation))
-        if shared is not None:
-            shared.keep(
-                config,
-                0,
-                trained_stage(
-                    "feature_extraction", settings, history, evaluation, records[-1], classifier
-                ),
-            )
+        remember(0, "feature_extraction", settings, history, evaluation)
     rates = config.fine_tune.learning_rates(settings.learning_rate)
     for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
         if number < len(reused):
@@ -97,12 +99,7 @@ def transfer_stages(
             log_stage_run(run, name, stage, history, evaluation, classifier, table, loaded)
         )
         summaries.append(StageSummary.of(name, history, evaluation))
-        if shared is not None:
-            shared.keep(
-                config,
-                number,
-                trained_stage(name, stage, history, evaluation, records[-1], classifier),
-            )
+        remember(number, name, stage, history, evaluation)
     return StagesOutcome(records, summaries, evaluation)
 
 
