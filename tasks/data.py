@@ -220,6 +220,11 @@ def image_dataset(
     by 257 keeps 8-bit pixels exact and scales 16-bit ones down instead of truncating them.
     Shrinking is antialiased (averages large photos properly); enlarging is plain bilinear, which
     gives the same pixels as antialiased resizing there at a quarter of the cost.
+
+    Parallelism is fixed (one decoder per core, two batches ahead) and tf.data's autotuner
+    is off: in TensorFlow 2.21 its optimisation thread can hold up the end of an iteration for as
+    long as its current period, which grows to 10 s. Every epoch and every pass ends that way, and
+    on 2 cores one pass in three took twice as long because of it.
     """
     import tensorflow as tf  # imported here so listing or checking data does not load TensorFlow
 
@@ -249,10 +254,13 @@ def image_dataset(
         )
         return tf.ensure_shape(image, (image_size, image_size, 3)), label
 
+    options = tf.data.Options()
+    options.autotune.enabled = False
     return (
-        dataset.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+        dataset.map(decode, num_parallel_calls=os.cpu_count() or 1)
         .batch(batch_size)
-        .prefetch(tf.data.AUTOTUNE)
+        .prefetch(2)
+        .with_options(options)
     )
 
 
