@@ -95,11 +95,11 @@ def confusion_matrix_figure(evaluation: Evaluation, title: str = "Test confusion
     return figure
 
 
-def evaluate_model(model, dataset, classes: tuple[str, ...]) -> Evaluation:
-    """Score `model` on a dataset of (images, labels) batches."""
+def evaluate_model(model, dataset, count: int, classes: tuple[str, ...]) -> Evaluation:
+    """Score `model` on a dataset of `count` images in (images, labels) batches."""
     from tasks.inference import forward_pass
 
-    probabilities, labels = forward_pass(model, dataset)
+    probabilities, labels = forward_pass(model, dataset, count)
     return score_predictions(probabilities, labels, classes)
 
 
@@ -128,7 +128,6 @@ def evaluate_on_images(model, table, config) -> Evaluation:
     """Score the whole model on the held-out test images."""
     from tasks.data import image_dataset
 
-    test = image_dataset(
-        table.split("test"), table.classes, config.data.image_size, config.data.batch_size
-    )
-    return evaluate_model(model, test, table.classes)
+    frame = table.split("test")
+    test = image_dataset(frame, table.classes, config.data.image_size, config.data.batch_size)
+    return evaluate_model(model, test, len(frame), table.classes)

@@ -75,9 +75,9 @@ def cached_features(
     features_path, labels_path = root / f"{digest}.features.npy", root / f"{digest}.labels.npy"
     if cache_dir is not None and features_path.is_file() and labels_path.is_file():
         return CachedFeatures(features_path, labels_path, reused=True)
-    features, labels = forward_pass(feature_extractor, dataset)
-    _save_atomically(labels_path, labels.astype(np.int32))
-    _save_atomically(features_path, features.astype(np.float32))
+    features, labels = forward_pass(feature_extractor, dataset, len(frame))
+    _save_atomically(labels_path, labels)
+    _save_atomically(features_path, np.asarray(features, dtype=np.float32))
     return CachedFeatures(features_path, labels_path, reused=False)
 
 

@@ -2,25 +2,81 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import tensorflow as tf
 
+# One traced step per model and input spec. Tracing MobileNet takes about 0.5 s, and the flow runs
+# the same extractor over three splits. The step holds the model weakly, so it dies with the model.
+_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
-def forward_pass(model, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model` in inference mode over a dataset of (images, labels); return outputs and labels."""
 
-    image_spec = dataset.element_spec[0]
-    # One trace for every batch, the short last one included.
-    signature = [tf.TensorSpec((None, *image_spec.shape[1:]), image_spec.dtype)]
+def inference_step(model, image_spec: tf.TensorSpec):
+    """`model(images, training=False)` compiled once for any batch size of `image_spec` images."""
+    by_spec = _steps.setdefault(model, {})
+    key = (tuple(image_spec.shape[1:]), image_spec.dtype)
+    if key not in by_spec:
+        held = weakref.proxy(model)
+        signature = [tf.TensorSpec((None, *image_spec.shape[1:]), image_spec.dtype)]
 
-    @tf.function(input_signature=signature)
-    def step(images):
-        return model(images, training=False)
+        @tf.function(input_signature=signature)
+        def step(images):
+            return held(images, training=False)
 
-    outputs, labels = [], []
-    for images, batch_labels in dataset:
-        outputs.append(step(images).numpy())
-        labels.append(batch_labels.numpy())
-    if not outputs:
+        by_spec[key] = step
+    return by_spec[key]
+
+
+def forward_pass(model, dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model` in inference mode over `count` images of (images, labels) batches.
+
+    Outputs go straight into one preallocated array, so a pass holds its result once.
+    """
+    step = inference_step(model, dataset.element_spec[0])
+    outputs, labels, filled = None, np.empty(count, np.int32), 0
+    for images, batch_labels in low_priority_batches(dataset):
+        batch = step(images).numpy()
+        if filled + len(batch) > count:
+            raise ValueError(f"the dataset yielded more than the {count} images expected")
+        if outputs is None:
+            outputs = np.empty((count, *batch.shape[1:]), batch.dtype)
+        outputs[filled : filled + len(batch)] = batch
+        labels[filled : filled + len(batch)] = batch_labels.numpy()
+        filled += len(batch)
+    if outputs is None:
         raise ValueError("the dataset yielded no batches")
-    return np.concatenate(outputs), np.concatenate(labels)
+    if filled != count:
+        raise ValueError(f"the dataset yielded {filled} images, {count} expected")
+    return outputs, labels
+
+
+def low_priority_batches(dataset: tf.data.Dataset) -> Iterator:
+    """Iterate `dataset` with its reading and decoding threads at the lowest CPU priority.
+
+    tf.data starts those threads with the iterator, and on Linux a new thread inherits the nice
+    value of the thread that starts it. At low priority, decoding fills the gaps the forward pass
+    leaves instead of pre-empting one of its threads, which stalls the other one too: on 2 cores
+    extraction went from about 0.89 to 0.93 of the bare forward pass. Only this helper thread and
+    the dataset's own threads are lowered. Elsewhere the priority is per process, so nothing
+    changes there.
+    """
+    if sys.platform != "linux":
+        yield from dataset
+        return
+
+    def start() -> tuple[Iterator, object]:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        iterator = iter(dataset)
+        return iterator, next(iterator, None)  # the first batch starts every worker thread
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="start-decoding") as pool:
+        iterator, first = pool.submit(start).result()
+    if first is not None:
+        yield first
+        yield from iterator

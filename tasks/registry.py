@@ -552,5 +552,6 @@ def score_version(uri: str, version: ModelVersionRef, table, config, metric: str
     if model.output_shape[-1] != len(table.classes):
         return None
     size = int(model.input_shape[1])
-    test = image_dataset(table.split("test"), table.classes, size, config.data.batch_size)
-    return evaluate_model(model, test, table.classes).metric(metric)
+    frame = table.split("test")
+    test = image_dataset(frame, table.classes, size, config.data.batch_size)
+    return evaluate_model(model, test, len(frame), table.classes).metric(metric)

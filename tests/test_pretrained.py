@@ -35,7 +35,9 @@ def head_accuracy(weights: str | None, table) -> float:
     classifier = build_classifier(base, "MobileNet", 10, "avg", 0.2, 0, seed=0)
     train, test = (
         forward_pass(
-            classifier.feature_extractor, image_dataset(table.split(s), table.classes, 96, 64)
+            classifier.feature_extractor,
+            image_dataset(table.split(s), table.classes, 96, 64),
+            len(table.split(s)),
         )
         for s in ("train", "test")
     )
