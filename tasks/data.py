@@ -192,11 +192,17 @@ def find_undecodable_images(paths: Sequence[str]) -> dict[str, str]:
 
     Pillow checks the PNG chunk checksums (verify) and then decodes every pixel (load), which
     catches truncated, corrupt and non-image files before a training epoch trips over them.
-    Threads overlap the file reads; decoding small images is cheap.
+    Threads overlap the file reads; decoding small images is cheap. The threads take 256 paths
+    at a time because the pool makes every future up front: one per image held 90 MB for 60,000.
     """
+    chunks = [paths[start : start + 256] for start in range(0, len(paths), 256)]
+    bad: dict[str, str] = {}
     with ThreadPoolExecutor(max_workers=min(8, 4 * (os.cpu_count() or 1))) as pool:
-        reasons = pool.map(_decode_problem, paths, chunksize=64)
-        return {path: reason for path, reason in zip(paths, reasons, strict=True) if reason}
+        for chunk, reasons in zip(chunks, pool.map(_decode_problems, chunks), strict=True):
+            bad.update(
+                (path, reason) for path, reason in zip(chunk, reasons, strict=True) if reason
+            )
+    return bad
 
 
 def check_images(table: ImageTable) -> None:
@@ -404,6 +410,10 @@ def _label_ids(frame: pd.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
     if unknown:
         raise DataError(f"labels {', '.join(unknown)} are not among the classes {classes}")
     return frame["label"].map(index).to_numpy(dtype=np.int32)
+
+
+def _decode_problems(paths: Sequence[str]) -> list[str | None]:
+    return [_decode_problem(path) for path in paths]
 
 
 def _decode_problem(path: str) -> str | None:
