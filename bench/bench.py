@@ -63,13 +63,14 @@ def trace_seconds(feature_extractor, size: int) -> float:
     return time.perf_counter() - started
 
 
-def extraction_throughput(loaded, feature_extractor) -> tuple[float, int, float]:
+def extraction_throughput(loaded, feature_extractor) -> tuple[list[float], int, float]:
     """2. The pipeline's feature extraction over every demo image, from files, no feature cache.
 
     The extractor's inference step is already traced, as it is for the limit; the one-time trace
     is timed on its own. The files are read once first, so the figure is decoding, resizing and the forward pass, not
     this machine's disk: right after `make demo-data` wrote them, reads here ran at half speed.
-    Returns images/s, the image count, and the first read's files/s.
+    Like the limit, the faster of two passes: a pass only ever loses to noise. Returns both passes'
+    images/s, the image count, and the first read's files/s.
     """
     from tasks.data import image_dataset, load_image_table
     from tasks.features import FeatureKey, cached_features
@@ -82,10 +83,13 @@ def extraction_throughput(loaded, feature_extractor) -> tuple[float, int, float]
     for path in frame["path"]:
         Path(path).read_bytes()
     reads = len(frame) / (time.perf_counter() - started)
-    dataset = image_dataset(frame, table.classes, config.data.image_size, 128)
-    started = time.perf_counter()
-    cached_features(feature_extractor, dataset, frame, key, cache_dir=None)
-    return len(frame) / (time.perf_counter() - started), len(frame), reads
+    passes = []
+    for _ in range(2):
+        dataset = image_dataset(frame, table.classes, config.data.image_size, 128)
+        started = time.perf_counter()
+        cached_features(feature_extractor, dataset, frame, key, cache_dir=None)
+        passes.append(len(frame) / (time.perf_counter() - started))
+    return passes, len(frame), reads
 
 
 def run_flow(config: str, overrides: list[str]) -> tuple[float, dict[str, float], object]:
@@ -242,7 +246,8 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
     extractor = build_classifier_for.fn(loaded, 10).feature_extractor
     trace = trace_seconds(extractor, size)
     before = forward_throughput(extractor, size)
-    extract, count, reads = extraction_throughput(loaded, extractor)
+    passes, count, reads = extraction_throughput(loaded, extractor)
+    extract = max(passes)
     after = forward_throughput(extractor, size)
     forward = max(before, after)
     say(
@@ -255,7 +260,8 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
     say(
         f"2. feature extraction from {count:,} files: {extract:,.0f} images/s ="
         f" {extract / forward:.2f} x forward; {with_trace / forward:.2f} x with the one-time trace"
-        f" (first read of the files: {reads:,.0f} files/s)"
+        f" (passes: {passes[0]:,.0f} and {passes[1]:,.0f} images/s; first read of the files:"
+        f" {reads:,.0f} files/s)"
     )
 
     cold, cold_tasks, result = run_flow(args.config, overrides)
