@@ -67,8 +67,9 @@ def extraction_throughput(loaded, feature_extractor) -> tuple[list[float], int, 
     """2. The pipeline's feature extraction over every demo image, from files, no feature cache.
 
     The extractor's inference step is already traced, as it is for the limit; the one-time trace
-    is timed on its own. The files are read once first, so the figure is decoding, resizing and the forward pass, not
-    this machine's disk: right after `make demo-data` wrote them, reads here ran at half speed.
+    is timed on its own. The files are read once first, so the figure is decoding, resizing and
+    the forward pass, not this machine's disk: right after `make demo-data` wrote them, reads here
+    ran at half speed.
     Like the limit, the faster of two passes: a pass only ever loses to noise. Returns both passes'
     images/s, the image count, and the first read's files/s.
     """

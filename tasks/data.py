@@ -229,7 +229,7 @@ def image_dataset(
 
     Parallelism is fixed (one decoder per core, two batches ahead) and tf.data's autotuner
     is off: in TensorFlow 2.21 its optimisation thread can hold up the end of an iteration for as
-    long as its current period, which grows to 10 s. Every epoch and every pass ends that way, and
+    long as its current period, which grows to 10 s. Any epoch or pass can end that way, and
     on 2 cores one pass in three took twice as long because of it.
     """
     import tensorflow as tf  # imported here so listing or checking data does not load TensorFlow
