@@ -190,11 +190,17 @@ def _registry_action(action, config: str):
     """Run a promotion or rollback on MLFLOW_TRACKING_URI, else the project's store."""
     from conf import project_root
     from tasks.registry import PromotionLockTimeoutError, RegistryActionError
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import TrackingServerUnreachableError, check_tracking_server, tracking_uri
 
+    uri = tracking_uri(project_root(config))
     try:
-        return action(tracking_uri(project_root(config)))
-    except (RegistryActionError, PromotionLockTimeoutError) as error:
+        check_tracking_server(uri)
+        return action(uri)
+    except (
+        RegistryActionError,
+        PromotionLockTimeoutError,
+        TrackingServerUnreachableError,
+    ) as error:
         typer.secho(str(error), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
 
@@ -223,7 +229,7 @@ def predict(
     from flows.predict import predict_folder
     from tasks.data import DataError
     from tasks.predict import ServingModelError
-    from tasks.tracking import tracking_uri
+    from tasks.tracking import TrackingServerUnreachableError, tracking_uri
 
     if model is None:
         model = f"models:/{load_config(config).registry.model_name}@champion"
@@ -231,7 +237,7 @@ def predict(
         result = predict_folder(
             model, images, output, batch_size, tracking_uri(project_root(config))
         )
-    except (DataError, ServingModelError) as error:
+    except (DataError, ServingModelError, TrackingServerUnreachableError) as error:
         typer.secho(str(error), fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from None
     typer.echo(f"Wrote {result.count} predictions by {result.model} to {result.output}")

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conf import PipelineConfig, load_config, project_root
 from tasks.model import check_architecture
+from tasks.tracking import check_tracking_server, tracking_uri
 
 
 @dataclass(frozen=True)
@@ -33,4 +34,7 @@ def load_and_check(
 
 @task(name="load-config", cache_policy=NO_CACHE)
 def load_pipeline_config(config_path: str, overrides: list[str]) -> LoadedConfig:
-    return load_and_check(config_path, overrides)
+    """The config, checked, once the tracking server it will log to is known to answer."""
+    loaded = load_and_check(config_path, overrides)
+    check_tracking_server(tracking_uri(loaded.project))
+    return loaded

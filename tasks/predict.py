@@ -110,8 +110,9 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     """
     import mlflow.pyfunc
 
-    from tasks.tracking import using_tracking_uri
+    from tasks.tracking import check_tracking_server, using_tracking_uri
 
+    check_tracking_server(uri)
     version = resolve_version(uri, model_uri)
     with using_tracking_uri(uri):  # models:/ URIs resolve against the tracking store's registry
         pyfunc = mlflow.pyfunc.load_model(version.uri if version else model_uri)

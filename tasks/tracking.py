@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -56,6 +57,34 @@ def tracking_uri(project_root: Path) -> str:
     return (
         os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
     )
+
+
+class TrackingServerUnreachableError(RuntimeError):
+    """The MLflow tracking server a run or registry action would use does not answer."""
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """Fail at once, naming the server, when `uri` is an MLflow server that does not answer.
+
+    MLflow's client retries a refused connection with back-off (4 min 7 s measured), so a
+    training run would find out only after pulling data and building the model, and a promote
+    or rollback would seem to hang. Any HTTP answer counts as there, even 401 or 404. Local
+    stores (SQLite, folders) are not checked.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
+    except requests.RequestException as error:
+        parts = urlsplit(uri)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        raise TrackingServerUnreachableError(
+            f"The MLflow tracking server {shown} (MLFLOW_TRACKING_URI) does not answer"
+            f" ({type(error).__name__}). Start it (`mlflow server`), point MLFLOW_TRACKING_URI"
+            " at a running one, or unset it to track in the project's mlflow.db."
+        ) from None
 
 
 def ui_hint(uri: str, project_root: Path) -> str:

@@ -15,6 +15,8 @@ from PIL import Image
 from conf import ConfigError
 from tasks.data import DataNotFoundError, DvcPullError, EmptyDatasetError, UndecodableImagesError
 from tasks.model import UnknownArchitectureError, WeightsNotFoundError
+from tasks.tracking import TrackingServerUnreachableError
+from tests.servers import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -145,3 +147,14 @@ def test_unreachable_dvc_remote_is_named(tmp_path: Path) -> None:
     with pytest.raises(DvcPullError, match="storage"):
         train(config)
     assert_nothing_tracked(repo)
+
+
+def test_tracking_server_that_is_down_is_named_before_the_data_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data folder is missing too: the server is checked first, before any data work."""
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    config = project(tmp_path, tmp_path / "no-such-folder")
+    with pytest.raises(TrackingServerUnreachableError, match=f"127.0.0.1:{port}"):
+        train(config)

@@ -285,3 +285,27 @@ def test_a_held_lock_names_its_holder_and_a_stale_one_is_broken(
     with champion_lock(server_uri, unique_name, timeout_s=0.3, stale_after_s=-1):
         assert client.get_registered_model(lock).tags["holder"] != "crashed pid 1"
     assert not client.search_registered_models(f"name = '{lock}'")
+
+
+def test_registry_commands_on_a_server_that_is_down_fail_at_once_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Not MLflow's two minutes of retries: the command says which server, without its password."""
+    from PIL import Image
+
+    from tests.servers import free_port
+
+    port = free_port()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:s3cret@127.0.0.1:{port}")
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "one.png")
+    runner = CliRunner()
+    for command in (
+        ["promote", "--model", "classifier", "--version", "2"],
+        ["rollback", "--model", "classifier"],
+        ["predict", "--model", "models:/classifier@champion", "--images", str(tmp_path / "images")],
+    ):
+        refused = runner.invoke(app, command)
+        assert refused.exit_code == 1, refused.output
+        assert f"http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not answer" in refused.output
+        assert "s3cret" not in refused.output
