@@ -290,7 +290,7 @@ def test_a_held_lock_names_its_holder_and_a_stale_one_is_broken(
 def test_registry_commands_on_a_server_that_is_down_fail_at_once_naming_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path
 ) -> None:
-    """Not MLflow's two minutes of retries: the command says which server, without its password."""
+    """Not minutes of MLflow retries: the command says which server, without its password."""
     from PIL import Image
 
     from tests.servers import free_port
