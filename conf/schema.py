@@ -156,6 +156,11 @@ class RegistryConfig(Section):
 
 class TrackingConfig(Section):
     experiment: str = Field("transfer-learning", min_length=1)
+    resume: bool = Field(
+        True,
+        description="Start from a stage that a run in the experiment already finished with the "
+        "same data, base, head, seed and settings, instead of training it again.",
+    )
 
 
 class DemoDataConfig(Section):
@@ -266,6 +271,17 @@ class CompareConfig(Section):
     )
     full_label_budgets: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 25, 50, 100])
     strategies: list[StrategyConfig] = Field(default_factory=list)
+    workers: PositiveInt = Field(
+        1,
+        description="How many cells (a strategy at a budget) train at once, each in a worker "
+        "process of its own (or, with work_pool, how many flow runs wait on the pool at once).",
+    )
+    work_pool: str | None = Field(
+        None,
+        min_length=1,
+        description="Run each cell as a flow run of the deployment train-comparison-cell/<this> "
+        "(`transferflow deploy-cells --pool <this>`) instead of in local worker processes.",
+    )
 
     @field_validator("label_budgets", "full_label_budgets")
     @classmethod

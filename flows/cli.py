@@ -40,6 +40,8 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
 
     result = train_classifier(config, list(set_ or []))
     typer.echo("")
+    for done in result.resumed:
+        typer.echo(f"Resumed:      {done.stage} from run {done.run_id} (already trained)")
     typer.echo("Test scores per stage:")
     for stage in result.stages:
         typer.echo(
@@ -142,6 +144,21 @@ def deploy(
     deploy_retraining(config, list(set_ or []), pool)
     typer.echo(
         f"Deployed to work pool '{pool}'; start a worker: prefect worker start --pool {pool}"
+    )
+
+
+@app.command("deploy-cells")
+def deploy_cells(
+    pool: Annotated[str, typer.Option("--pool", "-p", help="The Prefect work pool.")],
+) -> None:
+    """Register the one-cell comparison flow for a work pool (then set compare.work_pool)."""
+    _require_prefect_server()
+    from flows.compare_cell import deploy_cells as deploy
+
+    name = deploy(pool)
+    typer.echo(
+        f"Deployed {name}; start workers with `prefect worker start --pool {pool}`, then run "
+        f"`transferflow compare -s compare.work_pool={pool}`"
     )
 
 

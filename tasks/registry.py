@@ -493,7 +493,8 @@ _BACKOFF = exponential_backoff(backoff_factor=2)
 
 def config_fingerprint(loaded: LoadedConfig) -> str:
     """sha256 of the resolved training config, to tell later whether a retrain would differ."""
-    tree = loaded.config.model_dump(mode="json", exclude={"demo"})
+    # Whether stages may be resumed changes nothing a retrain would produce.
+    tree = loaded.config.model_dump(mode="json", exclude={"demo": True, "tracking": {"resume"}})
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 

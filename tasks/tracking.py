@@ -22,9 +22,18 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from tasks.checkpoints import (
+    CHECKPOINT_TAG,
+    LINEAGE_TAG,
+    MODEL_URI_TAG,
+    RESUMED_TAG,
+    StageCheckpoint,
+    write_checkpoint,
+)
 from tasks.evaluate import Evaluation, confusion_matrix_figure
 
 if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
+    from tasks.stages.base import StageInputs, StageResult
     from tasks.train import TrainingHistory
 
 # MLflow caps a param value at 6000 characters; ours are far shorter, but be safe.
@@ -223,8 +232,13 @@ def log_stage(
     signature_example: np.ndarray | None = None,
     pip_requirements: list[str] | None = None,
     tags: dict[str, str] | None = None,
+    checkpoint: bool = False,
 ) -> StageRecord:
-    """Record one finished stage as a nested run: params, per-epoch curves, test scores, model."""
+    """Record one finished stage as a nested run: params, per-epoch curves, test scores, model.
+
+    With `checkpoint`, the model's variables and the stage's results are stored too and the run
+    is tagged `checkpoint=saved` before it is closed, so a later run can start from it.
+    """
     client = MlflowClient(parent.tracking_uri)
     started_ms = int((time.time() - history.seconds) * 1000)
     run = client.create_run(
@@ -263,6 +277,10 @@ def log_stage(
         model_uri = _log_model(
             parent.tracking_uri, run_id, model, signature_example, pip_requirements
         )
+        client.set_tag(run_id, MODEL_URI_TAG, model_uri)
+        if checkpoint:
+            write_checkpoint(client, run_id, model, history, evaluation)
+            client.set_tag(run_id, CHECKPOINT_TAG, "saved")
     client.set_terminated(run_id, "FINISHED")
     return StageRecord(stage, run_id, model_uri)
 
@@ -376,12 +394,12 @@ def _relative(path: str, root: Path) -> str:
 
 @task(name="log-stage", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
 def log_stage_run(
-    run: RunRef, stage: str, settings, history, evaluation, classifier, table, loaded
+    run: RunRef, stage: str, params: dict, result: StageResult, inputs: StageInputs, lineage: str
 ) -> StageRecord:
-    """Log a finished stage as a nested run, with its model loadable as a pyfunc."""
+    """Log a trained stage as a nested run: its model loadable as a pyfunc, and its checkpoint."""
     from tasks.data import image_dataset
 
-    config = loaded.config
+    config, table = inputs.loaded.config, inputs.table
     example_frame = table.split("test").head(1)
     example = next(
         iter(image_dataset(example_frame, table.classes, config.data.image_size, batch_size=1))
@@ -389,33 +407,35 @@ def log_stage_run(
     return log_stage(
         run,
         stage,
-        params=flatten(settings.model_dump(mode="json")),
-        history=history,
-        evaluation=evaluation,
-        model=classifier.model,
+        params=flatten(params),
+        history=result.history,
+        evaluation=result.evaluation,
+        model=inputs.classifier.model,
         signature_example=example,
         pip_requirements=model_requirements(),
+        tags={LINEAGE_TAG: lineage},
+        checkpoint=True,
     )
 
 
-@task(name="log-reused-stage", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
-def log_reused_stage(
-    run: RunRef, stage: str, settings, history, evaluation, source: StageRecord
+@task(name="log-resumed-stage", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+def log_resumed_stage(
+    run: RunRef, stage: str, params: dict, checkpoint: StageCheckpoint, lineage: str
 ) -> StageRecord:
-    """Record a stage another strategy trained the same way; its model stays on that run.
+    """Record a stage resumed from a checkpoint; its model stays on the run that trained it.
 
     The nested run has the stage's params, curves and scores like any other, and the tag
-    `reused_from_run_id` names the run that trained it and holds the model.
+    `resumed_from_run_id` names the run that trained it.
     """
     record = log_stage(
         run,
         stage,
-        params=flatten(settings.model_dump(mode="json")),
-        history=history,
-        evaluation=evaluation,
-        tags={"reused_from_run_id": source.run_id},
+        params=flatten(params),
+        history=checkpoint.history,
+        evaluation=checkpoint.evaluation,
+        tags={RESUMED_TAG: checkpoint.run_id, LINEAGE_TAG: lineage},
     )
-    return StageRecord(stage, record.run_id, source.model_uri)
+    return StageRecord(stage, record.run_id, checkpoint.model_uri)
 
 
 @task(name="finish-tracking", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)

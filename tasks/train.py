@@ -1,4 +1,4 @@
-"""Training stages: the head on cached features, then the whole model at each unfreezing stage."""
+"""Keras fitting for the stages: the head on features, fine-tuning, from scratch; fresh callbacks each."""
 
 from __future__ import annotations
 
@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 
 import keras
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 
 @dataclass(frozen=True)
@@ -117,45 +115,6 @@ def fine_tune(
     return _fit(model, train, validation, epochs, patience, learning_rate, shuffle=False)
 
 
-# --- Prefect steps -------------------------------------------------------------------------------
-
-
-@task(name="train-head", cache_policy=NO_CACHE)
-def train_new_head(classifier, features, config) -> TrainingHistory:
-    """Feature extraction: the new head learns on the frozen base's cached features."""
-    settings = config.feature_extraction
-    validation = features["val"].load() if "val" in features else None
-    history = train_head(
-        classifier.head,
-        features["train"].load(),
-        validation,
-        epochs=settings.epochs,
-        learning_rate=settings.learning_rate,
-        patience=settings.patience,
-        batch_size=config.data.batch_size,
-        seed=config.seed,
-    )
-    return history
-
-
-@task(name="fine-tune-stage", cache_policy=NO_CACHE)
-def fine_tune_stage(classifier, table, stage, learning_rate: float, config) -> TrainingHistory:
-    """Unfreeze the top blocks the stage names, then fine-tune the whole model at a lower rate."""
-    from tasks.model import unfreeze_top_blocks
-
-    unfreeze_top_blocks(classifier.base, stage.unfreeze_blocks)
-    train, validation = _image_splits(table, config)
-    return fine_tune(
-        classifier.model,
-        train,
-        validation,
-        epochs=stage.epochs,
-        learning_rate=learning_rate,
-        patience=config.fine_tune.patience,
-        seed=config.seed,
-    )
-
-
 class _MeasuredBatchNorm(keras.callbacks.Callback):
     """Before each validation, BatchNorm statistics measured on a fixed batch of training images."""
 
@@ -197,35 +156,7 @@ def fit_from_scratch(
     return history
 
 
-@task(name="train-from-scratch", cache_policy=NO_CACHE)
-def train_from_scratch(classifier, table, stage, config) -> TrainingHistory:
-    """Train the whole network from its random weights: the baseline that transfer has to beat.
-
-    Everything trains from the first epoch, BatchNorm included, at the stage's rate (the head
-    stage's, as both start from random weights) with the head stage's early-stopping patience.
-    BatchNorm statistics come from up to 512 training images (see fit_from_scratch).
-    """
-    from tasks.data import image_dataset
-    from tasks.model import make_fully_trainable
-
-    make_fully_trainable(classifier.base)
-    train, validation = _image_splits(table, config)
-    sample = image_dataset(
-        table.split("train"), table.classes, config.data.image_size, 512, shuffle_seed=config.seed
-    )
-    return fit_from_scratch(
-        classifier.model,
-        train,
-        validation,
-        next(iter(sample))[0],
-        epochs=stage.epochs,
-        learning_rate=stage.learning_rate,
-        patience=config.feature_extraction.patience,
-        seed=config.seed,
-    )
-
-
-def _image_splits(table, config):
+def image_splits(table, config):
     """The shuffled training images and the validation images (None when there are none)."""
     from tasks.data import image_dataset
 

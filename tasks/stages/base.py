@@ -1,0 +1,49 @@
+"""What every stage kind has in common: the inputs it reads and the shape of what it returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from tasks.config import LoadedConfig
+    from tasks.data import ImageTable
+    from tasks.evaluate import Evaluation
+    from tasks.model import Classifier
+    from tasks.train import TrainingHistory
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage trains: one classifier, on one table of images, under one config."""
+
+    classifier: Classifier
+    table: ImageTable
+    loaded: LoadedConfig
+    data_version: str
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """A trained stage: its per-epoch history and its scores on the held-out test split."""
+
+    history: TrainingHistory
+    evaluation: Evaluation
+
+
+class Stage(Protocol):
+    """One unit of training. The classifier it trains is changed in place.
+
+    `name` names the stage's MLflow run (e.g. fine_tune_2); `lineage()` is what decides the
+    outcome besides the stages before it and the data, base, head and seed they share; `params()`
+    is what its MLflow run shows.
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def lineage(self) -> dict[str, Any]: ...
+
+    def params(self) -> dict[str, Any]: ...
+
+    def train(self, inputs: StageInputs) -> StageResult: ...

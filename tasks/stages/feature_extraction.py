@@ -1,0 +1,56 @@
+"""Feature extraction: a new head trained on the frozen base's cached features."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import FeatureExtractionConfig
+from tasks.stages.base import StageInputs, StageResult
+from tasks.train import TrainingHistory, train_head
+
+
+@dataclass(frozen=True)
+class HeadOnFeatures:
+    """Train only the head, on features the frozen base computes once per data version."""
+
+    settings: FeatureExtractionConfig
+    name: str = "feature_extraction"
+
+    def lineage(self) -> dict[str, Any]:
+        # Where features are cached changes nothing they are.
+        return {"kind": "head_on_features", **self.settings.model_dump(exclude={"cache_dir"})}
+
+    def params(self) -> dict[str, Any]:
+        return self.settings.model_dump(mode="json")
+
+    def train(self, inputs: StageInputs) -> StageResult:
+        from tasks.evaluate import evaluate_on_features
+        from tasks.features import extract_frozen_features
+
+        features = extract_frozen_features(
+            inputs.classifier, inputs.table, inputs.loaded, inputs.data_version
+        )
+        history = train_new_head(inputs.classifier, features, inputs.loaded.config)
+        evaluation = evaluate_on_features(inputs.classifier, features["test"], inputs.table.classes)
+        return StageResult(history, evaluation)
+
+
+@task(name="train-head", cache_policy=NO_CACHE)
+def train_new_head(classifier, features, config) -> TrainingHistory:
+    """The new head learns on the frozen base's cached features."""
+    settings = config.feature_extraction
+    validation = features["val"].load() if "val" in features else None
+    return train_head(
+        classifier.head,
+        features["train"].load(),
+        validation,
+        epochs=settings.epochs,
+        learning_rate=settings.learning_rate,
+        patience=settings.patience,
+        batch_size=config.data.batch_size,
+        seed=config.seed,
+    )

@@ -1,0 +1,69 @@
+"""From scratch: the whole network, BatchNorm included, trained from random weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from tasks.stages.base import StageInputs, StageResult
+from tasks.train import TrainingHistory, fit_from_scratch, image_splits
+
+
+@dataclass(frozen=True)
+class FromScratch:
+    """The baseline that transfer has to beat: every layer trains from the first epoch.
+
+    It trains at the head stage's rate (both start from random weights) with the head stage's
+    early-stopping patience.
+    """
+
+    epochs: int
+    learning_rate: float
+    patience: int
+    name: str = "from_scratch"
+
+    def lineage(self) -> dict[str, Any]:
+        return {"kind": "from_scratch", **self.params(), "patience": self.patience}
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "unfreeze_blocks": "all",
+            "epochs": self.epochs,
+            "learning_rate": self.learning_rate,
+        }
+
+    def train(self, inputs: StageInputs) -> StageResult:
+        from tasks.evaluate import evaluate_on_images
+
+        history = train_from_scratch(inputs.classifier, inputs.table, self, inputs.loaded.config)
+        evaluation = evaluate_on_images(inputs.classifier.model, inputs.table, inputs.loaded.config)
+        return StageResult(history, evaluation)
+
+
+@task(name="train-from-scratch", cache_policy=NO_CACHE)
+def train_from_scratch(classifier, table, stage: FromScratch, config) -> TrainingHistory:
+    """Train the whole network from its random weights.
+
+    BatchNorm statistics come from up to 512 training images (see fit_from_scratch).
+    """
+    from tasks.data import image_dataset
+    from tasks.model import make_fully_trainable
+
+    make_fully_trainable(classifier.base)
+    train, validation = image_splits(table, config)
+    sample = image_dataset(
+        table.split("train"), table.classes, config.data.image_size, 512, shuffle_seed=config.seed
+    )
+    return fit_from_scratch(
+        classifier.model,
+        train,
+        validation,
+        next(iter(sample))[0],
+        epochs=stage.epochs,
+        learning_rate=stage.learning_rate,
+        patience=stage.patience,
+        seed=config.seed,
+    )
