@@ -5,20 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pandas as pd
-from prefect import flow, tags
+from prefect import flow
 
-from flows.train import transfer_stages
+from tasks.cells import (
+    CellSpec,
+    cell_task_runner,
+    plan_cells,
+    read_cell_outcomes,
+    train_cell_on_pool,
+    train_cell_step,
+)
 from tasks.comparison import (
-    SCRATCH_STAGE,
     ComparisonFiles,
-    SharedStages,
-    Strategy,
-    StrategyOutcome,
+    check_label_budgets,
     fail_comparison_run,
-    label_budget_tables,
-    labelled_subset_name,
     log_comparison,
-    log_strategy_summary,
     pick_best_strategy,
     plan_comparison,
     publish_comparison,
@@ -26,13 +27,9 @@ from tasks.comparison import (
     tabulate_comparison,
 )
 from tasks.config import load_pipeline_config
-from tasks.data import ImageTable, load_images, pull_data_version
-from tasks.evaluate import evaluate_on_images
-from tasks.model import build_classifier_for
+from tasks.data import load_images, pull_data_version
 from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
-from tasks.report import StageSummary
-from tasks.tracking import finish_tracking, log_stage_run, start_tracking
-from tasks.train import train_from_scratch
+from tasks.tracking import RunRef
 
 DEFAULT_CONFIG = "conf/compare.yaml"
 
@@ -59,24 +56,25 @@ class ComparisonResult:
 def compare_strategies(
     config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None
 ) -> ComparisonResult:
-    """Train each strategy at each label budget on the same data, split and seed; register the best."""
+    """Train each strategy at each label budget on the same data, split and seed; register the best.
+
+    Each cell (a strategy at a budget) trains in a worker (`compare.workers` local processes,
+    or flow runs on the work pool `compare.work_pool`); cells share cached features and the
+    stages they begin with through the feature cache and MLflow checkpoints.
+    """
     loaded = load_pipeline_config(config_path, overrides or [])
     plan = plan_comparison(loaded)
     data_version = pull_data_version(loaded)
     table = load_images(loaded, data_version)
-    budgets = label_budget_tables(table, plan.label_budgets, loaded.config.seed)
+    check_label_budgets(table, plan.label_budgets, loaded.config.seed)
     comparison = start_comparison_run(loaded, plan, table, data_version)
     try:
-        outcomes = []
-        for budget, labelled in budgets.items():
-            shared = SharedStages()
-            for strategy in plan.strategies:
-                with tags(f"strategy:{strategy.name}", f"labels-per-class:{budget}"):
-                    outcomes.append(
-                        train_strategy(
-                            strategy, labelled, budget, data_version, plan.comparison_id, shared
-                        )
-                    )
+        cells = plan_cells(plan, config_path, overrides or [], data_version)
+        compare = loaded.config.compare
+        run_ids = train_cells.with_options(task_runner=cell_task_runner(compare))(
+            cells, compare.work_pool, comparison
+        )
+        outcomes = read_cell_outcomes(comparison, plan, cells, run_ids)
         frame = tabulate_comparison(outcomes)
         best = pick_best_strategy(outcomes, plan.metric)
         challenger = register_challenger_step(
@@ -104,63 +102,16 @@ def compare_strategies(
     )
 
 
-def train_strategy(
-    strategy: Strategy,
-    table: ImageTable,
-    labels_per_class: int,
-    data_version: str,
-    comparison_id: str,
-    shared: SharedStages,
-) -> StrategyOutcome:
-    """One strategy at one label budget: its own MLflow parent run, one nested run per stage.
-
-    The training flow's own steps. Strategies on the same frozen base read the same cached
-    features, so only the first one pays for the forward pass; a strategy that begins with
-    stages an earlier one trained the same way (fine_tune_2 after fine_tune_1) starts from them.
-    """
-    loaded = strategy.loaded
-    config = loaded.config
-    classifier = build_classifier_for(loaded, len(table.classes))
-    run = start_tracking(
-        loaded,
-        table,
-        data_version,
-        strategy=strategy.name,
-        run_name=f"{strategy.name}-{labels_per_class}-per-class",
-        tags={"comparison_id": comparison_id, "label_budget": str(labels_per_class)},
-        dataset_name=labelled_subset_name(config.data.path, labels_per_class),
-    )
-    try:
-        if strategy.scratch is not None:
-            history = train_from_scratch(classifier, table, strategy.scratch, config)
-            evaluation = evaluate_on_images(classifier.model, table, config)
-            records = [
-                log_stage_run(
-                    run,
-                    SCRATCH_STAGE,
-                    strategy.scratch,
-                    history,
-                    evaluation,
-                    classifier,
-                    table,
-                    loaded,
-                )
-            ]
-            summaries = [StageSummary.of(SCRATCH_STAGE, history, evaluation)]
+@flow(name="train-comparison-cells")
+def train_cells(cells: list[CellSpec], work_pool: str | None, comparison: RunRef) -> list[str]:
+    """Every cell on the flow's task runner, each after the cells it resumes from; their run ids."""
+    futures: dict = {}
+    for cell in cells:
+        after = [futures[upstream] for upstream in cell.after]
+        if work_pool:
+            futures[cell.id] = train_cell_on_pool.submit(
+                cell, work_pool, comparison.tracking_uri, comparison.experiment_id, wait_for=after
+            )  # type: ignore[call-overload]  # the stubs' overloads leave out wait_for
         else:
-            stages = transfer_stages(run, classifier, table, loaded, data_version, shared)
-            records, summaries, evaluation = stages.records, stages.summaries, stages.evaluation
-        log_strategy_summary(run, labels_per_class, summaries)
-    except BaseException:
-        finish_tracking(run, summaries=[], failed=True)
-        raise
-    finish_tracking(run, summaries=summaries, failed=False)
-    return StrategyOutcome(
-        strategy=strategy.name,
-        labels_per_class=labels_per_class,
-        run=run,
-        loaded=loaded,
-        stages=tuple(summaries),
-        final=records[-1],
-        evaluation=evaluation,
-    )
+            futures[cell.id] = train_cell_step.submit(cell, wait_for=after)  # type: ignore[call-overload]
+    return [futures[cell.id].result() for cell in cells]

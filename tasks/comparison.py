@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -17,12 +16,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from conf.schema import FineTuneStage, PipelineConfig
+from conf.schema import PipelineConfig
 from tasks.config import LoadedConfig
 from tasks.data import ImageTable
 from tasks.evaluate import Evaluation
 from tasks.registry import ModelVersionRef, PromotionDecision
 from tasks.report import StageSummary
+from tasks.stages.base import Stage
+from tasks.stages.from_scratch import FromScratch
+from tasks.stages.plan import scratch_stages, transfer_stages
 from tasks.tracking import (
     RunRef,
     StageRecord,
@@ -35,9 +37,6 @@ from tasks.tracking import (
     tracking_uri,
     ui_hint,
 )
-
-if TYPE_CHECKING:
-    from tasks.train import TrainingHistory
 
 SCRATCH_STAGE = "from_scratch"
 COLUMNS = (
@@ -63,15 +62,15 @@ class LabelBudgetError(ValueError):
 
 @dataclass(frozen=True)
 class Strategy:
-    """One way to train, with the config it trains with.
-
-    `scratch` is the single stage of a from-scratch strategy (None for transfer strategies, which
-    train the head on frozen features and then run their config's fine-tuning stages).
-    """
+    """One way to train: the config it trains with and the stages it runs, in order."""
 
     name: str
     loaded: LoadedConfig
-    scratch: FineTuneStage | None = None
+    stages: tuple[Stage, ...]
+
+    @property
+    def from_scratch(self) -> bool:
+        return isinstance(self.stages[0], FromScratch)
 
 
 @dataclass(frozen=True)
@@ -143,14 +142,13 @@ def resolve_strategies(loaded: LoadedConfig) -> tuple[Strategy, ...]:
     longest = max((epoch_budget(c) for c in transfer), default=epoch_budget(config))
     strategies = []
     for strategy, resolved in zip(declared, configs, strict=True):
-        scratch = None
         if strategy.from_scratch:
-            scratch = FineTuneStage(
-                unfreeze_blocks="all",
-                epochs=strategy.epochs or longest,
-                learning_rate=resolved.feature_extraction.learning_rate,
-            )
-        strategies.append(Strategy(strategy.name, LoadedConfig(resolved, loaded.project), scratch))
+            stages = scratch_stages(resolved, strategy.epochs or longest)
+        else:
+            stages = transfer_stages(resolved)
+        strategies.append(
+            Strategy(strategy.name, LoadedConfig(resolved, loaded.project), tuple(stages))
+        )
     return tuple(strategies)
 
 
@@ -204,86 +202,36 @@ def labelled_subset_name(data_path: str, per_class: int) -> str:
     return f"{Path(data_path).name}[{per_class}-per-class]"
 
 
-# --- stages shared between strategies -----------------------------------------------------------
+# --- which strategies begin the same way --------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class TrainedStage:
-    """One transfer stage as a strategy trained it, kept for strategies that begin the same way."""
+def stage_path(strategy: Strategy) -> tuple[str, ...]:
+    """What decides each of a strategy's stages, stage by stage, as the config gives it.
 
-    name: str
-    settings: Any  # the stage's config section: FeatureExtractionConfig or FineTuneStage
-    history: TrainingHistory
-    evaluation: Evaluation
-    record: StageRecord
-    variables: list[np.ndarray]  # the classifier's at the end of the stage, dropout RNG included
-
-    @property
-    def summary(self) -> StageSummary:
-        return StageSummary.of(self.name, self.history, self.evaluation)
-
-
-@dataclass
-class SharedStages:
-    """The transfer stages trained so far at one label budget, by what decides their outcome.
-
-    fine_tune_2 begins with fine_tune_1's stages (same base, head, data, seed, stage settings and
-    learning rates), so it starts from where fine_tune_1 ended instead of training those stages
-    again. Every stage seeds its own training and the random state travels with the weights, so
-    this is what training them again would give, less the time.
+    Element k holds everything but the stages (data, base, head, seed) and the settings of
+    stages 0..k, so two strategies share their first k stages exactly when their paths share
+    their first k elements. The pipeline's lineage keys add the data version and weights hash,
+    which all strategies of one comparison share.
     """
-
-    _trained: dict[tuple[str, ...], TrainedStage] = field(default_factory=dict)
-
-    def reusable(self, config: PipelineConfig) -> list[TrainedStage]:
-        """The longest run of `config`'s stages, feature extraction first, already trained."""
-        path = stage_path(config)
-        found = []
-        for end in range(1, len(path) + 1):
-            stage = self._trained.get(path[:end])
-            if stage is None:
-                break
-            found.append(stage)
-        return found
-
-    def keep(self, config: PipelineConfig, number: int, stage: TrainedStage) -> None:
-        """Remember stage `number` of `config` (0 is feature extraction)."""
-        self._trained[stage_path(config)[: number + 1]] = stage
+    config = strategy.loaded.config
+    trunk = config.model_dump(
+        mode="json", include={"seed", "data", "base", "head"}, exclude={"data": {"path"}}
+    )
+    path, parts = [], []
+    for stage in strategy.stages:
+        parts.append(stage.lineage())
+        path.append(json.dumps([trunk, parts], sort_keys=True))
+    return tuple(path)
 
 
-def stage_path(config: PipelineConfig) -> tuple[str, ...]:
-    """What decides each transfer stage's outcome, stage by stage.
-
-    Element 0 decides feature extraction (everything but the fine_tune section); element k adds
-    fine-tuning stage k, its learning rate and the section's other settings (patience).
-    """
-    trunk = config.model_dump(mode="json")
-    fine_tune = trunk.pop("fine_tune")
-    fine_tune.pop("stages")
-    rates = config.fine_tune.learning_rates(config.feature_extraction.learning_rate)
-    stages = [
-        json.dumps([stage.model_dump(mode="json"), rate, fine_tune], sort_keys=True)
-        for stage, rate in zip(config.fine_tune.stages, rates, strict=True)
-    ]
-    return (json.dumps(trunk, sort_keys=True), *stages)
-
-
-def trained_stage(
-    name: str, settings, history, evaluation, record: StageRecord, classifier
-) -> TrainedStage:
-    """A stage just trained, with a copy of the classifier's variables as it ended."""
-    variables = [variable.numpy() for variable in classifier.model.variables]
-    return TrainedStage(name, settings, history, evaluation, record, variables)
-
-
-def start_from(classifier, stage: TrainedStage) -> None:
-    """Put a freshly built classifier where `stage` ended: weights and dropout's random state.
-
-    Without the random state the next stage would draw other dropout masks than a strategy that
-    trained the earlier stages itself, and end slightly elsewhere.
-    """
-    for variable, value in zip(classifier.model.variables, stage.variables, strict=True):
-        variable.assign(value)
+def shared_prefix(path: tuple[str, ...], other: tuple[str, ...]) -> int:
+    """How many stages two strategies' paths begin with in common."""
+    count = 0
+    for mine, theirs in zip(path, other, strict=False):
+        if mine != theirs:
+            break
+        count += 1
+    return count
 
 
 # --- the table and its charts --------------------------------------------------------------------
@@ -419,12 +367,11 @@ def plan_comparison(loaded: LoadedConfig) -> ComparisonPlan:
     )
 
 
-@task(name="draw-label-budgets", cache_policy=NO_CACHE)
-def label_budget_tables(
-    table: ImageTable, budgets: tuple[int, ...], seed: int
-) -> dict[int, ImageTable]:
-    """The training subset of every budget, checked all at once before any training."""
-    return {budget: keep_labels_per_class(table, budget, seed) for budget in budgets}
+@task(name="check-label-budgets", cache_policy=NO_CACHE)
+def check_label_budgets(table: ImageTable, budgets: tuple[int, ...], seed: int) -> None:
+    """Draw every budget's training subset once, so a budget too large fails before training."""
+    for budget in budgets:
+        keep_labels_per_class(table, budget, seed)
 
 
 @task(name="start-comparison-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
@@ -458,8 +405,14 @@ def start_comparison_run(
 
 
 @task(name="log-strategy-summary", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
-def log_strategy_summary(run: RunRef, labels_per_class: int, stages: list[StageSummary]) -> None:
-    """The columns the MLflow compare view lines strategies up by, as the parent run's metrics."""
+def log_strategy_summary(
+    run: RunRef, labels_per_class: int, stages: list[StageSummary], worker_peak_rss_mb: float
+) -> None:
+    """The columns the MLflow compare view lines strategies up by, as the parent run's metrics.
+
+    `worker_peak_rss_mb` is the peak memory of the process that trained the cell so far, so a
+    worker that grows from cell to cell shows it.
+    """
     log_summary(
         run,
         {
@@ -467,6 +420,7 @@ def log_strategy_summary(run: RunRef, labels_per_class: int, stages: list[StageS
             "trainable_params": float(stages[-1].trainable_params),
             "training_seconds": sum(s.train_seconds for s in stages),
             "epochs": float(sum(s.epochs_run for s in stages)),
+            "worker_peak_rss_mb": worker_peak_rss_mb,
         },
         {"stages": " > ".join(s.stage for s in stages)},
     )

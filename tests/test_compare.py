@@ -89,8 +89,13 @@ def test_compare_config_resolves_every_strategy() -> None:
     assert scratch.loaded.config.base.options == {"alpha": 0.25}
     # The same epoch budget as the longest transfer strategy: head epochs plus three 4-epoch stages.
     head_epochs = loaded.config.feature_extraction.epochs
-    assert scratch.scratch is not None and scratch.scratch.unfreeze_blocks == "all"
-    assert scratch.scratch.epochs == head_epochs + 12
+    assert scratch.from_scratch and len(scratch.stages) == 1
+    (only,) = scratch.stages
+    assert only.params() == {
+        "unfreeze_blocks": "all",
+        "epochs": head_epochs + 12,
+        "learning_rate": loaded.config.feature_extraction.learning_rate,
+    }
     assert strategies["feature_extraction"].loaded.config.fine_tune.stages == []
     assert [
         s.unfreeze_blocks for s in strategies["fine_tune_3"].loaded.config.fine_tune.stages
@@ -200,6 +205,8 @@ def compared(tmp_path_factory, tracking_server: str, prefect_api: str):
     with temporary_settings(updates={PREFECT_API_URL: prefect_api}):
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+            # For the thread that forwards the workers' logs, which reads no temporary settings.
+            patch.setenv("PREFECT_API_URL", prefect_api)
             result = compare_strategies(str(project / "conf" / "test.yaml"), overrides)
         assert result.tracking_uri == tracking_server
         yield project, result
@@ -282,15 +289,15 @@ def test_a_strategy_starts_from_the_stages_an_earlier_one_trained(compared) -> N
         }
         trained = stages["feature_extraction"]["feature_extraction"]
         reused = stages["fine_tune_1"]["feature_extraction"]
-        assert "reused_from_run_id" not in trained.data.tags
-        assert reused.data.tags["reused_from_run_id"] == trained.info.run_id
+        assert "resumed_from_run_id" not in trained.data.tags
+        assert reused.data.tags["resumed_from_run_id"] == trained.info.run_id
         assert reused.data.metrics["test_accuracy"] == trained.data.metrics["test_accuracy"]
         assert reused.data.params == trained.data.params
         assert not client.search_logged_models(
             [result.experiment_id], f"source_run_id = '{reused.info.run_id}'"
         )
         fine_tuned = stages["fine_tune_1"]["fine_tune_1"]
-        assert "reused_from_run_id" not in fine_tuned.data.tags
+        assert "resumed_from_run_id" not in fine_tuned.data.tags
         assert client.search_logged_models(
             [result.experiment_id], f"source_run_id = '{fine_tuned.info.run_id}'"
         )
@@ -353,7 +360,8 @@ def test_best_strategy_is_registered_through_the_gate(compared) -> None:
 
 @pytest.mark.slow
 def test_a_reused_stage_ends_where_training_it_again_would(compared, tracking_server, prefect_api):
-    """fine_tune_1 alone, with a feature cache of its own, scores what it scored after reuse."""
+    """fine_tune_1 alone, trained from the start in a worker of its own, scores what it scored
+    when it resumed feature_extraction's checkpoint from another worker."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.compare import compare_strategies
@@ -366,6 +374,7 @@ def test_a_reused_stage_ends_where_training_it_again_would(compared, tracking_se
         f"compare.label_budgets=[{budget}]",
         f"feature_extraction.cache_dir={project / '.cache' / 'alone'}",
         f"registry.model_name={result.model_name}-alone",
+        "tracking.resume=false",
     ]
     if not HAVE_IMAGENET_WEIGHTS:
         overrides.append("base.weights=null")
@@ -374,9 +383,110 @@ def test_a_reused_stage_ends_where_training_it_again_would(compared, tracking_se
         pytest.MonkeyPatch.context() as patch,
     ):
         patch.setenv("MLFLOW_TRACKING_URI", tracking_server)
+        patch.setenv("PREFECT_API_URL", prefect_api)
         alone = compare_strategies(str(project / "conf" / "test.yaml"), overrides)
     together = result.table.set_index(["strategy", "labels_per_class"])
     row = together.loc[("fine_tune_1", budget)]
     (lone,) = alone.table.itertuples()
     assert (lone.test_accuracy, lone.test_macro_f1) == (row["test_accuracy"], row["test_macro_f1"])
     assert lone.epochs == row["epochs"]
+    client = MlflowClient(tracking_server)
+    stages = client.search_runs([alone.experiment_id], f"tags.mlflow.parentRunId = '{lone.run_id}'")
+    assert len(stages) == 2 and not any("resumed_from_run_id" in s.data.tags for s in stages)
+
+
+def cell_runs_by_worker(result) -> dict[str, list]:
+    workers: dict[str, list] = {}
+    for run in strategy_runs(result):
+        workers.setdefault(run.data.tags["worker"], []).append(run)
+    return workers
+
+
+def scores(table: pd.DataFrame) -> pd.DataFrame:
+    """What must not depend on where or alongside what a cell trained."""
+    kept = ["strategy", "labels_per_class", "test_accuracy", "test_macro_f1", "epochs"]
+    return table[kept].sort_values(["strategy", "labels_per_class"]).reset_index(drop=True)
+
+
+def compare_again(project: Path, result, prefect_api: str, suffix: str, *overrides: str):
+    """The same comparison under an experiment and model of its own (so nothing is resumed)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.compare import compare_strategies
+
+    settings = [
+        f"tracking.experiment={result.model_name}-{suffix}",
+        f"registry.model_name={result.model_name}-{suffix}",
+        *overrides,
+    ]
+    if not HAVE_IMAGENET_WEIGHTS:
+        settings.append("base.weights=null")
+    with (
+        temporary_settings(updates={PREFECT_API_URL: prefect_api}),
+        pytest.MonkeyPatch.context() as patch,
+    ):
+        patch.setenv("MLFLOW_TRACKING_URI", result.tracking_uri)
+        patch.setenv("PREFECT_API_URL", prefect_api)
+        return compare_strategies(str(project / "conf" / "test.yaml"), settings)
+
+
+@pytest.mark.slow
+def test_cells_train_in_worker_processes_and_two_workers_give_the_same_table(
+    compared, prefect_api
+) -> None:
+    import os
+
+    project, one = compared
+    (single,) = cell_runs_by_worker(one)  # one worker process trained every cell...
+    assert not single.endswith(f":{os.getpid()}")  # ...and it is not this process
+    two = compare_again(project, one, prefect_api, "two-workers", "compare.workers=2")
+    workers = cell_runs_by_worker(two)
+    assert len(workers) == 2, sorted(workers)
+    pd.testing.assert_frame_equal(scores(two.table), scores(one.table))
+    for runs in workers.values():
+        assert all(run.data.metrics["worker_peak_rss_mb"] > 100 for run in runs)
+
+
+@pytest.mark.slow
+def test_cells_run_on_a_work_pool_with_two_process_workers(compared, prefect_api, tmp_path):
+    """The deployment `transferflow deploy-cells` registers, served by two `prefect worker`s."""
+    import os
+
+    from tests.repositories import run
+    from tests.servers import BIN, start, stop, tail
+
+    project, one = compared
+    pool = fresh_name("cells")[:40]
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": prefect_api,
+        "MLFLOW_TRACKING_URI": one.tracking_uri,
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
+    run(str(BIN / "prefect"), "work-pool", "create", pool, "--type", "process", cwd=ROOT, env=env)
+    deployed = run(str(BIN / "transferflow"), "deploy-cells", "--pool", pool, cwd=ROOT, env=env)
+    assert f"train-comparison-cell/{pool}" in deployed
+    logs = [tmp_path / f"worker-{index}.log" for index in range(2)]
+    # One flow run at a time each, so two cells ready together go to both workers.
+    command = [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--limit", "1"]
+    workers = [start([*command, "--name", log.stem], log, env) for log in logs]
+    budget = max(BUDGETS)
+    try:
+        pooled = compare_again(
+            project,
+            one,
+            prefect_api,
+            "work-pool",
+            f"compare.work_pool={pool}",
+            "compare.workers=2",
+            f"compare.label_budgets=[{budget}]",
+        )
+    finally:
+        for worker in workers:
+            stop(worker)
+    local = one.table[one.table["labels_per_class"] == budget]
+    pd.testing.assert_frame_equal(scores(pooled.table), scores(local))
+    assert len(cell_runs_by_worker(pooled)) == len(STRATEGIES)  # a flow-run process per cell
+    for log in logs:
+        assert "Completed" in tail(log, 100_000), f"{log.name} ran no cell:\n{tail(log)}"

@@ -1,58 +1,55 @@
-"""Strategies that begin with the same stages train them once in a comparison."""
+"""Strategies that begin with the same stages: which cells wait for which, and what they share."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from conf import load_config
-from tasks.comparison import SharedStages, TrainedStage, resolve_strategies, stage_path
+from tasks.cells import plan_cells
+from tasks.comparison import ComparisonPlan, resolve_strategies, shared_prefix, stage_path
 from tasks.config import LoadedConfig
-from tasks.tracking import StageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def strategy_configs(*overrides: str) -> dict:
+def strategies(*overrides: str) -> dict:
     loaded = LoadedConfig(load_config(ROOT / "conf" / "compare.yaml", list(overrides)), ROOT)
-    return {s.name: s.loaded.config for s in resolve_strategies(loaded)}
-
-
-def stage(name: str) -> TrainedStage:
-    return TrainedStage(name, None, None, None, StageRecord(name, f"run-{name}", None), [])  # type: ignore[arg-type]
+    return {s.name: s for s in resolve_strategies(loaded)}
 
 
 def test_deeper_fine_tuning_begins_with_the_shallower_strategies_stages() -> None:
-    configs = strategy_configs()
+    found = strategies()
     fe, ft1, ft2, ft3 = (
-        stage_path(configs[name])
+        stage_path(found[name])
         for name in ("feature_extraction", "fine_tune_1", "fine_tune_2", "fine_tune_3")
     )
     assert (len(fe), len(ft1), len(ft2), len(ft3)) == (1, 2, 3, 4)
     assert ft3[:3] == ft2 and ft2[:2] == ft1 and ft1[:1] == fe
-    full = stage_path(configs["full_unfreeze"])
-    assert full[:1] == fe and full[1] != ft1[1]  # same head, a different first stage
-
-
-def test_a_stage_is_reused_only_when_everything_before_it_matches() -> None:
-    configs = strategy_configs()
-    shared = SharedStages()
-    assert shared.reusable(configs["fine_tune_2"]) == []
-    head, first = stage("feature_extraction"), stage("fine_tune_1")
-    shared.keep(configs["fine_tune_1"], 0, head)
-    shared.keep(configs["fine_tune_1"], 1, first)
-
-    assert shared.reusable(configs["feature_extraction"]) == [head]
-    assert shared.reusable(configs["fine_tune_2"]) == [head, first]
-    assert shared.reusable(configs["full_unfreeze"]) == [head]
-    assert shared.reusable(configs["from_scratch"]) == []
+    full = stage_path(found["full_unfreeze"])
+    assert shared_prefix(full, ft1) == 1  # same head, a different first unfreezing stage
+    assert shared_prefix(stage_path(found["from_scratch"]), fe) == 0
 
 
 def test_a_different_seed_learning_rate_or_image_size_shares_nothing() -> None:
-    shared = SharedStages()
-    configs = strategy_configs()
-    shared.keep(configs["fine_tune_1"], 0, stage("feature_extraction"))
-    shared.keep(configs["fine_tune_1"], 1, stage("fine_tune_1"))
+    base = stage_path(strategies()["fine_tune_2"])
     for override in ("seed=7", "data.image_size=64", "feature_extraction.learning_rate=0.01"):
-        assert shared.reusable(strategy_configs(override)["fine_tune_2"]) == [], override
-    slower = strategy_configs("fine_tune.lr_factor=0.5")["fine_tune_2"]
-    assert [s.name for s in shared.reusable(slower)] == ["feature_extraction"]
+        assert shared_prefix(stage_path(strategies(override)["fine_tune_2"]), base) == 0, override
+    slower = stage_path(strategies("fine_tune.lr_factor=0.5")["fine_tune_2"])
+    assert shared_prefix(slower, base) == 1  # the head's stage only
+    elsewhere = stage_path(strategies("feature_extraction.cache_dir=/tmp/x")["fine_tune_2"])
+    assert elsewhere == base  # where features are cached changes no stage
+
+
+def test_each_cell_waits_for_the_cell_whose_stages_it_resumes() -> None:
+    found = strategies()
+    plan = ComparisonPlan("cmp", tuple(found.values()), (10, 25), "accuracy")
+    cells = {cell.id: cell for cell in plan_cells.fn(plan, "conf/compare.yaml", [], "v1")}
+    assert len(cells) == 12
+    assert cells["from_scratch@10"].after == () and cells["from_scratch@25"].after == ()
+    assert cells["feature_extraction@10"].after == ()
+    assert cells["fine_tune_1@10"].after == ("feature_extraction@10",)
+    assert cells["fine_tune_3@25"].after == ("fine_tune_2@25",)
+    assert cells["full_unfreeze@25"].after == ("feature_extraction@25",)
+    # Validation and test features are cached by the first budget's first transfer cell.
+    assert cells["feature_extraction@25"].after == ("feature_extraction@10",)
+    assert Path(cells["fine_tune_1@10"].config_path).is_absolute()

@@ -1,0 +1,39 @@
+"""One comparison cell as a flow of its own, for the `train-comparison-cell` deployment on a work pool."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import cast
+
+from prefect import Flow, flow
+
+from tasks.cells import CellSpec, check_cell_data, train_cell_step
+from tasks.config import load_pipeline_config
+from tasks.data import pull_data_version
+
+
+@flow(name="train-comparison-cell", log_prints=True)
+def train_comparison_cell(cell: CellSpec) -> str:
+    """Pull the data version the comparison uses, then train the cell; its MLflow run id."""
+    loaded = load_pipeline_config(cell.config_path, list(cell.overrides))
+    check_cell_data(cell, pull_data_version(loaded))
+    return train_cell_step(cell)
+
+
+def deploy_cells(work_pool: str) -> str:
+    """Register `train-comparison-cell/<work_pool>` for the pool's workers; returns its full name.
+
+    Workers run the flow from this checkout, so each worker machine needs it at the same path.
+    """
+    code = Path(__file__).resolve().parents[1]
+    from_code = train_comparison_cell.from_source(
+        str(code), "flows/compare_cell.py:train_comparison_cell"
+    )
+    cast(Flow, from_code).deploy(  # from_source returns the flow itself when called without await
+        name=work_pool,
+        work_pool_name=work_pool,
+        print_next_steps=False,
+        description="One strategy at one label budget of a comparison (compare.work_pool).",
+        tags=["comparison"],
+    )
+    return f"{train_comparison_cell.name}/{work_pool}"

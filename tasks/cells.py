@@ -1,0 +1,329 @@
+"""Comparison cells: one strategy at one label budget, trained in a worker and found in MLflow.
+
+A cell is described by plain values (config file, overrides, strategy, budget, data version), so
+a local worker process and a flow run on a Prefect work pool can both run it. A cell returns only
+its MLflow run id; the comparison reads everything else back from MLflow, where every worker
+writes, and cells share frozen features (the feature cache) and finished stages (checkpoints).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mlflow import MlflowClient
+from prefect import tags, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from pydantic import BaseModel, ConfigDict
+
+from conf.schema import CompareConfig
+from tasks.checkpoints import RESUMED_TAG, read_checkpoint
+from tasks.comparison import (
+    ComparisonPlan,
+    Strategy,
+    StrategyOutcome,
+    keep_labels_per_class,
+    labelled_subset_name,
+    log_strategy_summary,
+    resolve_strategies,
+    shared_prefix,
+    stage_path,
+)
+from tasks.config import LoadedConfig, load_and_check
+from tasks.report import StageSummary
+from tasks.tracking import RunRef, StageRecord, finish_tracking, start_tracking
+
+CELL_FLOW = "train-comparison-cell"
+
+
+class DataVersionChangedError(RuntimeError):
+    """A worker found another data version than the comparison it works for."""
+
+
+class CellSpec(BaseModel):
+    """One strategy at one label budget, as plain values a worker anywhere can act on.
+
+    `after` lists the cells that must finish first: the one whose stages this cell begins with,
+    or, for the first transfer cell of a later budget, the first budget's (its validation and
+    test features are cached by then).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config_path: str
+    overrides: tuple[str, ...] = ()
+    strategy: str
+    labels_per_class: int
+    comparison_id: str
+    data_version: str
+    after: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return cell_id(self.strategy, self.labels_per_class)
+
+
+def cell_id(strategy: str, labels_per_class: int) -> str:
+    return f"{strategy}@{labels_per_class}"
+
+
+@task(name="plan-cells", cache_policy=NO_CACHE)
+def plan_cells(
+    plan: ComparisonPlan,
+    config_path: str,
+    overrides: Sequence[str],
+    data_version: str,
+) -> list[CellSpec]:
+    """Every strategy at every budget, each waiting for the cell whose stages it can resume.
+
+    The config file is named by its absolute path: workers on other machines need the project
+    checked out at the same place.
+    """
+    config_path = str(Path(config_path).resolve())
+    paths = {strategy.name: stage_path(strategy) for strategy in plan.strategies}
+    first_transfer = next((s for s in plan.strategies if not s.from_scratch), None)
+    cells = []
+    for budget in plan.label_budgets:
+        for index, strategy in enumerate(plan.strategies):
+            after: list[str] = []
+            longest = 0
+            for earlier in plan.strategies[:index]:
+                shared = shared_prefix(paths[strategy.name], paths[earlier.name])
+                if shared > longest:
+                    longest, after = shared, [cell_id(earlier.name, budget)]
+            first_budget = plan.label_budgets[0]
+            if not after and not strategy.from_scratch and budget != first_budget:
+                assert first_transfer is not None
+                after = [cell_id(first_transfer.name, first_budget)]
+            cells.append(
+                CellSpec(
+                    config_path=config_path,
+                    overrides=tuple(overrides),
+                    strategy=strategy.name,
+                    labels_per_class=budget,
+                    comparison_id=plan.comparison_id,
+                    data_version=data_version,
+                    after=tuple(after),
+                )
+            )
+    return cells
+
+
+def strategy_named(loaded: LoadedConfig, name: str) -> Strategy:
+    for strategy in resolve_strategies(loaded):
+        if strategy.name == name:
+            return strategy
+    raise KeyError(f"the config declares no strategy {name!r}")
+
+
+def train_cell(cell: CellSpec) -> str:
+    """Train one strategy at one budget under its own MLflow parent run; return that run's id.
+
+    Reads the image table from the project as the comparison did (the comparison has already
+    pulled the data and checked every image), resumes the stages another cell or run finished.
+    """
+    from tasks.data import load_image_table
+    from tasks.model import build_classifier_for
+    from tasks.stages.base import StageInputs
+    from tasks.stages.runner import run_stages
+
+    loaded = load_and_check(cell.config_path, cell.overrides)
+    strategy = strategy_named(loaded, cell.strategy)
+    config = strategy.loaded.config
+    table = load_image_table(
+        loaded.path(config.data.path),
+        config.data.val_fraction,
+        config.data.test_fraction,
+        config.seed,
+    )
+    labelled = keep_labels_per_class(table, cell.labels_per_class, config.seed)
+    classifier = build_classifier_for(strategy.loaded, len(labelled.classes))
+    run = start_tracking(
+        strategy.loaded,
+        labelled,
+        cell.data_version,
+        strategy=strategy.name,
+        run_name=f"{strategy.name}-{cell.labels_per_class}-per-class",
+        tags={
+            "comparison_id": cell.comparison_id,
+            "label_budget": str(cell.labels_per_class),
+            "worker": f"{socket.gethostname()}:{os.getpid()}",
+        },
+        dataset_name=labelled_subset_name(config.data.path, cell.labels_per_class),
+    )
+    try:
+        inputs = StageInputs(classifier, labelled, strategy.loaded, cell.data_version)
+        outcome = run_stages(run, strategy.stages, inputs, resume=config.tracking.resume)
+        log_strategy_summary(run, cell.labels_per_class, outcome.summaries, peak_rss_mb())
+    except BaseException:
+        finish_tracking(run, summaries=[], failed=True)
+        raise
+    finish_tracking(run, summaries=outcome.summaries, failed=False)
+    return run.run_id
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux and macOS report it differently)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+def release_models() -> None:
+    """Drop Keras' global state and collect, so a worker that runs many cells does not grow."""
+    import keras
+
+    keras.backend.clear_session(free_memory=True)
+    gc.collect()
+
+
+def cell_outcome(run: RunRef, strategy: Strategy, labels_per_class: int) -> StrategyOutcome:
+    """A finished cell as the comparison tabulates it, read back from its MLflow runs."""
+    client = MlflowClient(run.tracking_uri)
+    children = client.search_runs([run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'")
+    by_stage = {child.data.tags["stage"]: child for child in children}
+    missing = [stage.name for stage in strategy.stages if stage.name not in by_stage]
+    if missing:
+        raise RuntimeError(f"run {run.run_id} of {strategy.name} has no stage run for {missing}")
+    summaries = [_stage_summary(by_stage[stage.name]) for stage in strategy.stages]
+    final = by_stage[strategy.stages[-1].name]
+    checkpoint = read_checkpoint(
+        run.tracking_uri, final.data.tags.get(RESUMED_TAG, final.info.run_id)
+    )
+    return StrategyOutcome(
+        strategy=strategy.name,
+        labels_per_class=labels_per_class,
+        run=run,
+        loaded=strategy.loaded,
+        stages=tuple(summaries),
+        final=StageRecord(final.data.tags["stage"], final.info.run_id, checkpoint.model_uri),
+        evaluation=checkpoint.evaluation,
+    )
+
+
+def _stage_summary(stage_run) -> StageSummary:
+    metrics, params = stage_run.data.metrics, stage_run.data.params
+    return StageSummary(
+        stage=stage_run.data.tags["stage"],
+        test_accuracy=metrics["test_accuracy"],
+        test_macro_f1=metrics["test_macro_f1"],
+        trainable_params=int(params["trainable_params"]),
+        learning_rate=float(params["learning_rate"]),
+        epochs_run=int(metrics["epochs_run"]),
+        train_seconds=metrics["train_seconds"],
+    )
+
+
+def find_cell_run(uri: str, experiment_id: str, cell: CellSpec) -> str:
+    """The MLflow parent run a cell finished (for cells run elsewhere, e.g. on a work pool)."""
+    runs = MlflowClient(uri).search_runs(
+        [experiment_id],
+        f"tags.comparison_id = '{cell.comparison_id}' and tags.strategy = '{cell.strategy}' "
+        f"and tags.label_budget = '{cell.labels_per_class}' and attributes.status = 'FINISHED'",
+        max_results=1,
+    )
+    if not runs:
+        raise RuntimeError(
+            f"cell {cell.id} finished but left no finished MLflow run in experiment "
+            f"{experiment_id}; does the worker use the same MLFLOW_TRACKING_URI?"
+        )
+    return runs[0].info.run_id
+
+
+# --- engines --------------------------------------------------------------------------------------
+
+
+def cell_task_runner(compare: CompareConfig):
+    """Local worker processes, or (with a work pool) threads that wait on the pool's flow runs.
+
+    Worker processes report to the Prefect API this process uses, its temporary server too:
+    left alone, each would start a temporary server of its own.
+    """
+    if compare.work_pool:
+        return ThreadPoolTaskRunner(max_workers=compare.workers)
+    return ProcessPoolTaskRunner(
+        max_workers=compare.workers, initializer=use_prefect_api, initargs=(prefect_api_url(),)
+    )
+
+
+def prefect_api_url() -> str | None:
+    """PREFECT_API_URL as this process sees it, or the address of its temporary server."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if url:
+        return url
+    server = SubprocessASGIServer()  # the process's one temporary server, if it started one
+    return server.api_url if server.running else None
+
+
+def use_prefect_api(url: str | None) -> None:
+    """In a worker process, before any task: talk to `url` (the parent's Prefect API)."""
+    if url:
+        os.environ["PREFECT_API_URL"] = url
+
+
+# --- Prefect steps -------------------------------------------------------------------------------
+
+
+@task(name="train-cell", cache_policy=NO_CACHE)
+def train_cell_step(cell: CellSpec) -> str:
+    """One cell in this worker process; the worker's Keras state is dropped after it."""
+    try:
+        with tags(f"strategy:{cell.strategy}", f"labels-per-class:{cell.labels_per_class}"):
+            return train_cell(cell)
+    finally:
+        release_models()
+
+
+@task(name="train-cell-on-work-pool", cache_policy=NO_CACHE)
+def train_cell_on_pool(cell: CellSpec, work_pool: str, uri: str, experiment_id: str) -> str:
+    """One cell as a flow run of the `train-comparison-cell/<work_pool>` deployment."""
+    from prefect.deployments import run_deployment
+
+    flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync in a sync task
+        f"{CELL_FLOW}/{work_pool}",
+        parameters={"cell": cell.model_dump(mode="json")},
+        timeout=None,
+        tags=[f"strategy:{cell.strategy}", f"labels-per-class:{cell.labels_per_class}"],
+    )
+    state = flow_run.state
+    if state is None or not state.is_completed():
+        shown = state.name if state is not None else "no state"
+        raise RuntimeError(
+            f"cell {cell.id} ended {shown} on work pool {work_pool!r} (flow run {flow_run.id})"
+        )
+    return find_cell_run(uri, experiment_id, cell)
+
+
+@task(name="read-cell-outcomes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def read_cell_outcomes(
+    comparison: RunRef, plan: ComparisonPlan, cells: list[CellSpec], run_ids: list[str]
+) -> list[StrategyOutcome]:
+    """Every cell's scores, stages and final model, from MLflow, in plan order."""
+    strategies = {strategy.name: strategy for strategy in plan.strategies}
+    return [
+        cell_outcome(
+            RunRef(run_id, comparison.experiment_id, comparison.tracking_uri),
+            strategies[cell.strategy],
+            cell.labels_per_class,
+        )
+        for cell, run_id in zip(cells, run_ids, strict=True)
+    ]
+
+
+@task(name="check-data-version", cache_policy=NO_CACHE)
+def check_cell_data(cell: CellSpec, data_version: str) -> None:
+    """Stop a worker whose checkout pins other data than the comparison it works for."""
+    if data_version != cell.data_version:
+        raise DataVersionChangedError(
+            f"this worker's data is version {data_version}, the comparison's is "
+            f"{cell.data_version}: check out the same commit of data.dvc on every worker"
+        )
