@@ -265,9 +265,20 @@ def prefect_api_url() -> str | None:
 
 
 def use_prefect_api(url: str | None) -> None:
-    """In a worker process, before any task: talk to `url` (the parent's Prefect API)."""
-    if url:
-        os.environ["PREFECT_API_URL"] = url
+    """In a worker process, before any task: talk to `url` (the parent's Prefect API).
+
+    Task events and logs then go straight there too. Relayed through the parent, they would be
+    sent by a thread that sees only the parent's global settings, not settings a caller set for
+    the flow (`temporary_settings`), and could land on another server than the flow run.
+    """
+    if not url:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import set_api_log_sink
+
+    os.environ["PREFECT_API_URL"] = url
+    EventsWorker.set_client_override(None)
+    set_api_log_sink(None)
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
