@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 TRACKING_TASKS = (
     "start-tracking",
     "log-stage",
-    "log-reused-stage",
+    "log-resumed-stage",
     "register-challenger",
     "finish-tracking",
 )
@@ -194,6 +194,7 @@ def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[st
     ]
 
     def timed(chosen: list[dict], cache: str) -> float:
+        # An experiment of its own each: a lone run must not resume the comparison's stages.
         started = time.perf_counter()
         compare_strategies(
             str(COMPARE_CONFIG),
@@ -202,7 +203,7 @@ def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[st
                 f"compare.label_budgets=[{budget}]",
                 f"feature_extraction.cache_dir={work / cache}",
                 "registry.model_name=bench-compare",
-                "tracking.experiment=bench-compare",
+                f"tracking.experiment=bench-{cache}",
             ],
         )
         return time.perf_counter() - started
@@ -331,6 +332,9 @@ def main() -> None:
     parser.add_argument(
         "--compare-budget", type=int, default=100, help="labelled images per class for (4)"
     )
+    parser.add_argument(
+        "--only-grid", action="store_true", help="measure only resume, workers and grid (8-10)"
+    )
     args = parser.parse_args()
 
     from tasks.config import load_and_check
@@ -343,13 +347,22 @@ def main() -> None:
         f"feature_extraction.cache_dir={work / 'features'}",
         "registry.model_name=bench-classifier",
         "tracking.experiment=bench",
+        "tracking.resume=false",  # time training, not resuming the previous run's stages
     ]
     figures: dict[str, float] = {}
     say(f"benchmark on {os.cpu_count()} cores, {size} px, config {args.config}")
 
-    if not args.only_compare:
-        measure_training(args, loaded, overrides, work, figures)
+    if not args.only_grid:
+        if not args.only_compare:
+            measure_training(args, loaded, overrides, work, figures)
+        measure_comparison(args, work, figures)
+    measure_grid(args, overrides[:1], work, figures)
+    shutil.rmtree(work, ignore_errors=True)
+    print(" ".join(f"{name}={value:.3f}" for name, value in figures.items()))
 
+
+def measure_comparison(args, work: Path, figures: dict[str, float]) -> None:
+    """4: the comparison against its strategies one by one."""
     together, alone = compare_vs_one_by_one(work, args.compare_budget)
     total = sum(seconds for _, seconds in alone)
     figures |= {"compare_s": together, "one_by_one_s": total, "compare_vs_sum": together / total}
@@ -359,8 +372,38 @@ def main() -> None:
     )
     for name, seconds in alone:
         say(f"   {name} alone: {seconds:.1f} s")
-    shutil.rmtree(work, ignore_errors=True)
-    print(" ".join(f"{name}={value:.3f}" for name, value in figures.items()))
+
+
+def measure_grid(args, overrides: list[str], work: Path, figures: dict[str, float]) -> None:
+    """8, 9 and 10: resume after a kill, two workers against one, memory over a large grid."""
+    from grid_figures import (  # beside this file
+        compare_with_workers,
+        grid_memory,
+        resume_after_kill,
+    )
+
+    retrained, resumed, rerun = resume_after_kill(args.config, overrides, work)
+    figures |= {"resume_retrained_stages": retrained, "resume_rerun_s": rerun}
+    say(
+        f"8. kill -9 during the last stage, then the same command: {resumed} stages resumed, "
+        f"{retrained} trained again besides the killed one; the rerun took {rerun:.1f} s"
+    )
+    budgets = [10, 25]
+    one, cells = compare_with_workers(work, 1, budgets)
+    two, _ = compare_with_workers(work, 2, budgets)
+    figures |= {"compare_workers_vs_one": two / one, "one_worker_vs_cells": one / cells}
+    say(
+        f"9. comparison of the transfer strategies at {budgets} labels per class: 1 worker "
+        f"{one:.1f} s, 2 workers {two:.1f} s ({two / one:.2f} x); 1 worker against the sum of "
+        f"its cells ({cells:.1f} s): {one / cells:.2f} x"
+    )
+    largest, growth, count = grid_memory(work, [2, 4, 6, 8, 10], workers=2)
+    figures |= {"grid_rss_mb_max": largest, "grid_worker_growth_mb": growth}
+    say(
+        f"10. a grid of {count} cells on 2 workers: largest peak RSS of any process "
+        f"{largest:,.0f} MB; a worker's peak grew by at most {growth:,.0f} MB from its first "
+        "cell to its last"
+    )
 
 
 if __name__ == "__main__":

@@ -276,6 +276,11 @@ class CompareConfig(Section):
         description="How many cells (a strategy at a budget) train at once, each in a worker "
         "process of its own (or, with work_pool, how many flow runs wait on the pool at once).",
     )
+    cells_per_worker: PositiveInt = Field(
+        4,
+        description="A local worker process is replaced by a fresh one after this many cells: "
+        "TensorFlow keeps per-model state that clearing the Keras session does not give back.",
+    )
     work_pool: str | None = Field(
         None,
         min_length=1,

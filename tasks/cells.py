@@ -14,6 +14,7 @@ import resource
 import socket
 import sys
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -247,9 +248,42 @@ def cell_task_runner(compare: CompareConfig):
     """
     if compare.work_pool:
         return ThreadPoolTaskRunner(max_workers=compare.workers)
-    return ProcessPoolTaskRunner(
+    runner = RecyclingProcessPoolTaskRunner(
         max_workers=compare.workers, initializer=use_prefect_api, initargs=(prefect_api_url(),)
     )
+    runner.tasks_per_worker = compare.cells_per_worker
+    return runner
+
+
+class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
+    """Prefect's process pool, each worker process replaced after `tasks_per_worker` tasks.
+
+    A worker grows with every model it trains (TensorFlow keeps per-model state that
+    `clear_session` does not return), so a long grid would grow it without bound.
+    """
+
+    tasks_per_worker: int | None = None
+
+    def duplicate(self):
+        copy = super().duplicate()
+        copy.tasks_per_worker = self.tasks_per_worker
+        return copy
+
+    def __enter__(self):
+        super().__enter__()
+        # The executor starts no process before its first task: replace it with one that
+        # recycles, keeping the start method, initializer and arguments Prefect gave it.
+        given = self._executor
+        if given is not None and self.tasks_per_worker is not None:
+            self._executor = ProcessPoolExecutor(
+                max_workers=given._max_workers,  # type: ignore[attr-defined]
+                mp_context=given._mp_context,  # type: ignore[attr-defined]
+                initializer=given._initializer,  # type: ignore[attr-defined]
+                initargs=given._initargs,  # type: ignore[attr-defined]
+                max_tasks_per_child=self.tasks_per_worker,
+            )
+            given.shutdown(wait=True)
+        return self
 
 
 def prefect_api_url() -> str | None:
