@@ -275,7 +275,7 @@ class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
         # recycles, keeping the start method, initializer and arguments Prefect gave it.
         given = self._executor
         if given is not None and self.tasks_per_worker is not None:
-            self._executor = ProcessPoolExecutor(
+            self._executor = _RecyclingExecutor(
                 max_workers=given._max_workers,  # type: ignore[attr-defined]
                 mp_context=given._mp_context,  # type: ignore[attr-defined]
                 initializer=given._initializer,  # type: ignore[attr-defined]
@@ -313,6 +313,22 @@ def use_prefect_api(url: str | None) -> None:
     os.environ["PREFECT_API_URL"] = url
     EventsWorker.set_client_override(None)
     set_api_log_sink(None)
+
+
+class _RecyclingExecutor(ProcessPoolExecutor):
+    """A process pool that starts a replacement whenever it has fewer processes than allowed.
+
+    CPython 3.11's pool skips the replacement for a worker that left after its last task when it
+    counts an idle worker, and that count can be the leaving worker's own: queued tasks then
+    wait forever with no process to run them (seen here with queued cells).
+    """
+
+    def _adjust_process_count(self) -> None:
+        idle = self._idle_worker_semaphore.acquire(blocking=False)  # type: ignore[attr-defined]
+        if len(self._processes) < self._max_workers:  # type: ignore[attr-defined]
+            self._spawn_process()  # type: ignore[attr-defined]
+        elif idle:
+            return
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
