@@ -60,8 +60,9 @@ def resume_after_kill(config: str, overrides: list[str], work: Path) -> tuple[in
         process = subprocess.Popen(
             command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
+        deadline = time.monotonic() + 1800  # the demo config's stages take about a minute
         try:
-            while process.poll() is None:
+            while process.poll() is None and time.monotonic() < deadline:
                 finished = [
                     run.data.tags["stage"]
                     for runs in _stage_runs(experiment).values()
@@ -71,8 +72,8 @@ def resume_after_kill(config: str, overrides: list[str], work: Path) -> tuple[in
                 if before_last in finished:
                     break
                 time.sleep(0.5)
-            if process.poll() is not None:
-                raise RuntimeError(f"the run ended before its last stage; see {log.name}")
+            if process.poll() is not None or time.monotonic() >= deadline:
+                raise RuntimeError(f"the run never reached its last stage; see {log.name}")
         finally:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()

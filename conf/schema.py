@@ -281,6 +281,11 @@ class CompareConfig(Section):
         description="A local worker process is replaced by a fresh one after this many cells: "
         "TensorFlow keeps per-model state that clearing the Keras session does not give back.",
     )
+    cell_timeout_minutes: PositiveInt = Field(
+        120,
+        description="With work_pool: how long to wait for one cell's flow run before the "
+        "comparison fails, naming the cell (a lost worker otherwise holds it forever).",
+    )
     work_pool: str | None = Field(
         None,
         min_length=1,

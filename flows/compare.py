@@ -72,7 +72,7 @@ def compare_strategies(
         cells = plan_cells(plan, config_path, overrides or [], data_version)
         compare = loaded.config.compare
         run_ids = train_cells.with_options(task_runner=cell_task_runner(compare))(
-            cells, compare.work_pool, comparison
+            cells, compare.work_pool, compare.cell_timeout_minutes, comparison
         )
         outcomes = read_cell_outcomes(comparison, plan, cells, run_ids)
         frame = tabulate_comparison(outcomes)
@@ -103,14 +103,21 @@ def compare_strategies(
 
 
 @flow(name="train-comparison-cells")
-def train_cells(cells: list[CellSpec], work_pool: str | None, comparison: RunRef) -> list[str]:
+def train_cells(
+    cells: list[CellSpec], work_pool: str | None, timeout_minutes: int, comparison: RunRef
+) -> list[str]:
     """Every cell on the flow's task runner, each after the cells it resumes from; their run ids."""
     futures: dict = {}
     for cell in cells:
         after = [futures[upstream] for upstream in cell.after]
         if work_pool:
             futures[cell.id] = train_cell_on_pool.submit(
-                cell, work_pool, comparison.tracking_uri, comparison.experiment_id, wait_for=after
+                cell,
+                work_pool,
+                comparison.tracking_uri,
+                comparison.experiment_id,
+                timeout_minutes,
+                wait_for=after,
             )  # type: ignore[call-overload]  # the stubs' overloads leave out wait_for
         else:
             futures[cell.id] = train_cell_step.submit(cell, wait_for=after)  # type: ignore[call-overload]

@@ -345,14 +345,16 @@ def train_cell_step(cell: CellSpec) -> str:
 
 
 @task(name="train-cell-on-work-pool", cache_policy=NO_CACHE)
-def train_cell_on_pool(cell: CellSpec, work_pool: str, uri: str, experiment_id: str) -> str:
+def train_cell_on_pool(
+    cell: CellSpec, work_pool: str, uri: str, experiment_id: str, timeout_minutes: int
+) -> str:
     """One cell as a flow run of the `train-comparison-cell/<work_pool>` deployment."""
     from prefect.deployments import run_deployment
 
     flow_run: FlowRun = run_deployment(  # type: ignore[assignment]  # sync in a sync task
         f"{CELL_FLOW}/{work_pool}",
         parameters={"cell": cell.model_dump(mode="json")},
-        timeout=None,
+        timeout=timeout_minutes * 60,
         tags=[f"strategy:{cell.strategy}", f"labels-per-class:{cell.labels_per_class}"],
     )
     state = flow_run.state
