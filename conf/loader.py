@@ -8,12 +8,13 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from conf.errors import ExpectedError
 from conf.schema import PipelineConfig
 
 Model = TypeVar("Model", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(ExpectedError, ValueError):
     """A config file or override that cannot be used; the message names the key."""
 
 
