@@ -2,12 +2,40 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
+from conf.errors import ExpectedError
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+
+# Bad input, bad config, a server that does not answer: the user fixes the input, not the code.
+EXPECTED_ERROR_EXIT = 2
+
+
+def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """`app.command`, with an expected error shown as its message alone and exit status 2.
+
+    Unexpected errors keep their traceback; Prefect's own log of a failed task stays above it.
+    """
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(function)
+        def run(*call_args: Any, **call_kwargs: Any) -> None:
+            try:
+                function(*call_args, **call_kwargs)
+            except ExpectedError as error:
+                typer.secho(f"Error: {error}", fg=typer.colors.RED, err=True)
+                raise typer.Exit(EXPECTED_ERROR_EXIT) from None
+
+        return app.command(*args, **kwargs)(run)
+
+    return register
+
 
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="A YAML file in conf/.")]
 SetOption = Annotated[
@@ -32,7 +60,7 @@ def _environment() -> None:
         os.environ.setdefault(name, value)
 
 
-@app.command()
+@command()
 def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
     from conf import project_root
@@ -65,7 +93,7 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
     typer.echo(f"MLflow UI:    {hint}")
 
 
-@app.command()
+@command()
 def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) -> None:
     """Compare strategies (from scratch, feature extraction, fine-tuning) at several label budgets."""
     from flows.compare import compare_strategies
@@ -87,7 +115,7 @@ def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) 
     )
 
 
-@app.command("demo-data")
+@command("demo-data")
 def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Build the Fashion-MNIST demo dataset, pin it with DVC (data.dvc) and push it to the remote."""
     from flows.demo_data import prepare_demo_data
@@ -109,7 +137,7 @@ def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None
         )
 
 
-@app.command()
+@command()
 def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the scheduled flow once: train only if data.dvc or the config changed since the champion."""
     from flows.retrain import retrain_classifier
@@ -123,7 +151,7 @@ def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) 
         )
 
 
-@app.command()
+@command()
 def serve(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Serve the retraining deployment on the config's `schedule:` (needs PREFECT_API_URL)."""
     _require_prefect_server()
@@ -132,7 +160,7 @@ def serve(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
     serve_retraining(config, list(set_ or []))
 
 
-@app.command()
+@command()
 def deploy(
     pool: Annotated[str, typer.Option("--pool", "-p", help="The Prefect work pool.")],
     config: ConfigOption = "conf/default.yaml",
@@ -148,7 +176,7 @@ def deploy(
     )
 
 
-@app.command("deploy-cells")
+@command("deploy-cells")
 def deploy_cells(
     pool: Annotated[str, typer.Option("--pool", "-p", help="The Prefect work pool.")],
 ) -> None:
@@ -174,14 +202,14 @@ def _require_prefect_server() -> None:
             fg=typer.colors.RED,
             err=True,
         )
-        raise typer.Exit(1)
+        raise typer.Exit(EXPECTED_ERROR_EXIT)
 
 
 ModelNameOption = Annotated[str, typer.Option("--model", help="The registered model's name.")]
 ReasonOption = Annotated[str, typer.Option("--reason", help="Why; recorded on the version.")]
 
 
-@app.command()
+@command()
 def promote(
     model: ModelNameOption,
     version: Annotated[int, typer.Option("--version", help="The version to make champion.")],
@@ -194,7 +222,7 @@ def promote(
     _show_move(_registry_action(lambda uri: promote_version(uri, model, version, reason), config))
 
 
-@app.command()
+@command()
 def rollback(
     model: ModelNameOption, reason: ReasonOption = "", config: ConfigOption = "conf/default.yaml"
 ) -> None:
@@ -207,20 +235,11 @@ def rollback(
 def _registry_action(action, config: str):
     """Run a promotion or rollback on MLFLOW_TRACKING_URI, else the project's store."""
     from conf import project_root
-    from tasks.registry import PromotionLockTimeoutError, RegistryActionError
-    from tasks.tracking import TrackingServerUnreachableError, check_tracking_server, tracking_uri
+    from tasks.tracking import check_tracking_server, tracking_uri
 
     uri = tracking_uri(project_root(config))
-    try:
-        check_tracking_server(uri)
-        return action(uri)
-    except (
-        RegistryActionError,
-        PromotionLockTimeoutError,
-        TrackingServerUnreachableError,
-    ) as error:
-        typer.secho(str(error), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    check_tracking_server(uri)
+    return action(uri)
 
 
 def _show_move(move) -> None:
@@ -229,7 +248,7 @@ def _show_move(move) -> None:
     typer.echo(f"Recorded:     {move.decision} by {move.by} at {move.at}: {move.reason}")
 
 
-@app.command()
+@command()
 def predict(
     images: Annotated[
         str, typer.Option("--images", help="A folder of images, searched recursively.")
@@ -245,19 +264,11 @@ def predict(
     """Label every image in a folder with a registered model; write path,label,probability."""
     from conf import load_config, project_root
     from flows.predict import predict_folder
-    from tasks.data import DataError
-    from tasks.predict import ServingModelError
-    from tasks.tracking import TrackingServerUnreachableError, tracking_uri
+    from tasks.tracking import tracking_uri
 
     if model is None:
         model = f"models:/{load_config(config).registry.model_name}@champion"
-    try:
-        result = predict_folder(
-            model, images, output, batch_size, tracking_uri(project_root(config))
-        )
-    except (DataError, ServingModelError, TrackingServerUnreachableError) as error:
-        typer.secho(str(error), fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from None
+    result = predict_folder(model, images, output, batch_size, tracking_uri(project_root(config)))
     typer.echo(f"Wrote {result.count} predictions by {result.model} to {result.output}")
     typer.echo("Labels: " + ", ".join(f"{k} {v}" for k, v in result.label_counts.items()))
 

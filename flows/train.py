@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from tasks.config import load_pipeline_config
+from tasks.config import check_training_inputs, load_pipeline_config
 from tasks.data import load_images, pull_data_version
 from tasks.model import build_classifier_for
 from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
@@ -52,6 +52,7 @@ def train_classifier(
     settings up to them) are resumed from their checkpoints instead of trained again.
     """
     loaded = load_pipeline_config(config_path, overrides or [])
+    check_training_inputs(loaded)
     data_version = pull_data_version(loaded)
     table = load_images(loaded, data_version)
     classifier = build_classifier_for(loaded, len(table.classes))

@@ -24,6 +24,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
+from conf.errors import ExpectedError
 from conf.schema import CompareConfig
 from tasks.checkpoints import RESUMED_TAG, read_checkpoint
 from tasks.comparison import (
@@ -44,7 +45,7 @@ from tasks.tracking import RunRef, StageRecord, finish_tracking, start_tracking
 CELL_FLOW = "train-comparison-cell"
 
 
-class DataVersionChangedError(RuntimeError):
+class DataVersionChangedError(ExpectedError, RuntimeError):
     """A worker found another data version than the comparison it works for."""
 
 

@@ -16,8 +16,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conf.errors import ExpectedError
 from conf.schema import PipelineConfig
-from tasks.config import LoadedConfig
+from tasks.config import LoadedConfig, check_training_config
 from tasks.data import ImageTable
 from tasks.evaluate import Evaluation
 from tasks.registry import ModelVersionRef, PromotionDecision
@@ -52,11 +53,11 @@ COLUMNS = (
 )
 
 
-class NoStrategiesError(ValueError):
+class NoStrategiesError(ExpectedError, ValueError):
     """The config declares no `compare.strategies`."""
 
 
-class LabelBudgetError(ValueError):
+class LabelBudgetError(ExpectedError, ValueError):
     """A label budget asks for more training images per class than the data holds."""
 
 
@@ -153,19 +154,14 @@ def resolve_strategies(loaded: LoadedConfig) -> tuple[Strategy, ...]:
 
 
 def check_strategy(strategy: Strategy) -> None:
-    """Fail now, not hours in, on an unknown architecture, bad options or missing weights."""
-    from tasks.model import check_architecture, resolve_weights
+    """Fail now, not hours in, on an unknown architecture, bad options, missing weights or a
+    fine-tuning stage deeper than the base."""
+    from tasks.model import check_architecture
 
-    base = strategy.loaded.config.base
-    check_architecture(base.architecture)
-    weights = base.weights
-    if weights not in (None, "imagenet"):
-        weights = str(strategy.loaded.path(weights))
+    check_architecture(strategy.loaded.config.base.architecture)
     try:
-        resolve_weights(
-            base.architecture, weights, base.options, strategy.loaded.config.data.image_size
-        )
-    except (FileNotFoundError, ValueError) as error:
+        check_training_config(strategy.loaded)
+    except ExpectedError as error:
         raise type(error)(f"strategy {strategy.name!r}: {error}") from error
 
 

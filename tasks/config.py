@@ -9,7 +9,12 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf import PipelineConfig, load_config, project_root
-from tasks.model import check_architecture
+from tasks.model import (
+    base_block_count,
+    check_architecture,
+    check_unfreeze_depths,
+    resolve_weights,
+)
 from tasks.tracking import check_tracking_server, tracking_uri
 
 
@@ -32,9 +37,33 @@ def load_and_check(
     return LoadedConfig(config, project_root(config_path))
 
 
+def check_training_config(loaded: LoadedConfig) -> None:
+    """The weights file exists and every fine-tuning stage fits in the base's blocks.
+
+    Both fail in seconds here; otherwise only after the data pull, the head's training and a
+    logged model.
+    """
+    config = loaded.config
+    base = config.base
+    weights = base.weights
+    if weights not in (None, "imagenet"):
+        weights = str(loaded.path(weights))  # a weights file named relative to the project
+    resolve_weights(base.architecture, weights, base.options, config.data.image_size)
+    depths = [stage.unfreeze_blocks for stage in config.fine_tune.stages]
+    if any(isinstance(depth, int) for depth in depths):
+        blocks = base_block_count(base.architecture, config.data.image_size, base.options)
+        check_unfreeze_depths(depths, blocks, base.architecture)
+
+
 @task(name="load-config", cache_policy=NO_CACHE)
 def load_pipeline_config(config_path: str, overrides: list[str]) -> LoadedConfig:
     """The config, checked, once the tracking server it will log to is known to answer."""
     loaded = load_and_check(config_path, overrides)
     check_tracking_server(tracking_uri(loaded.project))
     return loaded
+
+
+@task(name="check-training-inputs", cache_policy=NO_CACHE)
+def check_training_inputs(loaded: LoadedConfig) -> None:
+    """What the config names for training exists and fits, before any data is pulled."""
+    check_training_config(loaded)

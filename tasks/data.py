@@ -19,6 +19,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conf.errors import ExpectedError
+
 if TYPE_CHECKING:
     import tensorflow as tf
     from dvc.repo import Repo
@@ -31,7 +33,7 @@ MANIFEST_NAME = "manifest.csv"
 DECODABLE_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP"})
 
 
-class DataError(ValueError):
+class DataError(ExpectedError, ValueError):
     """The images or their listing cannot be used as given."""
 
 
@@ -63,7 +65,7 @@ class DataVersionMismatchError(DataError):
     """The data in the workspace is not the version its .dvc file pins."""
 
 
-class DvcPullError(RuntimeError):
+class DvcPullError(ExpectedError, RuntimeError):
     """`dvc pull` could not bring the pinned data from the remote."""
 
 

@@ -15,6 +15,8 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.errors import ExpectedError
+
 CLASS_NAMES = (
     "t-shirt_top",
     "trouser",
@@ -38,7 +40,7 @@ TRAIN_PER_CLASS = 6000
 TEST_PER_CLASS = 1000
 
 
-class FashionMnistNotFoundError(RuntimeError):
+class FashionMnistNotFoundError(ExpectedError, RuntimeError):
     """Fashion-MNIST is neither in the Keras cache nor installed, and could not be downloaded."""
 
 

@@ -10,6 +10,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from conf.errors import ExpectedError
 from tasks.config import LoadedConfig
 from tasks.data import fingerprint_files, pinned_data_version
 from tasks.registry import (
@@ -22,7 +23,7 @@ from tasks.registry import (
 from tasks.tracking import tracking_uri
 
 
-class GitPullError(RuntimeError):
+class GitPullError(ExpectedError, RuntimeError):
     """`git pull` could not bring the project's checkout up to date."""
 
 

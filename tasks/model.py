@@ -24,6 +24,8 @@ from keras.src.utils import file_utils
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.errors import ExpectedError
+
 APPLICATIONS_DOCS = "https://keras.io/api/applications/"
 
 # Constructor arguments the pipeline sets itself; a value in base.options would silently break
@@ -42,15 +44,23 @@ _RESERVED_OPTIONS = {
 }
 
 
-class UnknownArchitectureError(ValueError):
+class UnknownArchitectureError(ExpectedError, ValueError):
     """base.architecture names no Keras Applications model."""
 
 
-class WeightsNotFoundError(FileNotFoundError):
+class WeightsNotFoundError(ExpectedError, FileNotFoundError):
     """The weights file for the base is neither where it was looked for nor downloadable."""
 
 
-class PreprocessingNotAffineError(ValueError):
+class BaseOptionsError(ExpectedError, ValueError):
+    """base.options or data.image_size that the architecture's constructor rejects."""
+
+
+class UnfreezeTooDeepError(ExpectedError, ValueError):
+    """A fine-tuning stage unfreezes more blocks than the base has."""
+
+
+class PreprocessingNotAffineError(ExpectedError, ValueError):
     """A family's preprocess_input is not per-pixel affine, so a Dense layer cannot hold it."""
 
 
@@ -247,7 +257,7 @@ def resolve_weights(
 def _check_options(architecture: str, options: dict[str, Any]) -> None:
     for key in options:
         if key in _RESERVED_OPTIONS:
-            raise ValueError(
+            raise BaseOptionsError(
                 f"base.options may not set {key!r} for {architecture}: {_RESERVED_OPTIONS[key]}."
             )
     accepted = set(inspect.signature(_constructor(architecture)).parameters) - set(
@@ -256,7 +266,7 @@ def _check_options(architecture: str, options: dict[str, Any]) -> None:
     for key in sorted(set(options) - accepted):
         close = difflib.get_close_matches(key, sorted(accepted), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
+        raise BaseOptionsError(
             f"base.options {key!r}: keras.applications.{architecture} takes no such argument."
             f"{hint} It takes: {', '.join(sorted(accepted)) or 'nothing else'}."
         )
@@ -276,11 +286,11 @@ def _construct(
     except ValueError as error:
         minimum = re.search(r"at least (\d+)x(\d+)", str(error))
         if minimum:
-            raise ValueError(
+            raise BaseOptionsError(
                 f"data.image_size {image_size} is too small for {architecture}: set "
                 f"data.image_size to at least {minimum.group(1)}."
             ) from error
-        raise ValueError(
+        raise BaseOptionsError(
             f"keras.applications.{architecture} rejected base.options {options} with "
             f"base.weights {weights!r}: {error}"
         ) from error
@@ -528,6 +538,31 @@ def base_blocks(base: keras.Model) -> list[Block]:
 
 def _has_weights(graph: _Graph, positions: list[int]) -> bool:
     return any(getattr(graph.operations[i], "weights", None) for i in positions)
+
+
+def base_block_count(architecture: str, image_size: int, options: dict[str, Any]) -> int:
+    """How many blocks `unfreeze_blocks` can count on this base, from a randomly initialised copy.
+
+    Weights change no layer, so the copy needs no weights file. Keras' session is cleared after
+    it, so the base built for training gets the layer names it would get without this copy.
+    """
+    base = _construct(architecture, None, image_size, dict(options))
+    count = len(base_blocks(base))
+    del base
+    keras.backend.clear_session(free_memory=False)
+    return count
+
+
+def check_unfreeze_depths(
+    depths: list[int | Literal["all"]], blocks: int, architecture: str
+) -> None:
+    """Raise UnfreezeTooDeepError naming the first `fine_tune.stages[i]` deeper than the base."""
+    for index, depth in enumerate(depths):
+        if isinstance(depth, int) and depth > blocks:
+            raise UnfreezeTooDeepError(
+                f"fine_tune.stages[{index}].unfreeze_blocks is {depth}, but {architecture} has "
+                f"{blocks} blocks (stem included): use at most {blocks}, or 'all'."
+            )
 
 
 def trainable_parameter_count(model: keras.Model) -> int:

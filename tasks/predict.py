@@ -15,6 +15,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf import project_root
+from conf.errors import ExpectedError
 from tasks.data import (
     DataNotFoundError,
     EmptyDatasetError,
@@ -30,7 +31,7 @@ from tasks.tracking import tracking_uri
 _UNLABELLED = ""
 
 
-class ServingModelError(ValueError):
+class ServingModelError(ExpectedError, ValueError):
     """The model URI does not name a loadable image classifier."""
 
 

@@ -25,6 +25,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conf.errors import ExpectedError
+
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
     from tasks.config import LoadedConfig
     from tasks.evaluate import Evaluation
@@ -39,7 +41,7 @@ _HISTORY_LIMIT = 200
 LOCK_SUFFIX = ".promotion-lock"
 
 
-class RegistryActionError(ValueError):
+class RegistryActionError(ExpectedError, ValueError):
     """A promotion or rollback asked for something the registry cannot do as given."""
 
 
@@ -51,11 +53,11 @@ class NoPreviousChampionError(RegistryActionError):
     """There is no earlier champion to roll back to."""
 
 
-class PromotionLockTimeoutError(RuntimeError):
+class PromotionLockTimeoutError(ExpectedError, RuntimeError):
     """Another promotion held the registry lock for longer than we would wait."""
 
 
-class PromotionConflictError(RuntimeError):
+class PromotionConflictError(ExpectedError, RuntimeError):
     """The champion kept changing while the challenger was being scored against it."""
 
 

@@ -22,6 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conf.errors import ExpectedError
 from tasks.checkpoints import (
     CHECKPOINT_TAG,
     LINEAGE_TAG,
@@ -68,7 +69,7 @@ def tracking_uri(project_root: Path) -> str:
     )
 
 
-class TrackingServerUnreachableError(RuntimeError):
+class TrackingServerUnreachableError(ExpectedError, RuntimeError):
     """The MLflow tracking server a run or registry action would use does not answer."""
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from conf import ConfigError
 from tasks.data import DataNotFoundError, DvcPullError, EmptyDatasetError, UndecodableImagesError
-from tasks.model import UnknownArchitectureError, WeightsNotFoundError
+from tasks.model import UnfreezeTooDeepError, UnknownArchitectureError, WeightsNotFoundError
 from tasks.tracking import TrackingServerUnreachableError
 from tests.servers import free_port
 
@@ -109,12 +109,37 @@ def test_every_undecodable_image_is_named(tmp_path: Path) -> None:
     assert_nothing_tracked(tmp_path)
 
 
-def test_missing_weights_file_says_where_it_looked(tmp_path: Path) -> None:
+def test_missing_weights_file_says_where_it_looked_before_the_data_is_read(
+    tmp_path: Path,
+) -> None:
+    """The data folder is missing too: the weights file is checked first."""
     missing = tmp_path / "weights" / "mobilenet.h5"
-    config = project(tmp_path, image_folder(tmp_path / "images"), base={"weights": str(missing)})
-    with pytest.raises(WeightsNotFoundError, match=str(missing)):
+    config = project(tmp_path, tmp_path / "no-such-folder", base={"weights": str(missing)})
+    with pytest.raises(WeightsNotFoundError, match=rf"base\.weights.*{missing}"):
         train(config)
     assert_nothing_tracked(tmp_path)
+
+
+def test_unfreezing_more_blocks_than_the_base_has_fails_before_the_data_is_read(
+    tmp_path: Path,
+) -> None:
+    config = project(
+        tmp_path,
+        tmp_path / "no-such-folder",
+        fine_tune={"stages": [{"unfreeze_blocks": 2, "epochs": 1}, {"unfreeze_blocks": 99}]},
+    )
+    with pytest.raises(UnfreezeTooDeepError) as error:
+        train(config)
+    message = str(error.value)
+    assert "fine_tune.stages[1].unfreeze_blocks is 99" in message
+    assert "MobileNet has 14 blocks" in message
+    assert_nothing_tracked(tmp_path)
+
+
+def test_unknown_primary_metric_names_the_key(tmp_path: Path) -> None:
+    config = project(tmp_path, tmp_path / "no-such-folder")
+    with pytest.raises(ConfigError, match=r"evaluation\.primary_metric.*'accuracy' or 'macro_f1'"):
+        train(config, "evaluation.primary_metric=top5")
 
 
 def test_imagenet_weights_not_cached_offline_say_how_to_stage(tmp_path: Path) -> None:

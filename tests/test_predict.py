@@ -152,7 +152,7 @@ def test_undecodable_images_are_all_named_before_any_model_is_loaded(
     done = CliRunner().invoke(
         app, ["predict", "--model", "models:/never-registered@champion", "--images", str(folder)]
     )
-    assert done.exit_code == 1
+    assert done.exit_code == 2
     assert "2 image file(s) cannot be decoded" in done.output
     assert str(folder / "ok" / "cut.png") in done.output
     assert str(folder / "text.jpg") in done.output
@@ -161,4 +161,4 @@ def test_undecodable_images_are_all_named_before_any_model_is_loaded(
     empty = tmp_path / "empty"
     empty.mkdir()
     done = CliRunner().invoke(app, ["predict", "--model", "models:/x/1", "--images", str(empty)])
-    assert done.exit_code == 1 and f"no images (.png, .jpg, .jpeg) under {empty}" in done.output
+    assert done.exit_code == 2 and f"no images (.png, .jpg, .jpeg) under {empty}" in done.output

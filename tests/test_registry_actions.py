@@ -185,9 +185,9 @@ def test_unknown_versions_and_missing_champions_are_refused_with_the_fix(
 
     runner = CliRunner()
     refused = runner.invoke(app, ["promote", "--model", unique_name, "--version", "7"])
-    assert refused.exit_code == 1 and "has no version 7" in refused.output
+    assert refused.exit_code == 2 and "has no version 7" in refused.output
     refused = runner.invoke(app, ["rollback", "--model", unique_name])
-    assert refused.exit_code == 1 and "no earlier champion" in refused.output
+    assert refused.exit_code == 2 and "no earlier champion" in refused.output
     moved = runner.invoke(
         app, ["promote", "--model", unique_name, "--version", "2", "--reason", "A/B"]
     )
@@ -306,6 +306,6 @@ def test_registry_commands_on_a_server_that_is_down_fail_at_once_naming_it(
         ["predict", "--model", "models:/classifier@champion", "--images", str(tmp_path / "images")],
     ):
         refused = runner.invoke(app, command)
-        assert refused.exit_code == 1, refused.output
+        assert refused.exit_code == 2, refused.output
         assert f"http://127.0.0.1:{port} (MLFLOW_TRACKING_URI) does not answer" in refused.output
         assert "s3cret" not in refused.output
