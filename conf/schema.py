@@ -161,6 +161,31 @@ class TrackingConfig(Section):
         description="Start from a stage that a run in the experiment already finished with the "
         "same data, base, head, seed and settings, instead of training it again.",
     )
+    heartbeat_seconds: int = Field(
+        30,
+        ge=1,
+        description="How often a live run marks itself alive in MLflow. A RUNNING run with no "
+        "heartbeat for five of these is taken for dead (killed, machine lost) and closed as "
+        "KILLED by the next run in its experiment.",
+    )
+
+
+class TimeoutsConfig(Section):
+    """How long one call to each server may take, its retries included, before the run fails.
+
+    A run that fails on a lost server keeps what it finished: stages already logged resume when
+    the same command runs again.
+    """
+
+    mlflow_seconds: int = Field(
+        60, ge=10, description="One call to the MLflow tracking server (MLFLOW_TRACKING_URI)."
+    )
+    dvc_pull_seconds: int = Field(
+        900, ge=10, description="The whole `dvc pull` of the pinned data from the DVC remote."
+    )
+    prefect_api_seconds: int = Field(
+        60, ge=10, description="One call to the Prefect API (PREFECT_API_URL, or the local one)."
+    )
 
 
 class DemoDataConfig(Section):
@@ -329,6 +354,8 @@ class PipelineConfig(Section):
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig)
+    # Left out of every dump: how long to wait for a server changes nothing a run produces.
+    timeouts: TimeoutsConfig = Field(default_factory=TimeoutsConfig, exclude=True)
     # Left out of every dump too: moving the cron or the deployment name must not change the
     # config fingerprint, which would make the next scheduled run retrain.
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig, exclude=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -20,7 +21,8 @@ EXPECTED_ERROR_EXIT = 2
 def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """`app.command`, with an expected error shown as its message alone and exit status 2.
 
-    Unexpected errors keep their traceback; Prefect's own log of a failed task stays above it.
+    A tracking server lost mid-run counts as expected. Unexpected errors keep their traceback;
+    Prefect's own log of a failed task stays above it.
     """
 
     def register(function: Callable[..., None]) -> Callable[..., None]:
@@ -29,12 +31,45 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., None]], Callab
             try:
                 function(*call_args, **call_kwargs)
             except ExpectedError as error:
-                typer.secho(f"Error: {error}", fg=typer.colors.RED, err=True)
-                raise typer.Exit(EXPECTED_ERROR_EXIT) from None
+                _fail(error)
+            except Exception as error:
+                from tasks.tracking import tracking_server_lost
+
+                lost = tracking_server_lost(error)
+                if lost is None:
+                    raise
+                _fail(lost)
 
         return app.command(*args, **kwargs)(run)
 
     return register
+
+
+def _fail(error: Exception) -> None:
+    typer.secho(f"Error: {error}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(EXPECTED_ERROR_EXIT) from None
+
+
+def _stop_on_sigterm(signum: int, frame: Any) -> None:
+    # An exception rather than Python's default death, so that runs close as KILLED and
+    # Prefect's temporary server stops at exit. Inside a flow Prefect raises its own first.
+    raise SystemExit(128 + signum)
+
+
+def _run_flow(flow: Callable[[str, list[str]], Any], config: str, overrides: list[str]) -> Any:
+    """Run a flow on a config: the config checked first, the Prefect API calls bounded by
+    timeouts.prefect_api_seconds, and Prefect's temporary server stopped with this process."""
+    import signal
+
+    from conf import load_config
+    from tasks.prefect_server import start_local_prefect_server
+    from tasks.timeouts import bounded_prefect_calls
+
+    budget = load_config(config, overrides).timeouts.prefect_api_seconds
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    with bounded_prefect_calls(budget):
+        start_local_prefect_server()
+        return flow(config, overrides)
 
 
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="A YAML file in conf/.")]
@@ -54,10 +89,21 @@ _QUIET_DEFAULTS = {
 }
 
 
+class _NoTracebackForExpectedErrors(logging.Filter):
+    """Prefect logs a failed task or flow with its traceback; an expected error needs none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ExpectedError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 @app.callback()
 def _environment() -> None:
     for name, value in _QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTracebackForExpectedErrors())
 
 
 @command()
@@ -67,7 +113,7 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
     from flows.train import train_classifier
     from tasks.tracking import ui_hint
 
-    result = train_classifier(config, list(set_ or []))
+    result = _run_flow(train_classifier, config, list(set_ or []))
     typer.echo("")
     for done in result.resumed:
         typer.echo(f"Resumed:      {done.stage} from run {done.run_id} (already trained)")
@@ -98,7 +144,7 @@ def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) 
     """Compare strategies (from scratch, feature extraction, fine-tuning) at several label budgets."""
     from flows.compare import compare_strategies
 
-    result = compare_strategies(config, list(set_ or []))
+    result = _run_flow(compare_strategies, config, list(set_ or []))
     shown = result.table.drop(columns=["run_id"])
     typer.echo("")
     typer.echo(shown.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
@@ -120,7 +166,7 @@ def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None
     """Build the Fashion-MNIST demo dataset, pin it with DVC (data.dvc) and push it to the remote."""
     from flows.demo_data import prepare_demo_data
 
-    result = prepare_demo_data(config, list(set_ or []))
+    result = _run_flow(prepare_demo_data, config, list(set_ or []))
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     typer.echo(f"Demo data: {counts} images, DVC version {result.built}")
     if result.pinned is None:
@@ -142,7 +188,7 @@ def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) 
     """Run the scheduled flow once: train only if data.dvc or the config changed since the champion."""
     from flows.retrain import retrain_classifier
 
-    result = retrain_classifier(config, list(set_ or []))
+    result = _run_flow(retrain_classifier, config, list(set_ or []))
     typer.echo(f"Retraining check: {result.decision.reason}")
     if result.training is not None:
         outcome = "now the champion" if result.training.decision.promote else "not promoted"

@@ -18,7 +18,6 @@ from tasks.cells import (
 from tasks.comparison import (
     ComparisonFiles,
     check_label_budgets,
-    fail_comparison_run,
     log_comparison,
     pick_best_strategy,
     plan_comparison,
@@ -29,7 +28,7 @@ from tasks.comparison import (
 from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
 from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
-from tasks.tracking import RunRef
+from tasks.tracking import RunRef, close_run_after_failure
 
 DEFAULT_CONFIG = "conf/compare.yaml"
 
@@ -81,8 +80,8 @@ def compare_strategies(
             best.run, best.final, table, best.loaded, data_version
         )
         decision = promote_if_better(best.run, challenger, best.evaluation, table, best.loaded)
-    except BaseException:
-        fail_comparison_run(comparison)
+    except BaseException as error:
+        close_run_after_failure(comparison, error)
         raise
     log_comparison(comparison, frame, plan.metric, best, challenger, decision)
     files = publish_comparison(frame, plan.metric, best, challenger, decision, loaded)

@@ -14,7 +14,7 @@ from tasks.report import StageSummary, publish_report
 from tasks.stages.base import StageInputs
 from tasks.stages.plan import transfer_stages
 from tasks.stages.runner import run_stages
-from tasks.tracking import finish_tracking, start_tracking
+from tasks.tracking import close_run_after_failure, finish_tracking, start_tracking
 
 DEFAULT_CONFIG = "conf/default.yaml"
 
@@ -63,8 +63,8 @@ def train_classifier(
         outcome = run_stages(run, stages, inputs, resume=loaded.config.tracking.resume)
         challenger = register_challenger_step(run, outcome.records[-1], table, loaded, data_version)
         decision = promote_if_better(run, challenger, outcome.evaluation, table, loaded)
-    except BaseException:
-        finish_tracking(run, summaries=[], failed=True)
+    except BaseException as error:
+        close_run_after_failure(run, error)
         raise
     finish_tracking(run, summaries=outcome.summaries, failed=False)
     publish_report(run, outcome.summaries, challenger, decision, outcome.evaluation, loaded)

@@ -40,7 +40,13 @@ from tasks.comparison import (
 )
 from tasks.config import LoadedConfig, load_and_check
 from tasks.report import StageSummary
-from tasks.tracking import RunRef, StageRecord, finish_tracking, start_tracking
+from tasks.tracking import (
+    RunRef,
+    StageRecord,
+    close_run_after_failure,
+    finish_tracking,
+    start_tracking,
+)
 
 CELL_FLOW = "train-comparison-cell"
 
@@ -164,8 +170,8 @@ def train_cell(cell: CellSpec) -> str:
         inputs = StageInputs(classifier, labelled, strategy.loaded, cell.data_version)
         outcome = run_stages(run, strategy.stages, inputs, resume=config.tracking.resume)
         log_strategy_summary(run, cell.labels_per_class, outcome.summaries, peak_rss_mb())
-    except BaseException:
-        finish_tracking(run, summaries=[], failed=True)
+    except BaseException as error:
+        close_run_after_failure(run, error)
         raise
     finish_tracking(run, summaries=outcome.summaries, failed=False)
     return run.run_id

@@ -26,6 +26,7 @@ from tasks.report import StageSummary
 from tasks.stages.base import Stage
 from tasks.stages.from_scratch import FromScratch
 from tasks.stages.plan import scratch_stages, transfer_stages
+from tasks.timeouts import retry_if_store_locked
 from tasks.tracking import (
     RunRef,
     StageRecord,
@@ -370,7 +371,13 @@ def check_label_budgets(table: ImageTable, budgets: tuple[int, ...], seed: int) 
         keep_labels_per_class(table, budget, seed)
 
 
-@task(name="start-comparison-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="start-comparison-run",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def start_comparison_run(
     loaded: LoadedConfig, plan: ComparisonPlan, table: ImageTable, data_version: str
 ) -> RunRef:
@@ -397,10 +404,17 @@ def start_comparison_run(
         dataset=table.frame,
         dataset_source=str(loaded.path(config.data.path)),
         data_version=data_version,
+        heartbeat_seconds=config.tracking.heartbeat_seconds,
     )
 
 
-@task(name="log-strategy-summary", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="log-strategy-summary",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def log_strategy_summary(
     run: RunRef, labels_per_class: int, stages: list[StageSummary], worker_peak_rss_mb: float
 ) -> None:
@@ -434,7 +448,13 @@ def pick_best_strategy(outcomes: list[StrategyOutcome], metric: str) -> Strategy
     return best_outcome(outcomes, metric)
 
 
-@task(name="log-comparison", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="log-comparison",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def log_comparison(
     run: RunRef,
     frame: pd.DataFrame,
@@ -459,12 +479,6 @@ def log_comparison(
         },
     )
     finish_run(run)
-
-
-@task(name="fail-comparison-run", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
-def fail_comparison_run(run: RunRef) -> None:
-    """Mark the comparison run failed when a strategy or the registry step raised."""
-    finish_run(run, failed=True)
 
 
 @task(name="publish-comparison", cache_policy=NO_CACHE)

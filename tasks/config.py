@@ -15,6 +15,7 @@ from tasks.model import (
     check_unfreeze_depths,
     resolve_weights,
 )
+from tasks.timeouts import bound_mlflow_calls
 from tasks.tracking import check_tracking_server, tracking_uri
 
 
@@ -57,8 +58,13 @@ def check_training_config(loaded: LoadedConfig) -> None:
 
 @task(name="load-config", cache_policy=NO_CACHE)
 def load_pipeline_config(config_path: str, overrides: list[str]) -> LoadedConfig:
-    """The config, checked, once the tracking server it will log to is known to answer."""
+    """The config, checked, once the tracking server it will log to is known to answer.
+
+    From here on every MLflow call of this process, and of the workers it starts, gives up
+    within `timeouts.mlflow_seconds`.
+    """
     loaded = load_and_check(config_path, overrides)
+    bound_mlflow_calls(loaded.config.timeouts.mlflow_seconds)
     check_tracking_server(tracking_uri(loaded.project))
     return loaded
 

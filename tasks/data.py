@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
+from tasks.timeouts import call_within
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -483,7 +484,15 @@ def pull_data_version(loaded) -> str:
         return fingerprint_files(path)
     if os.environ.get("DVC_STAGE"):
         return data_version(loaded.project, dvc_file).md5
-    return pull_data(loaded.project, dvc_file).md5
+    budget = loaded.config.timeouts.dvc_pull_seconds
+    pulled = call_within(
+        budget,
+        f"`dvc pull {dvc_file}` did not finish within timeouts.dvc_pull_seconds ({budget} s): "
+        "the DVC remote is slow or does not answer. Check the remote (`dvc remote list`, "
+        "`dvc status -c`), or raise timeouts.dvc_pull_seconds for a large first pull.",
+        lambda: pull_data(loaded.project, dvc_file),
+    )
+    return pulled.md5
 
 
 @task(name="load-images", cache_policy=NO_CACHE)

@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
+from tasks.timeouts import retry_if_store_locked
 
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
     from tasks.config import LoadedConfig
@@ -495,12 +496,20 @@ _BACKOFF = exponential_backoff(backoff_factor=2)
 
 def config_fingerprint(loaded: LoadedConfig) -> str:
     """sha256 of the resolved training config, to tell later whether a retrain would differ."""
-    # Whether stages may be resumed changes nothing a retrain would produce.
-    tree = loaded.config.model_dump(mode="json", exclude={"demo": True, "tracking": {"resume"}})
+    # Whether stages may be resumed, and how often a run beats, change nothing a retrain produces.
+    tree = loaded.config.model_dump(
+        mode="json", exclude={"demo": True, "tracking": {"resume", "heartbeat_seconds"}}
+    )
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 
 
-@task(name="register-challenger", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="register-challenger",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def register_challenger_step(
     run: RunRef, record: StageRecord, table, loaded: LoadedConfig, data_version: str
 ) -> ModelVersionRef:

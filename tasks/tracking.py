@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -32,6 +33,8 @@ from tasks.checkpoints import (
     write_checkpoint,
 )
 from tasks.evaluate import Evaluation, confusion_matrix_figure
+from tasks.liveness import HEARTBEAT_TAG, close_stale_runs, heartbeat, liveness_tags
+from tasks.timeouts import retry_if_store_locked
 
 if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
     from tasks.stages.base import StageInputs, StageResult
@@ -95,6 +98,43 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
             f" ({type(error).__name__}). Start it (`mlflow server`), point MLFLOW_TRACKING_URI"
             " at a running one, or unset it to track in the project's mlflow.db."
         ) from None
+
+
+class TrackingServerLostError(ExpectedError, RuntimeError):
+    """The tracking server stopped answering in the middle of a run."""
+
+
+def tracking_server_lost(
+    error: BaseException, uri: str | None = None
+) -> TrackingServerLostError | None:
+    """`error` told as TrackingServerLostError when it came from a tracking server that no
+    longer answers (MLflow's own message is its REST endpoint and urllib3's retry history)."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.startswith(("http://", "https://")) or not _from_tracking_client(error):
+        return None
+    try:
+        check_tracking_server(uri)
+    except TrackingServerUnreachableError:
+        parts = urlsplit(uri)
+        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        return TrackingServerLostError(
+            f"The MLflow tracking server {shown} (MLFLOW_TRACKING_URI) stopped answering during "
+            "the run (each call gives up after timeouts.mlflow_seconds). Stages logged before it "
+            "are checkpointed there: once it answers again, run the same command to resume "
+            "from them."
+        )
+    return None
+
+
+def _from_tracking_client(error: BaseException | None) -> bool:
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    while error is not None:
+        if isinstance(error, MlflowException | requests.RequestException):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def ui_hint(uri: str, project_root: Path) -> str:
@@ -188,16 +228,21 @@ def start_pipeline_run(
     dataset: pd.DataFrame,
     dataset_source: str,
     data_version: str,
+    heartbeat_seconds: float,
     dataset_name: str | None = None,
 ) -> RunRef:
     """Open the parent run: params, tags, and the dataset as an input with the DVC hash as digest.
 
-    MLflow identifies a dataset by name and digest: a subset of the data version needs a name
-    of its own, or its runs show the whole version's dataset.
+    Runs of the experiment whose owner died are closed as KILLED first; this one beats every
+    `heartbeat_seconds` until it is closed. MLflow identifies a dataset by name and digest: a
+    subset of the data version needs a name of its own, or its runs show the whole version's
+    dataset.
     """
     client = MlflowClient(uri)
-    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
+    close_stale_runs(uri, experiment_id, heartbeat_seconds)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **liveness_tags()})
     run_id = run.info.run_id
+    heartbeat.watch(run_id, uri, heartbeat_seconds)
     _log_params(client, run_id, params)
     source = from_pandas(
         dataset,
@@ -246,9 +291,51 @@ def log_stage(
         parent.experiment_id,
         start_time=started_ms,
         run_name=stage,
-        tags={"mlflow.parentRunId": parent.run_id, "stage": stage, **(tags or {})},
+        tags={
+            "mlflow.parentRunId": parent.run_id,
+            "stage": stage,
+            HEARTBEAT_TAG: str(int(time.time())),
+            **(tags or {}),
+        },
     )
     run_id = run.info.run_id
+    heartbeat.watch(run_id, parent.tracking_uri, parent=parent.run_id)
+    try:
+        model_uri = _log_stage_contents(
+            client,
+            parent.tracking_uri,
+            run_id,
+            stage,
+            params=params,
+            history=history,
+            evaluation=evaluation,
+            model=model,
+            signature_example=signature_example,
+            pip_requirements=pip_requirements,
+            checkpoint=checkpoint,
+        )
+    except BaseException as error:
+        close_run_after_failure(RunRef(run_id, parent.experiment_id, parent.tracking_uri), error)
+        raise
+    client.set_terminated(run_id, "FINISHED")
+    heartbeat.forget(run_id)
+    return StageRecord(stage, run_id, model_uri)
+
+
+def _log_stage_contents(
+    client: MlflowClient,
+    uri: str,
+    run_id: str,
+    stage: str,
+    *,
+    params: dict[str, str],
+    history: TrainingHistory,
+    evaluation: Evaluation,
+    model,
+    signature_example: np.ndarray | None,
+    pip_requirements: list[str] | None,
+    checkpoint: bool,
+) -> str | None:
     stage_params = {
         **params,
         "learning_rate": str(history.learning_rate),
@@ -275,15 +362,12 @@ def log_stage(
     client.log_dict(run_id, _per_class(evaluation), "per_class.json")
     model_uri = None
     if model is not None:
-        model_uri = _log_model(
-            parent.tracking_uri, run_id, model, signature_example, pip_requirements
-        )
+        model_uri = _log_model(uri, run_id, model, signature_example, pip_requirements)
         client.set_tag(run_id, MODEL_URI_TAG, model_uri)
         if checkpoint:
             write_checkpoint(client, run_id, model, history, evaluation)
             client.set_tag(run_id, CHECKPOINT_TAG, "saved")
-    client.set_terminated(run_id, "FINISHED")
-    return StageRecord(stage, run_id, model_uri)
+    return model_uri
 
 
 def _per_class(evaluation: Evaluation) -> dict[str, Any]:
@@ -330,12 +414,42 @@ def log_summary(run: RunRef, metrics: dict[str, float], tags: dict[str, str]) ->
 
 def finish_run(run: RunRef, failed: bool = False) -> None:
     MlflowClient(run.tracking_uri).set_terminated(run.run_id, "FAILED" if failed else "FINISHED")
+    heartbeat.forget(run.run_id)
+
+
+def close_run_after_failure(run: RunRef, error: BaseException) -> None:
+    """Close `run` and the stage runs it has open: KILLED after a signal, FAILED after an error.
+
+    Never raises, and waits for no lost server: the error that got here is the one to report.
+    A run its server cannot take now stays RUNNING until the next run in its experiment finds
+    its heartbeat stopped and closes it as KILLED.
+    """
+    from prefect.exceptions import TerminationSignal
+
+    signalled = isinstance(error, KeyboardInterrupt | SystemExit | TerminationSignal)
+    status = "KILLED" if signalled else "FAILED"
+    runs = [*heartbeat.children_of(run.run_id), run.run_id]
+    for run_id in runs:
+        heartbeat.forget(run_id)
+    try:
+        check_tracking_server(run.tracking_uri)
+        client = MlflowClient(run.tracking_uri)
+        for run_id in runs:
+            client.set_terminated(run_id, status)
+    except Exception as close_error:
+        logging.getLogger(__name__).warning(
+            "Could not close MLflow run %s as %s (%s); the next run in its experiment closes it "
+            "as KILLED once its heartbeat has stopped.",
+            run.run_id,
+            status,
+            close_error,
+        )
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
 
 
-# MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
+# A local SQLite store can be locked by another writer for a moment: retry 2, 4, 8 s later.
 _BACKOFF = exponential_backoff(backoff_factor=2)
 
 
@@ -347,7 +461,13 @@ def model_requirements() -> list[str]:
     return [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
 
 
-@task(name="start-tracking", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="start-tracking",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def start_tracking(
     loaded,
     table,
@@ -382,6 +502,7 @@ def start_tracking(
         dataset=dataset,
         dataset_source=str(loaded.path(config.data.path)),
         data_version=data_version,
+        heartbeat_seconds=config.tracking.heartbeat_seconds,
         dataset_name=dataset_name,
     )
 
@@ -393,7 +514,13 @@ def _relative(path: str, root: Path) -> str:
         return path
 
 
-@task(name="log-stage", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="log-stage",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def log_stage_run(
     run: RunRef, stage: str, params: dict, result: StageResult, inputs: StageInputs, lineage: str
 ) -> StageRecord:
@@ -405,21 +532,46 @@ def log_stage_run(
     example = next(
         iter(image_dataset(example_frame, table.classes, config.data.image_size, batch_size=1))
     )[0].numpy()
-    return log_stage(
-        run,
-        stage,
-        params=flatten(params),
-        history=result.history,
-        evaluation=result.evaluation,
-        model=inputs.classifier.model,
-        signature_example=example,
-        pip_requirements=model_requirements(),
-        tags={LINEAGE_TAG: lineage},
-        checkpoint=True,
-    )
+    try:
+        return log_stage(
+            run,
+            stage,
+            params=flatten(params),
+            history=result.history,
+            evaluation=result.evaluation,
+            model=inputs.classifier.model,
+            signature_example=example,
+            pip_requirements=model_requirements(),
+            tags={LINEAGE_TAG: lineage},
+            checkpoint=True,
+        )
+    except Exception as error:
+        lost = tracking_server_lost(error, run.tracking_uri)
+        if lost is None:
+            raise
+        kept = save_unlogged_model(inputs.classifier.model, inputs.loaded.project, run, stage)
+        raise TrackingServerLostError(
+            f"{lost} The {stage} stage trained but could not be logged: its model is saved at "
+            f"{kept}."
+        ) from error
 
 
-@task(name="log-resumed-stage", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+def save_unlogged_model(model, project_root: Path, run: RunRef, stage: str) -> Path:
+    """Keep a trained model the tracking server could not take, as a .keras file in the project."""
+    folder = project_root / ".cache" / "unlogged-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run.run_id}-{stage}.keras"
+    model.save(path)
+    return path
+
+
+@task(
+    name="log-resumed-stage",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def log_resumed_stage(
     run: RunRef, stage: str, params: dict, checkpoint: StageCheckpoint, lineage: str
 ) -> StageRecord:
@@ -439,7 +591,13 @@ def log_resumed_stage(
     return StageRecord(stage, record.run_id, checkpoint.model_uri)
 
 
-@task(name="finish-tracking", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="finish-tracking",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def finish_tracking(run: RunRef, summaries, failed: bool) -> None:
     """Close the parent run, with the final stage's scores as its headline metrics."""
     if summaries:

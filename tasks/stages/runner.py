@@ -28,7 +28,13 @@ from tasks.checkpoints import (
 from tasks.evaluate import Evaluation
 from tasks.report import StageSummary
 from tasks.stages.base import Stage, StageInputs
-from tasks.tracking import RunRef, StageRecord, log_resumed_stage, log_stage_run
+from tasks.timeouts import retry_if_store_locked
+from tasks.tracking import (
+    RunRef,
+    StageRecord,
+    log_resumed_stage,
+    log_stage_run,
+)
 
 # MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
 _BACKOFF = exponential_backoff(backoff_factor=2)
@@ -122,7 +128,13 @@ def table_digest(table, project: Path) -> str:
 # --- Prefect steps -------------------------------------------------------------------------------
 
 
-@task(name="find-finished-stages", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="find-finished-stages",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def find_finished_stages(run: RunRef, keys: list[str]) -> list[StageCheckpoint]:
     """The longest run of stages, from the first, that some run has already finished."""
     found = []
@@ -134,7 +146,13 @@ def find_finished_stages(run: RunRef, keys: list[str]) -> list[StageCheckpoint]:
     return found
 
 
-@task(name="resume-classifier", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
+@task(
+    name="resume-classifier",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
 def resume_classifier(run: RunRef, checkpoint: StageCheckpoint, classifier) -> None:
     """Load the last finished stage's variables into the freshly built classifier."""
     restore_checkpoint(run.tracking_uri, checkpoint.run_id, classifier.model)
