@@ -1,0 +1,240 @@
+"""Fail safe: a signal, SIGKILL or a lost server leaves no run open and no server running.
+
+Every test runs `transferflow` as a user does, in a subprocess, against real servers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import HAVE_IMAGENET_WEIGHTS
+from tests.repositories import dvc_project
+from tests.servers import BIN, mlflow_server, tail
+
+pytestmark = pytest.mark.slow
+
+# fine_tune_1 runs long enough to be interrupted in the middle of.
+LONG = {
+    "extends": "default.yaml",
+    "data": {"image_size": 64, "batch_size": 16},
+    "feature_extraction": {"epochs": 4, "patience": 2},
+    "fine_tune": {"patience": 50, "stages": [{"unfreeze_blocks": 2, "epochs": 60}]},
+    "registry": {"model_name": "fail-safe", "min_value": 0.0},
+    "tracking": {"experiment": "fail-safe", "heartbeat_seconds": 1},
+    "demo": {"train_per_class": 8, "val_per_class": 2, "test_per_class": 3},
+}
+
+
+def train_command(project: Path, *overrides: str) -> list[str]:
+    command = [str(BIN / "transferflow"), "train", "-c", str(project / "conf" / "test.yaml")]
+    if not HAVE_IMAGENET_WEIGHTS:
+        command += ["-s", "base.weights=null"]
+    for override in overrides:
+        command += ["-s", override]
+    return command
+
+
+def own_prefect_env(tmp_path: Path) -> dict[str, str]:
+    """No PREFECT_API_URL: the CLI starts Prefect's temporary server, with its database here."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "PYTHONUNBUFFERED": "1"}
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def prefect_servers_of(process: subprocess.Popen) -> list[psutil.Process]:
+    children = psutil.Process(process.pid).children(recursive=True)
+    return [child for child in children if "uvicorn" in child.cmdline()]
+
+
+def head_checkpointed(client: MlflowClient, experiment: str) -> str | None:
+    """The parent run's id once its feature_extraction stage is checkpointed."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    heads = client.search_runs(
+        [found.experiment_id], "tags.stage = 'feature_extraction' and tags.checkpoint = 'saved'"
+    )
+    return heads[0].data.tags["mlflow.parentRunId"] if heads else None
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the run ended before it was interrupted:\n{tail(log)}"
+        try:
+            value = condition()
+        except Exception:  # the store is being created
+            value = None
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting:\n{tail(log)}")
+
+
+def gone_within(processes: list[psutil.Process], seconds: float) -> bool:
+    _, alive = psutil.wait_procs(processes, timeout=seconds)
+    return not alive
+
+
+def flow_run_state(prefect_home: Path, flow_run_id: str) -> str:
+    with sqlite3.connect(prefect_home / "prefect.db") as db:
+        (state,) = db.execute(
+            "select state_type from flow_run where id = ?", (flow_run_id,)
+        ).fetchone()
+    return state
+
+
+def test_sigterm_closes_the_run_as_killed_and_stops_the_prefect_server(tmp_path: Path) -> None:
+    project = dvc_project(tmp_path, LONG)
+    env = own_prefect_env(tmp_path)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    log = tmp_path / "train.log"
+    with log.open("wb") as out:
+        train = subprocess.Popen(
+            train_command(project), cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            parent_id = wait_for(lambda: head_checkpointed(client, "fail-safe"), train, log)
+            servers = prefect_servers_of(train)
+            assert len(servers) == 1
+            train.send_signal(signal.SIGTERM)
+            train.wait(timeout=60)
+        finally:
+            if train.poll() is None:
+                train.kill()
+    assert train.returncode == 128 + signal.SIGTERM, tail(log)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "KILLED"
+    experiment = parent.info.experiment_id
+    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
+    assert gone_within(servers, 10), "Prefect's temporary server outlived the run"
+    flow_run_id = parent.data.tags["prefect_flow_run_id"]
+    assert flow_run_state(tmp_path / "prefect-home", flow_run_id) == "CRASHED"
+    assert "Traceback" not in log.read_text()
+
+
+def test_sigkill_leaves_no_server_and_the_next_run_closes_the_dead_run(tmp_path: Path) -> None:
+    """SIGKILL closes nothing; the watchdog stops the server, and the next run finds the
+    killed run's heartbeat stopped and closes it and its Prefect flow run."""
+    project = dvc_project(tmp_path, LONG)
+    env = own_prefect_env(tmp_path)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    log = tmp_path / "train.log"
+    with log.open("wb") as out:
+        train = subprocess.Popen(
+            train_command(project), cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+        try:
+            parent_id = wait_for(lambda: head_checkpointed(client, "fail-safe"), train, log)
+            servers = prefect_servers_of(train)
+            os.kill(train.pid, signal.SIGKILL)
+            train.wait(timeout=30)
+        finally:
+            if train.poll() is None:
+                train.kill()
+    assert gone_within(servers, 15), "Prefect's temporary server outlived a killed run"
+    assert client.get_run(parent_id).info.status == "RUNNING"  # nothing could close it
+
+    # The next run needs no fine-tuning to open its run in the same experiment.
+    again = subprocess.run(
+        train_command(project, "fine_tune.stages=[]"),
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    dead = client.get_run(parent_id)
+    assert dead.info.status == "KILLED"
+    assert "no heartbeat" in dead.data.tags["killed_because"]
+    experiment = dead.info.experiment_id
+    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
+    flow_run_id = dead.data.tags["prefect_flow_run_id"]
+    assert flow_run_state(tmp_path / "prefect-home", flow_run_id) == "CRASHED"
+
+
+def test_a_lost_tracking_server_fails_the_run_within_its_budget(
+    tmp_path: Path, prefect_api: str
+) -> None:
+    """`mlflow server` killed after the head is logged: the next call gives up within
+    timeouts.mlflow_seconds, the message names the server, and the trained stage is kept."""
+    budget = 20
+    config = {**LONG, "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 1}]}}
+    project = dvc_project(tmp_path, config)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "train.log"
+    with mlflow_server(tmp_path / "mlflow") as url:
+        env["MLFLOW_TRACKING_URI"] = url
+        client = MlflowClient(url)
+        with log.open("wb") as out:
+            train = subprocess.Popen(
+                train_command(project, f"timeouts.mlflow_seconds={budget}"),
+                cwd=project,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+            try:
+                wait_for(lambda: head_checkpointed(client, "fail-safe"), train, log)
+                server = psutil.Process(_listener(url))
+                server.kill()
+                lost_at = time.monotonic()
+                train.wait(timeout=budget + 120)
+            finally:
+                if train.poll() is None:
+                    train.kill()
+    waited = time.monotonic() - lost_at
+    output = log.read_text()
+    assert train.returncode == 2, tail(log)
+    assert waited < budget + 30, f"the run took {waited:.0f} s to give up"
+    assert f"The MLflow tracking server {url} (MLFLOW_TRACKING_URI) stopped answering" in output
+    assert "run the same command to resume" in output
+    kept = list((project / ".cache" / "unlogged-models").glob("*-fine_tune_1.keras"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 0 and str(kept[0]) in output
+    assert output.count("Error: ") == 1 and "Traceback" not in output
+
+
+def _listener(url: str) -> int:
+    """The pid of the process listening on the URL's port."""
+    port = int(url.rsplit(":", 1)[1])
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.laddr and connection.laddr.port == port and connection.status == "LISTEN":
+            return connection.pid
+    raise AssertionError(f"nothing listens on {port}")
+
+
+def test_an_expected_error_is_one_message_and_exit_status_2(
+    tmp_path: Path, prefect_api: str
+) -> None:
+    project = dvc_project(tmp_path, LONG)
+    bad = project / "data" / "fashion_mnist"
+    victims = sorted(bad.rglob("*.png"))[:3]
+    for victim in victims:
+        victim.write_bytes(b"not a png")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    done = subprocess.run(
+        train_command(project, "data.dvc_file=null"),
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.count("Error: 3 image file(s) cannot be decoded") == 1
+    for victim in victims:
+        assert str(victim) in done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    assert "╭" not in done.stdout + done.stderr  # no framed traceback from the CLI
