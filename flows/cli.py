@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from tasks.credentials import move_tracking_credentials, redact_url
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="A YAML file in conf/.")]
@@ -30,6 +32,7 @@ _QUIET_DEFAULTS = {
 def _environment() -> None:
     for name, value in _QUIET_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    move_tracking_credentials()  # before any flow, worker or log line sees the tracking URI
 
 
 @app.command()
@@ -51,7 +54,8 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
         )
     outcome = "now the champion" if result.decision.promote else "not promoted"
     typer.echo(
-        f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on {result.tracking_uri}"
+        f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on "
+        f"{redact_url(result.tracking_uri)}"
     )
     typer.echo(
         f"Registered:   {result.model_name} version {result.version}, alias 'challenger', {outcome}"

@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -30,6 +29,7 @@ from tasks.checkpoints import (
     StageCheckpoint,
     write_checkpoint,
 )
+from tasks.credentials import move_tracking_credentials, redact_url
 from tasks.evaluate import Evaluation, confusion_matrix_figure
 
 if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
@@ -62,7 +62,12 @@ class StageRecord:
 
 
 def tracking_uri(project_root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the project folder (never the cwd)."""
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the project folder (never the cwd).
+
+    A user and password in the URI move to MLflow's credential variables first (in os.environ,
+    so worker processes inherit them): the URI returned, stored and shown carries none.
+    """
+    move_tracking_credentials()
     return (
         os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
     )
@@ -87,10 +92,8 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
     except requests.RequestException as error:
-        parts = urlsplit(uri)
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         raise TrackingServerUnreachableError(
-            f"The MLflow tracking server {shown} (MLFLOW_TRACKING_URI) does not answer"
+            f"The MLflow tracking server {redact_url(uri)} (MLFLOW_TRACKING_URI) does not answer"
             f" ({type(error).__name__}). Start it (`mlflow server`), point MLFLOW_TRACKING_URI"
             " at a running one, or unset it to track in the project's mlflow.db."
         ) from None
@@ -99,10 +102,10 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
 def ui_hint(uri: str, project_root: Path) -> str:
     """How a user opens the MLflow UI on this tracking store: its URL, or the command to serve it."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact_url(uri)}"
     artifacts = project_root.resolve() / "mlartifacts"
     return (
-        f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} "
+        f"mlflow ui --backend-store-uri {redact_url(uri)} --default-artifact-root {artifacts} "
         "--host 127.0.0.1 --port 5000"
     )
 
