@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pytest
 from mlflow import MlflowClient
 
 from tasks.credentials import move_tracking_credentials, redact_url
-from tests.repositories import dvc_project
-from tests.servers import mlflow_server
+from tests.repositories import DVC, dvc_project, run
+from tests.servers import free_port, mlflow_server
 from tests.test_resume import train_command
 
 _CREDENTIAL_VARIABLES = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
@@ -106,6 +107,26 @@ def test_mlflow_client_gets_the_moved_credentials_for_the_clean_uri(
     assert uri == os.environ["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"
     creds = get_default_host_creds(uri)
     assert (creds.host, creds.username, creds.password) == (uri, "alice", "s3cret")
+
+
+def test_a_dvc_remote_that_fails_is_named_without_its_password_or_token(tmp_path: Path) -> None:
+    from tasks.data import DvcPullError, pull_data
+
+    repo = tmp_path / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "data" / "labels.txt").write_text("boot\nshirt\n")
+    run("git", "init", "-q", cwd=repo)
+    run(DVC, "init", "-q", cwd=repo)
+    run(DVC, "add", "-q", "data", cwd=repo)
+    shutil.rmtree(repo / "data")
+    shutil.rmtree(repo / ".dvc" / "cache")
+    url = f"http://dvcuser:Pw0rd@127.0.0.1:{free_port()}/store?token=T0ken&page=1"
+    run(DVC, "remote", "add", "-d", "storage", url, cwd=repo)
+    with pytest.raises(DvcPullError) as caught:
+        pull_data(repo, "data.dvc")
+    message = str(caught.value)
+    assert "remote 'storage' (http://127.0.0.1:" in message and "/store?page=1)" in message
+    assert "Pw0rd" not in message and "T0ken" not in message
 
 
 # The smallest run through the whole flow: head, one fine-tune stage, register, promote.
