@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from conf.errors import ExpectedError
+from tasks.credentials import move_tracking_credentials, redact_url
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -104,6 +105,7 @@ def _environment() -> None:
         os.environ.setdefault(name, value)
     for name in ("prefect.task_runs", "prefect.flow_runs"):
         logging.getLogger(name).addFilter(_NoTracebackForExpectedErrors())
+    move_tracking_credentials()  # before any flow, worker or log line sees the tracking URI
 
 
 @command()
@@ -125,7 +127,8 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
         )
     outcome = "now the champion" if result.decision.promote else "not promoted"
     typer.echo(
-        f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on {result.tracking_uri}"
+        f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on "
+        f"{redact_url(result.tracking_uri)}"
     )
     typer.echo(
         f"Registered:   {result.model_name} version {result.version}, alias 'challenger', {outcome}"

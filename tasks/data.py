@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
+from tasks.credentials import redact_url
 from tasks.timeouts import call_within
 
 if TYPE_CHECKING:
@@ -288,13 +288,10 @@ def _tracked_output(repo_root: Path, dvc_file: str) -> dict:
 
 
 def _remote_of(repo: Repo, out: dict) -> tuple[str | None, str | None]:
-    """The remote a pull would use and its URL without user, password or query."""
+    """The remote a pull would use and its URL as shown: without user, password or tokens."""
     name = out.get("remote") or repo.config["core"].get("remote")
     url = repo.config["remote"].get(name, {}).get("url") if name else None
-    if url:
-        parts = urlsplit(url)
-        url = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
-    return name, url
+    return name, redact_url(url) if url else None
 
 
 def _unreachable_message(

@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 
 from conf import project_root
 from conf.errors import ExpectedError
+from tasks.credentials import redact_url
 from tasks.data import (
     DataNotFoundError,
     EmptyDatasetError,
@@ -93,13 +94,15 @@ def resolve_version(uri: str, model_uri: str) -> ModelVersionRef | None:
         found = get_model_name_and_version(MlflowClient(uri), model_uri)
     except MlflowException as exc:
         raise ServingModelError(
-            f"{model_uri} does not resolve to a registered model version in {uri}: {exc.message}"
+            f"{model_uri} does not resolve to a registered model version in {redact_url(uri)}: {exc.message}"
         ) from exc
     if len(found) == 1:
         return None
     version = registered_version(uri, *found)
     if version is None:
-        raise ServingModelError(f"{model_uri}: {found[0]} has no version {found[1]} in {uri}")
+        raise ServingModelError(
+            f"{model_uri}: {found[0]} has no version {found[1]} in {redact_url(uri)}"
+        )
     return version
 
 

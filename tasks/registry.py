@@ -26,6 +26,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
+from tasks.credentials import redact_url
 from tasks.timeouts import retry_if_store_locked
 
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
@@ -440,7 +441,7 @@ def _existing_model(client: MlflowClient, uri: str, name: str) -> None:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
         raise UnknownModelVersionError(
-            f"there is no registered model {name!r} in {uri}; check --model and MLFLOW_TRACKING_URI"
+            f"there is no registered model {name!r} in {redact_url(uri)}; check --model and MLFLOW_TRACKING_URI"
         ) from None
 
 

@@ -10,6 +10,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.config import LoadedConfig
+from tasks.credentials import redact_url
 from tasks.evaluate import Evaluation, confusion_matrix_figure
 from tasks.registry import ModelVersionRef, PromotionDecision
 from tasks.tracking import RunRef, ui_hint
@@ -73,7 +74,8 @@ def markdown_summary(
 
 def _mlflow_link(run: RunRef, ui: str) -> str:
     if run.tracking_uri.startswith(("http://", "https://")):
-        return f"[Open the run in MLflow]({run.tracking_uri.rstrip('/')}/{run.ui_path()})"
+        server = redact_url(run.tracking_uri).rstrip("/")
+        return f"[Open the run in MLflow]({server}/{run.ui_path()})"
     # A local store has no server to link to until the user starts one on the default port.
     return f"MLflow run: http://127.0.0.1:5000/{run.ui_path()} once `{ui}` is running."
 

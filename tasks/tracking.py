@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import mlflow
 import numpy as np
@@ -32,6 +31,7 @@ from tasks.checkpoints import (
     StageCheckpoint,
     write_checkpoint,
 )
+from tasks.credentials import move_tracking_credentials, redact_url
 from tasks.evaluate import Evaluation, confusion_matrix_figure
 from tasks.liveness import HEARTBEAT_TAG, close_stale_runs, heartbeat, liveness_tags
 from tasks.timeouts import retry_if_store_locked
@@ -66,7 +66,12 @@ class StageRecord:
 
 
 def tracking_uri(project_root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the project folder (never the cwd)."""
+    """`MLFLOW_TRACKING_URI` when set, else a SQLite store in the project folder (never the cwd).
+
+    A user and password in the URI move to MLflow's credential variables first (in os.environ,
+    so worker processes inherit them): the URI returned, stored and shown carries none.
+    """
+    move_tracking_credentials()
     return (
         os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root.resolve() / 'mlflow.db'}"
     )
@@ -91,10 +96,8 @@ def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
     try:
         requests.get(f"{uri.rstrip('/')}/health", timeout=timeout, allow_redirects=False)
     except requests.RequestException as error:
-        parts = urlsplit(uri)
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         raise TrackingServerUnreachableError(
-            f"The MLflow tracking server {shown} (MLFLOW_TRACKING_URI) does not answer"
+            f"The MLflow tracking server {redact_url(uri)} (MLFLOW_TRACKING_URI) does not answer"
             f" ({type(error).__name__}). Start it (`mlflow server`), point MLFLOW_TRACKING_URI"
             " at a running one, or unset it to track in the project's mlflow.db."
         ) from None
@@ -115,10 +118,8 @@ def tracking_server_lost(
     try:
         check_tracking_server(uri)
     except TrackingServerUnreachableError:
-        parts = urlsplit(uri)
-        shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         return TrackingServerLostError(
-            f"The MLflow tracking server {shown} (MLFLOW_TRACKING_URI) stopped answering during "
+            f"The MLflow tracking server {redact_url(uri)} (MLFLOW_TRACKING_URI) stopped answering during "
             "the run (each call gives up after timeouts.mlflow_seconds). Stages logged before it "
             "are checkpointed there: once it answers again, run the same command to resume "
             "from them."
@@ -140,10 +141,10 @@ def _from_tracking_client(error: BaseException | None) -> bool:
 def ui_hint(uri: str, project_root: Path) -> str:
     """How a user opens the MLflow UI on this tracking store: its URL, or the command to serve it."""
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
+        return f"open {redact_url(uri)}"
     artifacts = project_root.resolve() / "mlartifacts"
     return (
-        f"mlflow ui --backend-store-uri {uri} --default-artifact-root {artifacts} "
+        f"mlflow ui --backend-store-uri {redact_url(uri)} --default-artifact-root {artifacts} "
         "--host 127.0.0.1 --port 5000"
     )
 
