@@ -1,8 +1,13 @@
-"""The frozen-feature cache: one forward pass per key, reused after, recomputed when the key moves."""
+"""The frozen-feature cache: one forward pass per key, reused after, recomputed when the key moves
+or when a file of the entry is damaged."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +17,11 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tasks.features import FeatureKey, cached_features, weights_fingerprint
+from tasks.features import (
+    FeatureKey,
+    cached_features,
+    weights_fingerprint,
+)
 
 KEY = FeatureKey("data-v1", "Tiny", "{}", "w1", 8, "avg")
 
@@ -101,7 +110,11 @@ def test_concurrent_runs_sharing_the_cache_both_get_whole_files(tmp_path: Path) 
     for features, labels in results:
         np.testing.assert_allclose(features, results[0][0])
         assert len(labels) == 40
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy", ".npy"]  # no stray temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no stray temp files
+        f"{KEY.digest(frame)}.features.npy",
+        f"{KEY.digest(frame)}.json",
+        f"{KEY.digest(frame)}.labels.npy",
+    ]
 
 
 def test_weights_fingerprint_follows_the_values() -> None:
@@ -111,3 +124,97 @@ def test_weights_fingerprint_follows_the_values() -> None:
     kernel = layer_model.layers[0].kernel
     kernel.assign(kernel.numpy() + 1.0)
     assert weights_fingerprint(layer_model) != before
+
+
+# --- damaged entries heal ------------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def flip_last_byte(path: Path) -> None:
+    """Same size, one bit pattern changed inside the data: only the checksum notices."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def replace_header(path: Path) -> None:
+    """Garbage where numpy's header was, same size: a changed checksum, and numpy cannot read it."""
+    data = bytearray(path.read_bytes())
+    data[:16] = b"x" * 16
+    path.write_bytes(bytes(data))
+
+
+def recorded_garbage(path: Path) -> None:
+    """Bytes numpy cannot read, with a record that matches them: a writer that wrote nonsense."""
+    path.write_bytes(b"not an array at all")
+    record_path = path.with_name(path.name.split(".")[0] + ".json")
+    record = json.loads(record_path.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record[path.name] = {"size": path.stat().st_size, "sha256": digest}
+    record_path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("damaged", "damage", "problem"),
+    [
+        ("features.npy", truncate, "bytes long where"),
+        ("features.npy", flip_last_byte, "sha256 differs"),
+        ("labels.npy", truncate, "bytes long where"),
+        ("labels.npy", replace_header, "sha256 differs"),
+        ("features.npy", recorded_garbage, "unreadable by numpy"),
+        ("json", Path.unlink, "missing"),
+        ("json", lambda path: path.write_text("{not json"), "unreadable"),
+    ],
+    ids=[
+        "truncated-features",
+        "flipped-byte",
+        "truncated-labels",
+        "bad-header",
+        "unreadable",
+        "no-record",
+        "bad-record",
+    ],
+)
+def test_a_damaged_entry_is_recomputed_with_a_warning_naming_the_file(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damaged: str,
+    damage: Callable[[Path], object],
+    problem: str,
+) -> None:
+    extractor = CountingExtractor()
+    data, frame = dataset(10)
+    first = cached_features(extractor, data, frame, KEY, tmp_path)
+    original = first.load()
+    bad = tmp_path / f"{KEY.digest(frame)}.{damaged}"
+    size = bad.stat().st_size
+    damage(bad)
+
+    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+        healed = cached_features(extractor, data, frame, KEY, tmp_path)
+
+    assert not healed.reused and extractor.images == 20  # one more forward pass
+    (warning,) = [r for r in caplog.records if r.name == "tasks.features"]
+    assert warning.levelno == logging.WARNING
+    assert str(bad) in warning.getMessage() and problem in warning.getMessage()
+    assert "recomputing" in warning.getMessage()
+    features, labels = healed.load()
+    np.testing.assert_array_equal(features, original[0])
+    np.testing.assert_array_equal(labels, original[1])
+    if damage is not recorded_garbage and bad.suffix == ".npy":
+        assert bad.stat().st_size == size
+    again = cached_features(extractor, data, frame, KEY, tmp_path)
+    assert again.reused and extractor.images == 20  # healthy: reused without a warning
+    assert len([r for r in caplog.records if r.name == "tasks.features"]) == 1
+
+
+def test_an_intact_entry_is_reused_silently(tmp_path: Path, caplog) -> None:
+    extractor = CountingExtractor()
+    data, frame = dataset(4)
+    cached_features(extractor, data, frame, KEY, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert cached_features(extractor, data, frame, KEY, tmp_path).reused
+    assert not [r for r in caplog.records if r.name == "tasks.features"]
