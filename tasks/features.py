@@ -84,8 +84,25 @@ class _Entry:
         return self.record, self.labels, self.features
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (setting it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the only way left is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
 def _write_temporary(folder: Path, suffix: str, write: Callable[[IO[bytes]], object]) -> Path:
-    """A new temporary file in `folder` holding what `write` wrote."""
+    """A new temporary file in `folder` holding what `write` wrote, with the umask's permissions.
+
+    NamedTemporaryFile creates files readable by their owner only; a cache a team shares must
+    be readable by the others, as any file the user creates would be.
+    """
     with tempfile.NamedTemporaryFile(dir=folder, suffix=suffix, delete=False) as handle:
         try:
             write(handle)
@@ -93,6 +110,7 @@ def _write_temporary(folder: Path, suffix: str, write: Callable[[IO[bytes]], obj
             handle.close()
             os.unlink(handle.name)
             raise
+    os.chmod(handle.name, 0o666 & ~_umask())
     return Path(handle.name)
 
 

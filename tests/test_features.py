@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable
 from dataclasses import replace
@@ -218,3 +219,20 @@ def test_an_intact_entry_is_reused_silently(tmp_path: Path, caplog) -> None:
     with caplog.at_level(logging.WARNING):
         assert cached_features(extractor, data, frame, KEY, tmp_path).reused
     assert not [r for r in caplog.records if r.name == "tasks.features"]
+
+
+# --- permissions and the folder ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o007, 0o660)])
+def test_cache_files_get_the_permissions_the_umask_allows(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    data, frame = dataset(4)
+    saved = os.umask(umask)
+    try:
+        cached_features(CountingExtractor(), data, frame, KEY, tmp_path)
+    finally:
+        os.umask(saved)
+    modes = {path.name.split(".", 1)[1]: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes == {"features.npy": mode, "labels.npy": mode, "json": mode}
