@@ -18,6 +18,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf import ExpectedError
 from tasks.inference import forward_pass
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,25 @@ def weights_fingerprint(model) -> str:
         digest.update(weight.path.encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+class CacheDirError(ExpectedError, OSError):
+    """The feature cache folder cannot be created or written to."""
+
+
+def check_cache_dir(path: Path) -> None:
+    """Create the feature cache folder if needed and prove it writable, before any forward pass."""
+    resolved = Path(path).resolve()
+    try:
+        resolved.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=resolved, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise CacheDirError(
+            f"feature_extraction.cache_dir is {resolved}, which is not a writable folder "
+            f"({error.strerror or error}). Point feature_extraction.cache_dir at a folder you "
+            "can write to, or set it to null to compute the features afresh every run."
+        ) from error
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,10 @@ import pytest
 import tensorflow as tf
 
 from tasks.features import (
+    CacheDirError,
     FeatureKey,
     cached_features,
+    check_cache_dir,
     weights_fingerprint,
 )
 
@@ -236,3 +238,32 @@ def test_cache_files_get_the_permissions_the_umask_allows(
         os.umask(saved)
     modes = {path.name.split(".", 1)[1]: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
     assert modes == {"features.npy": mode, "labels.npy": mode, "json": mode}
+
+
+def test_check_cache_dir_creates_the_folder(tmp_path: Path) -> None:
+    check_cache_dir(tmp_path / "a" / "cache")
+    assert (tmp_path / "a" / "cache").is_dir()
+    assert list((tmp_path / "a" / "cache").iterdir()) == []  # the probe file is gone
+
+
+def test_check_cache_dir_names_the_key_the_path_and_the_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # fails for root too, unlike a read-only folder
+    with pytest.raises(CacheDirError) as caught:
+        check_cache_dir(blocker / "cache")
+    message = str(caught.value)
+    assert "feature_extraction.cache_dir" in message and str(blocker / "cache") in message
+    assert "Not a directory" in message and "null" in message
+    assert isinstance(caught.value, OSError)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_cache_dir_refuses_a_read_only_folder(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(CacheDirError, match="Permission denied"):
+            check_cache_dir(locked)
+    finally:
+        locked.chmod(0o700)
