@@ -32,6 +32,7 @@ from tasks.tracking import (
     finish_run,
     flatten,
     git_commit,
+    log_skipped_images,
     log_summary,
     start_pipeline_run,
     tracking_uri,
@@ -378,7 +379,10 @@ def check_label_budgets(table: ImageTable, budgets: tuple[int, ...], seed: int) 
 def start_comparison_run(
     loaded: LoadedConfig, plan: ComparisonPlan, table: ImageTable, data_version: str
 ) -> RunRef:
-    """Open the comparison's own MLflow run, beside the strategies' runs, for the table and charts."""
+    """Open the comparison's own MLflow run, beside the strategies' runs, for the table and charts.
+
+    Image files left out as undecodable are listed on it, as on a training run.
+    """
     config = loaded.config
     uri = tracking_uri(loaded.project)
     experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
@@ -387,7 +391,7 @@ def start_comparison_run(
         "data": config.data.model_dump(mode="json"),
         "compare": config.compare.model_dump(mode="json"),
     }
-    return start_pipeline_run(
+    run = start_pipeline_run(
         uri,
         experiment_id,
         run_name=f"comparison-{plan.comparison_id[:8]}",
@@ -402,6 +406,8 @@ def start_comparison_run(
         dataset_source=str(loaded.path(config.data.path)),
         data_version=data_version,
     )
+    log_skipped_images(run, table.skipped, loaded.project)
+    return run
 
 
 @task(name="log-strategy-summary", cache_policy=NO_CACHE, retries=3, retry_delay_seconds=_BACKOFF)
