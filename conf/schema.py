@@ -37,6 +37,11 @@ class DataConfig(Section):
     batch_size: int = Field(64, ge=1, le=4096)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    on_bad_images: Literal["fail", "skip"] = Field(
+        "fail",
+        description="What to do with image files that cannot be decoded: 'fail' the run naming "
+        "them all, or 'skip' them and list them in skipped_images.csv on the MLflow run.",
+    )
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> DataConfig:

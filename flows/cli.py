@@ -130,6 +130,11 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
         f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on "
         f"{redact_url(result.tracking_uri)}"
     )
+    if result.skipped_images:
+        typer.echo(
+            f"Skipped:      {result.skipped_images} undecodable images "
+            "(listed in skipped_images.csv on the run)"
+        )
     typer.echo(
         f"Registered:   {result.model_name} version {result.version}, alias 'challenger', {outcome}"
     )

@@ -29,7 +29,10 @@ class ResumedStage:
 
 @dataclass(frozen=True)
 class TrainingResult:
-    """What a training run produced: its MLflow run, per-stage scores, and the registry outcome."""
+    """What a training run produced: its MLflow run, per-stage scores, and the registry outcome.
+
+    `skipped_images` counts the undecodable image files left out (`data.on_bad_images: skip`).
+    """
 
     run_id: str
     experiment_id: str
@@ -40,6 +43,7 @@ class TrainingResult:
     model_name: str
     version: str
     decision: PromotionDecision
+    skipped_images: int = 0
 
 
 @flow(name="train-classifier", log_prints=True)
@@ -67,7 +71,10 @@ def train_classifier(
         close_run_after_failure(run, error)
         raise
     finish_tracking(run, summaries=outcome.summaries, failed=False)
-    publish_report(run, outcome.summaries, challenger, decision, outcome.evaluation, loaded)
+    skipped_images = len(table.skipped)
+    publish_report(
+        run, outcome.summaries, challenger, decision, outcome.evaluation, loaded, skipped_images
+    )
     return TrainingResult(
         run_id=run.run_id,
         experiment_id=run.experiment_id,
@@ -78,4 +85,5 @@ def train_classifier(
         model_name=challenger.name,
         version=challenger.version,
         decision=decision,
+        skipped_images=skipped_images,
     )

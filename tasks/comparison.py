@@ -34,6 +34,7 @@ from tasks.tracking import (
     finish_run,
     flatten,
     git_commit,
+    log_skipped_images,
     log_summary,
     start_pipeline_run,
     tracking_uri,
@@ -381,7 +382,10 @@ def check_label_budgets(table: ImageTable, budgets: tuple[int, ...], seed: int) 
 def start_comparison_run(
     loaded: LoadedConfig, plan: ComparisonPlan, table: ImageTable, data_version: str
 ) -> RunRef:
-    """Open the comparison's own MLflow run, beside the strategies' runs, for the table and charts."""
+    """Open the comparison's own MLflow run, beside the strategies' runs, for the table and charts.
+
+    Image files left out as undecodable are listed on it, as on a training run.
+    """
     config = loaded.config
     uri = tracking_uri(loaded.project)
     experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
@@ -390,7 +394,7 @@ def start_comparison_run(
         "data": config.data.model_dump(mode="json"),
         "compare": config.compare.model_dump(mode="json"),
     }
-    return start_pipeline_run(
+    run = start_pipeline_run(
         uri,
         experiment_id,
         run_name=f"comparison-{plan.comparison_id[:8]}",
@@ -406,6 +410,8 @@ def start_comparison_run(
         data_version=data_version,
         heartbeat_seconds=config.tracking.heartbeat_seconds,
     )
+    log_skipped_images(run, table.skipped, loaded.project)
+    return run
 
 
 @task(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
@@ -55,11 +55,15 @@ class UndecodableImagesError(DataError):
 
     def __init__(self, bad: dict[str, str]):
         self.bad = bad
-        lines = "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items()))
         super().__init__(
             f"{len(bad)} image file(s) cannot be decoded; fix or remove them (and drop them from "
-            f"the manifest if there is one):\n{lines}"
+            "the manifest if there is one), or set data.on_bad_images: skip to train without "
+            f"them:\n{_listing(bad)}"
         )
+
+
+def _listing(bad: dict[str, str]) -> str:
+    return "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items()))
 
 
 class DataVersionMismatchError(DataError):
@@ -80,10 +84,15 @@ class DataVersion:
 
 @dataclass(frozen=True)
 class ImageTable:
-    """Every image with its label and split; a class's index is its position in `classes`."""
+    """Every image with its label and split; a class's index is its position in `classes`.
+
+    `skipped` lists the (path, problem) of files left out because they cannot be decoded
+    (`data.on_bad_images: skip`); they are not in `frame`.
+    """
 
     frame: pd.DataFrame
     classes: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
 
     def split(self, name: str) -> pd.DataFrame:
         """The rows of one split ('train', 'val' or 'test')."""
@@ -179,7 +188,7 @@ def load_image_table(
 
     if "split" not in frame.columns:
         frame["split"] = _stratified_split(frame, val_fraction, test_fraction, seed)
-    untrained = sorted(set(classes) - set(frame.loc[frame["split"] == "train", "label"]))
+    untrained = _untrained_classes(frame, classes)
     if untrained:
         raise EmptyDatasetError(
             f"class(es) {', '.join(untrained)} have no training images in {path}; add some or "
@@ -208,11 +217,26 @@ def find_undecodable_images(paths: Sequence[str]) -> dict[str, str]:
     return bad
 
 
-def check_images(table: ImageTable) -> None:
-    """Raise UndecodableImagesError listing every image of `table` that cannot be decoded."""
+def check_images(table: ImageTable, on_bad_images: Literal["fail", "skip"] = "fail") -> ImageTable:
+    """`table` with every image decodable: 'fail' raises UndecodableImagesError naming the rest,
+    'skip' leaves them out and lists them in `skipped`.
+
+    Skipping still fails, with EmptyDatasetError, where it would leave a class no training image.
+    """
     bad = find_undecodable_images(table.frame["path"].tolist())
-    if bad:
+    if not bad:
+        return table
+    if on_bad_images == "fail":
         raise UndecodableImagesError(bad)
+    frame = table.frame[~table.frame["path"].isin(list(bad))].reset_index(drop=True)
+    untrained = _untrained_classes(frame, table.classes)
+    if untrained:
+        raise EmptyDatasetError(
+            f"class(es) {', '.join(untrained)} have no training images left once the "
+            f"{len(bad)} undecodable file(s) are skipped; fix or remove these files, or add "
+            f"images to the class:\n{_listing(bad)}"
+        )
+    return ImageTable(frame=frame, classes=table.classes, skipped=tuple(sorted(bad.items())))
 
 
 def image_dataset(
@@ -404,6 +428,10 @@ def _stratified_split(
     return split
 
 
+def _untrained_classes(frame: pd.DataFrame, classes: Sequence[str]) -> list[str]:
+    return sorted(set(classes) - set(frame.loc[frame["split"] == "train", "label"]))
+
+
 def _label_ids(frame: pd.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(frame["label"]) - index.keys())
@@ -494,7 +522,11 @@ def pull_data_version(loaded) -> str:
 
 @task(name="load-images", cache_policy=NO_CACHE)
 def load_images(loaded, data_version: str) -> ImageTable:
-    """Read the dataset's table and split, and check every image decodes, before any training."""
+    """Read the dataset's table and split, and check every image decodes, before any training.
+
+    Undecodable files fail the run or, with `data.on_bad_images: skip`, are left out and listed
+    in the table's `skipped`.
+    """
     config = loaded.config
     table = load_image_table(
         loaded.path(config.data.path),
@@ -502,8 +534,7 @@ def load_images(loaded, data_version: str) -> ImageTable:
         config.data.test_fraction,
         config.seed,
     )
-    check_images(table)
-    return table
+    return check_images(table, config.data.on_bad_images)
 
 
 @task(name="read-pinned-version", cache_policy=NO_CACHE)

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf import ExpectedError
 from tasks.inference import forward_pass
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,28 +64,169 @@ def weights_fingerprint(model) -> str:
     return digest.hexdigest()
 
 
-def _save_atomically(path: Path, array: np.ndarray) -> None:
-    # Concurrent runs may compute the same split; each writes a private file and renames it
-    # into place, so readers see a whole file or none.
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as handle:
-        np.save(handle, array)
-    os.replace(handle.name, path)
+class CacheDirError(ExpectedError, OSError):
+    """The feature cache folder cannot be created or written to."""
+
+
+def check_cache_dir(path: Path) -> None:
+    """Create the feature cache folder if needed and prove it writable, before any forward pass."""
+    resolved = Path(path).resolve()
+    try:
+        resolved.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=resolved, prefix=".write-check-"):
+            pass
+    except OSError as error:
+        raise CacheDirError(
+            f"feature_extraction.cache_dir is {resolved}, which is not a writable folder "
+            f"({error.strerror or error}). Point feature_extraction.cache_dir at a folder you "
+            "can write to, or set it to null to compute the features afresh every run."
+        ) from error
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """The files of one split's cache entry: two arrays and the record of their sizes and hashes."""
+
+    features: Path
+    labels: Path
+    record: Path
+
+    @classmethod
+    def at(cls, root: Path, digest: str) -> _Entry:
+        return cls(
+            root / f"{digest}.features.npy", root / f"{digest}.labels.npy", root / f"{digest}.json"
+        )
+
+    def arrays(self) -> tuple[Path, Path]:
+        return self.labels, self.features
+
+    def files(self) -> tuple[Path, Path, Path]:
+        return self.record, self.labels, self.features
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (setting it races with other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # no /proc (macOS): the only way left is to set it and put it back
+    os.umask(mask)
+    return mask
+
+
+def _write_temporary(folder: Path, suffix: str, write: Callable[[IO[bytes]], object]) -> Path:
+    """A new temporary file in `folder` holding what `write` wrote, with the umask's permissions.
+
+    NamedTemporaryFile creates files readable by their owner only; a cache a team shares must
+    be readable by the others, as any file the user creates would be.
+    """
+    with tempfile.NamedTemporaryFile(dir=folder, suffix=suffix, delete=False) as handle:
+        try:
+            write(handle)
+        except BaseException:
+            handle.close()
+            os.unlink(handle.name)
+            raise
+    os.chmod(handle.name, 0o666 & ~_umask())
+    return Path(handle.name)
+
+
+def _file_record(path: Path) -> dict[str, int | str]:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _store(entry: _Entry, features: np.ndarray, labels: np.ndarray) -> None:
+    """Write both arrays and then their record, each by renaming a whole file into place.
+
+    Concurrent runs may compute the same split; each writes temporary files of its own and renames
+    them, so readers see whole files or none, and the record, renamed last, vouches for whole arrays.
+    """
+    written: dict[Path, Path] = {}  # where each file goes -> the temporary file holding it
+    try:
+        for path, array in ((entry.labels, labels), (entry.features, features)):
+            written[path] = _write_temporary(path.parent, ".npy", partial(np.save, arr=array))
+        record = json.dumps({path.name: _file_record(temp) for path, temp in written.items()})
+        written[entry.record] = _write_temporary(
+            entry.record.parent, ".json", lambda handle: handle.write(record.encode())
+        )
+    except BaseException:
+        for temp in written.values():
+            temp.unlink(missing_ok=True)
+        raise
+    for path, temp in written.items():  # the record last
+        os.replace(temp, path)
+
+
+def _damage(entry: _Entry) -> tuple[Path, str] | None:
+    """The first file of a stored entry that does not match its record, and how; None if whole.
+
+    Sizes are compared first (a truncated file, the usual damage, costs no read), then sha256,
+    and last numpy reads each array's header, so `CachedFeatures.load` will not fail later.
+    """
+    try:
+        record = json.loads(entry.record.read_text())
+        expected = {path: record[path.name] for path in entry.arrays()}
+        sizes = {path: int(expected[path]["size"]) for path in entry.arrays()}
+        hashes = {path: str(expected[path]["sha256"]) for path in entry.arrays()}
+    except FileNotFoundError:
+        return entry.record, "missing (it records the arrays' sizes and checksums)"
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return entry.record, f"unreadable ({type(error).__name__}: {error})"
+    for path in entry.arrays():
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            return path, "missing"
+        if size != sizes[path]:
+            return path, f"{size} bytes long where {sizes[path]} were written"
+    for path in entry.arrays():
+        if _file_record(path)["sha256"] != hashes[path]:
+            return path, "changed since it was written (its sha256 differs)"
+    for path in entry.arrays():
+        try:
+            np.load(path, mmap_mode="r")
+        except Exception as error:  # whatever numpy cannot read, training could not either
+            return path, f"unreadable by numpy ({type(error).__name__}: {error})"
+    return None
 
 
 def cached_features(
     feature_extractor, dataset, frame: pd.DataFrame, key: FeatureKey, cache_dir: Path | None
 ) -> CachedFeatures:
-    """Features of `frame`'s images from the cache, or computed with one forward pass and stored."""
+    """Features of `frame`'s images from the cache, or computed with one forward pass and stored.
+
+    An entry is `<digest>.features.npy`, `<digest>.labels.npy` and `<digest>.json`, the record of
+    both arrays' sizes and sha256, written last. An entry that does not match its record (a
+    truncated or altered file, a missing record) is never fatal: a warning names the bad file,
+    the entry is deleted and computed again.
+    """
     digest = key.digest(frame)
     root = cache_dir if cache_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
     root.mkdir(parents=True, exist_ok=True)
-    features_path, labels_path = root / f"{digest}.features.npy", root / f"{digest}.labels.npy"
-    if cache_dir is not None and features_path.is_file() and labels_path.is_file():
-        return CachedFeatures(features_path, labels_path, reused=True)
+    entry = _Entry.at(root, digest)
+    if cache_dir is not None and any(path.exists() for path in entry.files()):
+        damage = _damage(entry)
+        if damage is None:
+            return CachedFeatures(entry.features, entry.labels, reused=True)
+        path, problem = damage
+        log.warning(
+            "Feature cache file %s is %s; deleting this split's cache entry and recomputing "
+            "its features.",
+            path,
+            problem,
+        )
+        for stale in entry.files():
+            stale.unlink(missing_ok=True)
     features, labels = forward_pass(feature_extractor, dataset, len(frame))
-    _save_atomically(labels_path, labels)
-    _save_atomically(features_path, np.asarray(features, dtype=np.float32))
-    return CachedFeatures(features_path, labels_path, reused=False)
+    _store(entry, np.asarray(features, dtype=np.float32), labels)
+    return CachedFeatures(entry.features, entry.labels, reused=False)
 
 
 # --- Prefect steps -------------------------------------------------------------------------------

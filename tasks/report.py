@@ -13,7 +13,7 @@ from tasks.config import LoadedConfig
 from tasks.credentials import redact_url
 from tasks.evaluate import Evaluation, confusion_matrix_figure
 from tasks.registry import ModelVersionRef, PromotionDecision
-from tasks.tracking import RunRef, ui_hint
+from tasks.tracking import SKIPPED_IMAGES_ARTIFACT, RunRef, ui_hint
 from tasks.train import TrainingHistory
 
 
@@ -48,8 +48,12 @@ def markdown_summary(
     challenger: ModelVersionRef,
     decision: PromotionDecision,
     ui: str,
+    skipped_images: int = 0,
 ) -> str:
-    """The run as a markdown table of stages plus the registry outcome and a link to MLflow."""
+    """The run as a markdown table of stages plus the registry outcome and a link to MLflow.
+
+    `skipped_images` counts the undecodable image files the run left out, if any.
+    """
     lines = [
         f"# Training run `{run.run_id}`",
         "",
@@ -67,8 +71,14 @@ def markdown_summary(
         f"Registered `{challenger.name}` version {challenger.version} (alias `challenger`): "
         f"{outcome} — {decision.reason}.",
         "",
-        _mlflow_link(run, ui),
     ]
+    if skipped_images:
+        lines += [
+            f"Skipped {skipped_images} undecodable image file(s), listed in "
+            f"`{SKIPPED_IMAGES_ARTIFACT}` on the MLflow run.",
+            "",
+        ]
+    lines.append(_mlflow_link(run, ui))
     return "\n".join(lines)
 
 
@@ -88,11 +98,12 @@ def publish_report(
     decision: PromotionDecision,
     evaluation: Evaluation,
     loaded: LoadedConfig,
+    skipped_images: int = 0,
 ) -> None:
     """A Prefect markdown artifact for the UI; reports/ metrics and confusion matrix for DVC."""
     ui = ui_hint(run.tracking_uri, loaded.project)
     create_markdown_artifact(
-        markdown_summary(run, summaries, challenger, decision, ui),
+        markdown_summary(run, summaries, challenger, decision, ui, skipped_images),
         key="training-summary",
         description="Stages, test scores and the promotion decision of this run",
     )

@@ -6,7 +6,7 @@ import logging
 import os
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,6 +255,26 @@ def start_pipeline_run(
     return RunRef(run_id, experiment_id, uri)
 
 
+SKIPPED_IMAGES_ARTIFACT = "skipped_images.csv"
+
+
+def log_skipped_images(run: RunRef, skipped: Sequence[tuple[str, str]], project: Path) -> None:
+    """List the image files a run left out (path,problem) as an artifact, their count as a tag.
+
+    Paths are relative to the project, as in the run's dataset input. Nothing is logged when
+    nothing was skipped.
+    """
+    if not skipped:
+        return
+    listing = pd.DataFrame(
+        [(_relative(path, project), problem) for path, problem in skipped],
+        columns=["path", "problem"],
+    )
+    client = MlflowClient(run.tracking_uri)
+    client.log_text(run.run_id, listing.to_csv(index=False), SKIPPED_IMAGES_ARTIFACT)
+    client.set_tag(run.run_id, "skipped_images", str(len(skipped)))
+
+
 def _dataset_input(dataset):
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -478,7 +498,8 @@ def start_tracking(
     tags: dict[str, str] | None = None,
     dataset_name: str | None = None,
 ) -> RunRef:
-    """Open the pipeline's parent run with the resolved config, git commit and data version.
+    """Open the pipeline's parent run with the resolved config, git commit and data version, and
+    the list of image files left out as undecodable, if any.
 
     `tags` add to the standard ones, e.g. a comparison's id and label budget; `dataset_name`
     names a subset of the data (default: the data file or folder's name).
@@ -488,7 +509,7 @@ def start_tracking(
     experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
     tree = config.model_dump(mode="json", exclude={"demo"})
     dataset = table.frame.assign(path=[_relative(p, loaded.project) for p in table.frame["path"]])
-    return start_pipeline_run(
+    run = start_pipeline_run(
         uri,
         experiment_id,
         run_name=run_name or f"{config.base.architecture}-{strategy}",
@@ -506,6 +527,8 @@ def start_tracking(
         heartbeat_seconds=config.tracking.heartbeat_seconds,
         dataset_name=dataset_name,
     )
+    log_skipped_images(run, table.skipped, loaded.project)
+    return run
 
 
 def _relative(path: str, root: Path) -> str:

@@ -324,6 +324,52 @@ def test_check_images_lists_every_undecodable_file(tmp_path):
     assert find_undecodable_images([]) == {}
 
 
+def with_bad_files(root: Path) -> set[str]:
+    """Three undecodable files among the classes' images: text, a cut PNG, an empty JPEG."""
+    (root / "a" / "notes.png").write_text("not an image")
+    (root / "b" / "cut.png").write_bytes((root / "b" / "000.png").read_bytes()[:30])
+    (root / "b" / "empty.jpg").write_bytes(b"")
+    return {
+        str(root / "a" / "notes.png"),
+        str(root / "b" / "cut.png"),
+        str(root / "b" / "empty.jpg"),
+    }
+
+
+def test_skip_leaves_undecodable_files_out_and_lists_them(tmp_path):
+    bad = with_bad_files(class_folders(tmp_path, {"a": 4, "b": 4}))
+    table = load_image_table(tmp_path, 0.25, 0.25, seed=0)
+    with pytest.raises(UndecodableImagesError) as caught:
+        check_images(table, "fail")
+    assert set(caught.value.bad) == bad and all(path in str(caught.value) for path in bad)
+    assert "on_bad_images" in str(caught.value)
+
+    kept = check_images(table, "skip")
+
+    assert {path for path, _ in kept.skipped} == bad
+    assert all(problem for _, problem in kept.skipped)
+    assert kept.classes == table.classes
+    good = table.frame[~table.frame["path"].isin(bad)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept.frame, good)  # the others keep their labels and splits
+    assert check_images(kept, "fail").skipped == kept.skipped  # what is left all decodes
+
+
+def test_skip_that_leaves_a_class_no_training_image_fails_naming_it(tmp_path):
+    class_folders(tmp_path, {"a": 3})
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_text("not an image")
+    (tmp_path / "broken" / "y.png").write_bytes(b"\x89PNG")
+    table = load_image_table(tmp_path, 0.0, 0.0, seed=0)
+    with pytest.raises(EmptyDatasetError, match=r"broken have no training images left") as caught:
+        check_images(table, "skip")
+    assert "x.png" in str(caught.value) and "y.png" in str(caught.value)
+
+
+def test_a_table_without_bad_files_comes_back_as_it_is(tmp_path):
+    table = load_image_table(class_folders(tmp_path, {"a": 2, "b": 2}), 0.0, 0.0, seed=0)
+    assert check_images(table, "skip") is table and table.skipped == ()
+
+
 # --- DVC --------------------------------------------------------------------------------------
 
 GIT_ENV = {

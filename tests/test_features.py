@@ -1,8 +1,14 @@
-"""The frozen-feature cache: one forward pass per key, reused after, recomputed when the key moves."""
+"""The frozen-feature cache: one forward pass per key, reused after, recomputed when the key moves
+or when a file of the entry is damaged."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,7 +18,13 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tasks.features import FeatureKey, cached_features, weights_fingerprint
+from tasks.features import (
+    CacheDirError,
+    FeatureKey,
+    cached_features,
+    check_cache_dir,
+    weights_fingerprint,
+)
 
 KEY = FeatureKey("data-v1", "Tiny", "{}", "w1", 8, "avg")
 
@@ -101,7 +113,11 @@ def test_concurrent_runs_sharing_the_cache_both_get_whole_files(tmp_path: Path) 
     for features, labels in results:
         np.testing.assert_allclose(features, results[0][0])
         assert len(labels) == 40
-    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy", ".npy"]  # no stray temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # no stray temp files
+        f"{KEY.digest(frame)}.features.npy",
+        f"{KEY.digest(frame)}.json",
+        f"{KEY.digest(frame)}.labels.npy",
+    ]
 
 
 def test_weights_fingerprint_follows_the_values() -> None:
@@ -111,3 +127,143 @@ def test_weights_fingerprint_follows_the_values() -> None:
     kernel = layer_model.layers[0].kernel
     kernel.assign(kernel.numpy() + 1.0)
     assert weights_fingerprint(layer_model) != before
+
+
+# --- damaged entries heal ------------------------------------------------------------------------
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def flip_last_byte(path: Path) -> None:
+    """Same size, one bit pattern changed inside the data: only the checksum notices."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def replace_header(path: Path) -> None:
+    """Garbage where numpy's header was, same size: a changed checksum, and numpy cannot read it."""
+    data = bytearray(path.read_bytes())
+    data[:16] = b"x" * 16
+    path.write_bytes(bytes(data))
+
+
+def recorded_garbage(path: Path) -> None:
+    """Bytes numpy cannot read, with a record that matches them: a writer that wrote nonsense."""
+    path.write_bytes(b"not an array at all")
+    record_path = path.with_name(path.name.split(".")[0] + ".json")
+    record = json.loads(record_path.read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    record[path.name] = {"size": path.stat().st_size, "sha256": digest}
+    record_path.write_text(json.dumps(record))
+
+
+@pytest.mark.parametrize(
+    ("damaged", "damage", "problem"),
+    [
+        ("features.npy", truncate, "bytes long where"),
+        ("features.npy", flip_last_byte, "sha256 differs"),
+        ("labels.npy", truncate, "bytes long where"),
+        ("labels.npy", replace_header, "sha256 differs"),
+        ("features.npy", recorded_garbage, "unreadable by numpy"),
+        ("json", Path.unlink, "missing"),
+        ("json", lambda path: path.write_text("{not json"), "unreadable"),
+    ],
+    ids=[
+        "truncated-features",
+        "flipped-byte",
+        "truncated-labels",
+        "bad-header",
+        "unreadable",
+        "no-record",
+        "bad-record",
+    ],
+)
+def test_a_damaged_entry_is_recomputed_with_a_warning_naming_the_file(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    damaged: str,
+    damage: Callable[[Path], object],
+    problem: str,
+) -> None:
+    extractor = CountingExtractor()
+    data, frame = dataset(10)
+    first = cached_features(extractor, data, frame, KEY, tmp_path)
+    original = first.load()
+    bad = tmp_path / f"{KEY.digest(frame)}.{damaged}"
+    size = bad.stat().st_size
+    damage(bad)
+
+    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+        healed = cached_features(extractor, data, frame, KEY, tmp_path)
+
+    assert not healed.reused and extractor.images == 20  # one more forward pass
+    (warning,) = [r for r in caplog.records if r.name == "tasks.features"]
+    assert warning.levelno == logging.WARNING
+    assert str(bad) in warning.getMessage() and problem in warning.getMessage()
+    assert "recomputing" in warning.getMessage()
+    features, labels = healed.load()
+    np.testing.assert_array_equal(features, original[0])
+    np.testing.assert_array_equal(labels, original[1])
+    if damage is not recorded_garbage and bad.suffix == ".npy":
+        assert bad.stat().st_size == size
+    again = cached_features(extractor, data, frame, KEY, tmp_path)
+    assert again.reused and extractor.images == 20  # healthy: reused without a warning
+    assert len([r for r in caplog.records if r.name == "tasks.features"]) == 1
+
+
+def test_an_intact_entry_is_reused_silently(tmp_path: Path, caplog) -> None:
+    extractor = CountingExtractor()
+    data, frame = dataset(4)
+    cached_features(extractor, data, frame, KEY, tmp_path)
+    with caplog.at_level(logging.WARNING):
+        assert cached_features(extractor, data, frame, KEY, tmp_path).reused
+    assert not [r for r in caplog.records if r.name == "tasks.features"]
+
+
+# --- permissions and the folder ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o007, 0o660)])
+def test_cache_files_get_the_permissions_the_umask_allows(
+    tmp_path: Path, umask: int, mode: int
+) -> None:
+    data, frame = dataset(4)
+    saved = os.umask(umask)
+    try:
+        cached_features(CountingExtractor(), data, frame, KEY, tmp_path)
+    finally:
+        os.umask(saved)
+    modes = {path.name.split(".", 1)[1]: path.stat().st_mode & 0o777 for path in tmp_path.iterdir()}
+    assert modes == {"features.npy": mode, "labels.npy": mode, "json": mode}
+
+
+def test_check_cache_dir_creates_the_folder(tmp_path: Path) -> None:
+    check_cache_dir(tmp_path / "a" / "cache")
+    assert (tmp_path / "a" / "cache").is_dir()
+    assert list((tmp_path / "a" / "cache").iterdir()) == []  # the probe file is gone
+
+
+def test_check_cache_dir_names_the_key_the_path_and_the_reason(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # fails for root too, unlike a read-only folder
+    with pytest.raises(CacheDirError) as caught:
+        check_cache_dir(blocker / "cache")
+    message = str(caught.value)
+    assert "feature_extraction.cache_dir" in message and str(blocker / "cache") in message
+    assert "Not a directory" in message and "null" in message
+    assert isinstance(caught.value, OSError)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_check_cache_dir_refuses_a_read_only_folder(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        with pytest.raises(CacheDirError, match="Permission denied"):
+            check_cache_dir(locked)
+    finally:
+        locked.chmod(0o700)
