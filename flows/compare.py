@@ -68,7 +68,7 @@ def compare_strategies(
     check_label_budgets(table, plan.label_budgets, loaded.config.seed)
     comparison = start_comparison_run(loaded, plan, table, data_version)
     try:
-        cells = plan_cells(plan, config_path, overrides or [], data_version)
+        cells = plan_cells(plan, config_path, overrides or [], data_version, table.skipped)
         compare = loaded.config.compare
         run_ids = train_cells.with_options(task_runner=cell_task_runner(compare))(
             cells, compare.work_pool, compare.cell_timeout_minutes, comparison

@@ -15,6 +15,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 from mlflow import MlflowClient
@@ -72,6 +73,7 @@ class CellSpec(BaseModel):
     comparison_id: str
     data_version: str
     after: tuple[str, ...] = ()
+    skipped_images: tuple[str, ...] = ()  # undecodable files the comparison left out
 
     @property
     def id(self) -> str:
@@ -88,11 +90,13 @@ def plan_cells(
     config_path: str,
     overrides: Sequence[str],
     data_version: str,
+    skipped: Sequence[tuple[str, str]] = (),
 ) -> list[CellSpec]:
     """Every strategy at every budget, each waiting for the cell whose stages it can resume.
 
     The config file is named by its absolute path: workers on other machines need the project
-    checked out at the same place.
+    checked out at the same place. `skipped` are the undecodable files (and why) the comparison
+    leaves out under `data.on_bad_images: skip`, so no worker decodes every image again.
     """
     config_path = str(Path(config_path).resolve())
     paths = {strategy.name: stage_path(strategy) for strategy in plan.strategies}
@@ -119,6 +123,7 @@ def plan_cells(
                     comparison_id=plan.comparison_id,
                     data_version=data_version,
                     after=tuple(after),
+                    skipped_images=tuple(path for path, _ in skipped),
                 )
             )
     return cells
@@ -151,6 +156,9 @@ def train_cell(cell: CellSpec) -> str:
         config.data.test_fraction,
         config.seed,
     )
+    if cell.skipped_images:
+        kept = ~table.frame["path"].isin(set(cell.skipped_images))
+        table = replace(table, frame=table.frame[kept].reset_index(drop=True))
     labelled = keep_labels_per_class(table, cell.labels_per_class, config.seed)
     classifier = build_classifier_for(strategy.loaded, len(labelled.classes))
     run = start_tracking(

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf import PipelineConfig, load_config, project_root
+from tasks.features import check_cache_dir
 from tasks.model import (
     base_block_count,
     check_architecture,
@@ -39,12 +40,15 @@ def load_and_check(
 
 
 def check_training_config(loaded: LoadedConfig) -> None:
-    """The weights file exists and every fine-tuning stage fits in the base's blocks.
+    """The weights file exists, every fine-tuning stage fits in the base's blocks, and the
+    feature cache folder can be written.
 
-    Both fail in seconds here; otherwise only after the data pull, the head's training and a
-    logged model.
+    Each fails in seconds here; otherwise only after the data pull, a forward pass, the head's
+    training or a logged model.
     """
     config = loaded.config
+    if config.feature_extraction.cache_dir:
+        check_cache_dir(loaded.path(config.feature_extraction.cache_dir))
     base = config.base
     weights = base.weights
     if weights not in (None, "imagenet"):

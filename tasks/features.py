@@ -204,8 +204,9 @@ def cached_features(
 
     An entry is `<digest>.features.npy`, `<digest>.labels.npy` and `<digest>.json`, the record of
     both arrays' sizes and sha256, written last. An entry that does not match its record (a
-    truncated or altered file, a missing record) is never fatal: a warning names the bad file,
-    the entry is deleted and computed again.
+    truncated or altered file, a missing record) is never fatal: a warning names the bad file
+    and the entry is computed again and renamed over it. Nothing is deleted first: another run
+    may be writing the same entry, and its files must not vanish under it.
     """
     digest = key.digest(frame)
     root = cache_dir if cache_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
@@ -217,13 +218,11 @@ def cached_features(
             return CachedFeatures(entry.features, entry.labels, reused=True)
         path, problem = damage
         log.warning(
-            "Feature cache file %s is %s; deleting this split's cache entry and recomputing "
-            "its features.",
+            "Feature cache file %s is %s; recomputing this split's features and replacing the "
+            "cache entry.",
             path,
             problem,
         )
-        for stale in entry.files():
-            stale.unlink(missing_ok=True)
     features, labels = forward_pass(feature_extractor, dataset, len(frame))
     _store(entry, np.asarray(features, dtype=np.float32), labels)
     return CachedFeatures(entry.features, entry.labels, reused=False)

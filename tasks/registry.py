@@ -497,9 +497,16 @@ _BACKOFF = exponential_backoff(backoff_factor=2)
 
 def config_fingerprint(loaded: LoadedConfig) -> str:
     """sha256 of the resolved training config, to tell later whether a retrain would differ."""
-    # Whether stages may be resumed, and how often a run beats, change nothing a retrain produces.
+    # Whether stages may be resumed, how often a run beats, and whether undecodable images fail
+    # the run or are left out (a model is only ever trained on the decodable ones) change
+    # nothing a retrain produces.
     tree = loaded.config.model_dump(
-        mode="json", exclude={"demo": True, "tracking": {"resume", "heartbeat_seconds"}}
+        mode="json",
+        exclude={
+            "demo": True,
+            "tracking": {"resume", "heartbeat_seconds"},
+            "data": {"on_bad_images"},
+        },
     )
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
 

@@ -14,6 +14,7 @@ from PIL import Image
 
 from conf import ConfigError
 from tasks.data import DataNotFoundError, DvcPullError, EmptyDatasetError, UndecodableImagesError
+from tasks.features import CacheDirError
 from tasks.model import UnfreezeTooDeepError, UnknownArchitectureError, WeightsNotFoundError
 from tasks.tracking import TrackingServerUnreachableError
 from tests.servers import free_port
@@ -133,6 +134,17 @@ def test_unfreezing_more_blocks_than_the_base_has_fails_before_the_data_is_read(
     message = str(error.value)
     assert "fine_tune.stages[1].unfreeze_blocks is 99" in message
     assert "MobileNet has 14 blocks" in message
+    assert_nothing_tracked(tmp_path)
+
+
+def test_an_unwritable_cache_dir_fails_before_the_data_is_read(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # a folder under a file fails for root too
+    config = project(
+        tmp_path, tmp_path / "no-such-folder", feature_extraction={"cache_dir": str(blocker / "f")}
+    )
+    with pytest.raises(CacheDirError, match=r"feature_extraction\.cache_dir"):
+        train(config)
     assert_nothing_tracked(tmp_path)
 
 

@@ -297,6 +297,9 @@ def test_registry_commands_on_a_server_that_is_down_fail_at_once_naming_it(
 
     port = free_port()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://ops:s3cret@127.0.0.1:{port}")
+    # The CLI moves the credentials into MLflow's variables: undo that after the test too.
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     (tmp_path / "images").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "images" / "one.png")
     runner = CliRunner()
