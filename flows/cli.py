@@ -57,9 +57,10 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run_flow(flow: Callable[[str, list[str]], Any], config: str, overrides: list[str]) -> Any:
-    """Run a flow on a config: the config checked first, the Prefect API calls bounded by
-    timeouts.prefect_api_seconds, and Prefect's temporary server stopped with this process."""
+def _run_flow(flow: Callable[..., Any], config: str, overrides: list[str], *args: Any) -> Any:
+    """`flow(*args)`, by default `flow(config, overrides)`: the config checked first, the Prefect
+    API calls bounded by timeouts.prefect_api_seconds, Prefect's temporary server stopped with
+    this process."""
     import signal
 
     from conf import load_config
@@ -70,7 +71,7 @@ def _run_flow(flow: Callable[[str, list[str]], Any], config: str, overrides: lis
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     with bounded_prefect_calls(budget):
         start_local_prefect_server()
-        return flow(config, overrides)
+        return flow(*(args or (config, overrides)))
 
 
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="A YAML file in conf/.")]
@@ -322,7 +323,8 @@ def predict(
 
     if model is None:
         model = f"models:/{load_config(config).registry.model_name}@champion"
-    result = predict_folder(model, images, output, batch_size, tracking_uri(project_root(config)))
+    uri = tracking_uri(project_root(config))
+    result = _run_flow(predict_folder, config, [], model, images, output, batch_size, uri)
     typer.echo(f"Wrote {result.count} predictions by {result.model} to {result.output}")
     typer.echo("Labels: " + ", ".join(f"{k} {v}" for k, v in result.label_counts.items()))
 

@@ -8,11 +8,15 @@ writes, and cells share frozen features (the feature cache) and finished stages 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import resource
+import signal
 import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -264,7 +268,7 @@ def cell_task_runner(compare: CompareConfig):
     if compare.work_pool:
         return ThreadPoolTaskRunner(max_workers=compare.workers)
     runner = RecyclingProcessPoolTaskRunner(
-        max_workers=compare.workers, initializer=use_prefect_api, initargs=(prefect_api_url(),)
+        max_workers=compare.workers, initializer=start_worker, initargs=(prefect_api_url(),)
     )
     runner.tasks_per_worker = compare.cells_per_worker
     return runner
@@ -300,6 +304,16 @@ class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
             given.shutdown(wait=True)
         return self
 
+    def __exit__(self, exc_type, exc_value, traceback) -> None:
+        # Stopped by a signal: the pool would wait for the cells in flight to finish. Pass the
+        # signal on, so they close their runs as KILLED and end now.
+        executor = self._executor
+        if exc_type is not None and not issubclass(exc_type, Exception) and executor is not None:
+            for process in list(getattr(executor, "_processes", {}).values()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(process.pid, signal.SIGTERM)
+        super().__exit__(exc_type, exc_value, traceback)
+
 
 def prefect_api_url() -> str | None:
     """PREFECT_API_URL as this process sees it, or the address of its temporary server."""
@@ -311,6 +325,31 @@ def prefect_api_url() -> str | None:
         return url
     server = SubprocessASGIServer()  # the process's one temporary server, if it started one
     return server.api_url if server.running else None
+
+
+def start_worker(url: str | None) -> None:
+    """A worker process's set-up: the parent's Prefect API, and ending with the parent.
+
+    On SIGTERM the cell in flight stops with SystemExit, so its runs close as KILLED; a
+    worker whose parent died (even by SIGKILL) sends itself SIGTERM rather than train on
+    for no one. Whatever the cell does, the process is gone 30 s after the signal.
+    """
+    use_prefect_api(url)
+    signal.signal(signal.SIGTERM, _leave_on_sigterm)
+    parent = os.getppid()
+    threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _leave_on_sigterm(signum: int, frame) -> None:
+    exit_code = 128 + signum
+    threading.Timer(30, os._exit, args=(exit_code,)).start()
+    raise SystemExit(exit_code)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(2)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def use_prefect_api(url: str | None) -> None:
