@@ -64,13 +64,12 @@ def _run_flow(flow: Callable[..., Any], config: str, overrides: list[str], *args
     import signal
 
     from conf import load_config
-    from tasks.prefect_server import start_local_prefect_server
+    from tasks.prefect_server import local_prefect_server
     from tasks.timeouts import bounded_prefect_calls
 
     budget = load_config(config, overrides).timeouts.prefect_api_seconds
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    with bounded_prefect_calls(budget):
-        start_local_prefect_server()
+    with bounded_prefect_calls(budget), local_prefect_server():
         return flow(*(args or (config, overrides)))
 
 

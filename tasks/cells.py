@@ -332,7 +332,8 @@ def start_worker(url: str | None) -> None:
 
     On SIGTERM the cell in flight stops with SystemExit, so its runs close as KILLED; a
     worker whose parent died (even by SIGKILL) sends itself SIGTERM rather than train on
-    for no one. Whatever the cell does, the process is gone 30 s after the signal.
+    for no one. Whatever the cell does, the process is gone 10 s after the signal (Prefect
+    would otherwise go on retrying to send its last events to a server that has stopped).
     """
     use_prefect_api(url)
     signal.signal(signal.SIGTERM, _leave_on_sigterm)
@@ -342,7 +343,9 @@ def start_worker(url: str | None) -> None:
 
 def _leave_on_sigterm(signum: int, frame) -> None:
     exit_code = 128 + signum
-    threading.Timer(30, os._exit, args=(exit_code,)).start()
+    deadline = threading.Timer(10, os._exit, args=(exit_code,))
+    deadline.daemon = True  # a worker that ends sooner must not wait for it
+    deadline.start()
     raise SystemExit(exit_code)
 
 

@@ -8,8 +8,11 @@ this process ends, however it ends, the pipe closes and the watchdog stops the s
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 # Runs in the watchdog: wait for the pipe to close, then stop the server (SIGTERM, then
 # SIGKILL), but only while the pid still names a Prefect server, not a process that reused it.
@@ -41,25 +44,44 @@ for sent in (signal.SIGTERM, signal.SIGKILL):
 _watchdogs: list[subprocess.Popen] = []
 
 
-def start_local_prefect_server() -> None:
-    """Start Prefect's temporary server now, unless PREFECT_API_URL names one; stop it with us.
+@contextmanager
+def local_prefect_server() -> Iterator[None]:
+    """Within the block, PREFECT_API_URL names a Prefect server that stops with this process.
 
-    Prefect would start the same server (one per process) at the first API call; starting it
-    here is what lets the watchdog know its pid.
+    Without PREFECT_API_URL, Prefect's temporary server is started here, and the block runs
+    with PREFECT_API_URL set to it (in the settings and the environment): worker processes
+    started in the block then report to it, instead of each starting a server of its own.
     """
-    from prefect.server.api.server import SubprocessASGIServer
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
+        yield
         return
+    url = _start_watched_server()
+    saved = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        if saved is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = saved
+
+
+def _start_watched_server() -> str:
+    """Start Prefect's temporary server (one per process) and a watchdog for it; its API URL."""
+    from prefect.server.api.server import SubprocessASGIServer
+
     server = SubprocessASGIServer()
     server.start()
-    if server.server_process is None:  # pragma: no cover - start() raises instead
-        return
-    watchdog = subprocess.Popen(
-        [sys.executable, "-c", _WATCHDOG, str(server.server_process.pid)],
-        stdin=subprocess.PIPE,
-        start_new_session=True,  # Ctrl-C on the terminal must not stop it before the server
-    )
-    _watchdogs.append(watchdog)  # the pipe stays open while this process holds the object
+    if server.server_process is not None and not _watchdogs:
+        watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(server.server_process.pid)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # Ctrl-C on the terminal must not stop it before the server
+        )
+        _watchdogs.append(watchdog)  # the pipe stays open while this process holds the object
+    return server.api_url

@@ -95,25 +95,38 @@ def flow_run_state(prefect_home: Path, flow_run_id: str) -> str:
     return state
 
 
-def test_sigterm_closes_the_run_as_killed_and_stops_the_prefect_server(tmp_path: Path) -> None:
+def interrupt_mid_stage(tmp_path: Path, sent: signal.Signals) -> tuple[Path, int, str, list]:
+    """`transferflow train` on its own temporary Prefect server, sent `sent` once its head is
+    checkpointed (fine_tune_1 is then under way): the project, the exit status, the parent
+    run's id and the Prefect server processes it had."""
     project = dvc_project(tmp_path, LONG)
-    env = own_prefect_env(tmp_path)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     log = tmp_path / "train.log"
     with log.open("wb") as out:
         train = subprocess.Popen(
-            train_command(project), cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT
+            train_command(project),
+            cwd=project,
+            env=own_prefect_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
         )
         try:
             parent_id = wait_for(lambda: head_checkpointed(client, "fail-safe"), train, log)
             servers = prefect_servers_of(train)
             assert len(servers) == 1
-            train.send_signal(signal.SIGTERM)
+            train.send_signal(sent)
             train.wait(timeout=60)
         finally:
             if train.poll() is None:
                 train.kill()
-    assert train.returncode == 128 + signal.SIGTERM, tail(log)
+    assert "Traceback" not in log.read_text()
+    return project, train.returncode, parent_id, servers
+
+
+def test_sigterm_closes_the_run_as_killed_and_stops_the_prefect_server(tmp_path: Path) -> None:
+    project, status, parent_id, servers = interrupt_mid_stage(tmp_path, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     parent = client.get_run(parent_id)
     assert parent.info.status == "KILLED"
     experiment = parent.info.experiment_id
@@ -121,28 +134,15 @@ def test_sigterm_closes_the_run_as_killed_and_stops_the_prefect_server(tmp_path:
     assert gone_within(servers, 10), "Prefect's temporary server outlived the run"
     flow_run_id = parent.data.tags["prefect_flow_run_id"]
     assert flow_run_state(tmp_path / "prefect-home", flow_run_id) == "CRASHED"
-    assert "Traceback" not in log.read_text()
 
 
 def test_sigkill_leaves_no_server_and_the_next_run_closes_the_dead_run(tmp_path: Path) -> None:
     """SIGKILL closes nothing; the watchdog stops the server, and the next run finds the
     killed run's heartbeat stopped and closes it and its Prefect flow run."""
-    project = dvc_project(tmp_path, LONG)
-    env = own_prefect_env(tmp_path)
+    project, status, parent_id, servers = interrupt_mid_stage(tmp_path, signal.SIGKILL)
+    assert status == -signal.SIGKILL
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    log = tmp_path / "train.log"
-    with log.open("wb") as out:
-        train = subprocess.Popen(
-            train_command(project), cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            parent_id = wait_for(lambda: head_checkpointed(client, "fail-safe"), train, log)
-            servers = prefect_servers_of(train)
-            os.kill(train.pid, signal.SIGKILL)
-            train.wait(timeout=30)
-        finally:
-            if train.poll() is None:
-                train.kill()
+    env = own_prefect_env(tmp_path)
     assert gone_within(servers, 15), "Prefect's temporary server outlived a killed run"
     assert client.get_run(parent_id).info.status == "RUNNING"  # nothing could close it
 
@@ -244,3 +244,66 @@ def test_an_expected_error_is_one_message_and_exit_status_2(
         assert str(victim) in done.stderr
     assert "Traceback" not in done.stdout + done.stderr
     assert "╭" not in done.stdout + done.stderr  # no framed traceback from the CLI
+
+
+def test_a_comparison_stopped_by_sigterm_stops_its_workers_and_closes_their_runs(
+    tmp_path: Path,
+) -> None:
+    """Two cells train in two worker processes when the comparison gets SIGTERM: the workers
+    end (the pool does not wait for their cells), and every run, theirs included, is KILLED."""
+    config = {
+        "extends": "compare.yaml",
+        "data": {"image_size": 64, "batch_size": 16},
+        "feature_extraction": {"epochs": 2, "patience": 2},
+        "fine_tune": {"patience": 50},
+        "compare": {
+            "label_budgets": [4],
+            "workers": 2,
+            "strategies": [
+                {"name": "from_scratch", "from_scratch": True, "epochs": 200},
+                {
+                    "name": "fine_tune_1",
+                    "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 200}]},
+                },
+            ],
+        },
+        "registry": {"model_name": "fail-safe-compare", "min_value": 0.0},
+        "tracking": {"experiment": "fail-safe-compare"},
+        "demo": {"train_per_class": 8, "val_per_class": 2, "test_per_class": 3},
+    }
+    project = dvc_project(tmp_path, config)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    command = [str(BIN / "transferflow"), "compare", "-c", str(project / "conf" / "test.yaml")]
+    if not HAVE_IMAGENET_WEIGHTS:
+        command += ["-s", "base.weights=null"]
+
+    def both_cells_training() -> bool:
+        experiment = client.get_experiment_by_name("fail-safe-compare")
+        cells = client.search_runs([experiment.experiment_id], "tags.label_budget = '4'")
+        return len(cells) == 2 and head_checkpointed(client, "fail-safe-compare") is not None
+
+    log = tmp_path / "compare.log"
+    with log.open("wb") as out:
+        compare = subprocess.Popen(
+            command,
+            cwd=project,
+            env=own_prefect_env(tmp_path),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(both_cells_training, compare, log)
+            helpers = psutil.Process(compare.pid).children(recursive=True)
+            compare.send_signal(signal.SIGTERM)
+            compare.wait(timeout=60)
+        finally:
+            if compare.poll() is None:
+                compare.kill()
+    assert compare.returncode == 128 + signal.SIGTERM, tail(log)
+    assert gone_within(helpers, 10), "a worker or server outlived the comparison"
+    experiment = client.get_experiment_by_name("fail-safe-compare").experiment_id
+    parents = client.search_runs(
+        [experiment], "tags.label_budget = '4' or tags.comparison = 'summary'"
+    )
+    assert len(parents) == 3 and {run.info.status for run in parents} == {"KILLED"}
+    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
