@@ -95,10 +95,10 @@ def flow_run_state(prefect_home: Path, flow_run_id: str) -> str:
     return state
 
 
-def interrupt_mid_stage(tmp_path: Path, sent: signal.Signals) -> tuple[Path, int, str, list]:
+def interrupt_mid_stage(tmp_path: Path, sent: signal.Signals) -> tuple[Path, int, str, list, Path]:
     """`transferflow train` on its own temporary Prefect server, sent `sent` once its head is
     checkpointed (fine_tune_1 is then under way): the project, the exit status, the parent
-    run's id and the Prefect server processes it had."""
+    run's id, the Prefect server processes it had and its log."""
     project = dvc_project(tmp_path, LONG)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     log = tmp_path / "train.log"
@@ -113,33 +113,33 @@ def interrupt_mid_stage(tmp_path: Path, sent: signal.Signals) -> tuple[Path, int
         try:
             parent_id = wait_for(lambda: head_checkpointed(client, "fail-safe"), train, log)
             servers = prefect_servers_of(train)
-            assert len(servers) == 1
+            assert len(servers) == 1, servers
             train.send_signal(sent)
             train.wait(timeout=60)
         finally:
             if train.poll() is None:
                 train.kill()
-    assert "Traceback" not in log.read_text()
-    return project, train.returncode, parent_id, servers
+    assert "Traceback" not in log.read_text(), tail(log)
+    return project, train.returncode, parent_id, servers, log
 
 
 def test_sigterm_closes_the_run_as_killed_and_stops_the_prefect_server(tmp_path: Path) -> None:
-    project, status, parent_id, servers = interrupt_mid_stage(tmp_path, signal.SIGTERM)
-    assert status == 128 + signal.SIGTERM
+    project, status, parent_id, servers, log = interrupt_mid_stage(tmp_path, signal.SIGTERM)
+    assert status == 128 + signal.SIGTERM, tail(log)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     parent = client.get_run(parent_id)
-    assert parent.info.status == "KILLED"
+    assert parent.info.status == "KILLED", tail(log)
     experiment = parent.info.experiment_id
-    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == []
+    assert client.search_runs([experiment], "attributes.status = 'RUNNING'") == [], tail(log)
     assert gone_within(servers, 10), "Prefect's temporary server outlived the run"
     flow_run_id = parent.data.tags["prefect_flow_run_id"]
-    assert flow_run_state(tmp_path / "prefect-home", flow_run_id) == "CRASHED"
+    assert flow_run_state(tmp_path / "prefect-home", flow_run_id) == "CRASHED", tail(log)
 
 
 def test_sigkill_leaves_no_server_and_the_next_run_closes_the_dead_run(tmp_path: Path) -> None:
     """SIGKILL closes nothing; the watchdog stops the server, and the next run finds the
     killed run's heartbeat stopped and closes it and its Prefect flow run."""
-    project, status, parent_id, servers = interrupt_mid_stage(tmp_path, signal.SIGKILL)
+    project, status, parent_id, servers, _ = interrupt_mid_stage(tmp_path, signal.SIGKILL)
     assert status == -signal.SIGKILL
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     env = own_prefect_env(tmp_path)
