@@ -183,13 +183,19 @@ class TimeoutsConfig(Section):
     """
 
     mlflow_seconds: int = Field(
-        60, ge=10, description="One call to the MLflow tracking server (MLFLOW_TRACKING_URI)."
+        60,
+        ge=20,
+        description="One call to the MLflow tracking server (MLFLOW_TRACKING_URI), its four "
+        "attempts included; each attempt may wait about a sixth of it for an answer.",
     )
     dvc_pull_seconds: int = Field(
         900, ge=10, description="The whole `dvc pull` of the pinned data from the DVC remote."
     )
     prefect_api_seconds: int = Field(
-        60, ge=10, description="One call to the Prefect API (PREFECT_API_URL, or the local one)."
+        60,
+        ge=20,
+        description="One call to the Prefect API (PREFECT_API_URL, or the local one), its three "
+        "attempts included.",
     )
 
 
