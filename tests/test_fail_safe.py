@@ -53,8 +53,14 @@ def own_prefect_env(tmp_path: Path) -> dict[str, str]:
 
 
 def prefect_servers_of(process: subprocess.Popen) -> list[psutil.Process]:
-    children = psutil.Process(process.pid).children(recursive=True)
-    return [child for child in children if "uvicorn" in child.cmdline()]
+    servers = []
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            if "uvicorn" in child.cmdline():
+                servers.append(child)
+        except psutil.Error:  # a short-lived child (git, a compiler) gone meanwhile
+            continue
+    return servers
 
 
 def head_checkpointed(client: MlflowClient, experiment: str) -> str | None:
