@@ -211,7 +211,7 @@ def serve(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
     _require_prefect_server()
     from flows.retrain import serve_retraining
 
-    serve_retraining(config, list(set_ or []))
+    _run_flow(serve_retraining, config, list(set_ or []))
 
 
 @command()
