@@ -157,6 +157,28 @@ class RegistryConfig(Section):
     min_improvement: float = Field(
         0.0, ge=0.0, description="How much the challenger must beat the champion by."
     )
+    gate: Literal["threshold", "non_inferiority", "superiority"] = Field(
+        "threshold",
+        description="threshold: promote when the challenger's score beats the champion's by "
+        "min_improvement. non_inferiority / superiority: score both on the same test images "
+        "and decide on the paired interval of the difference (see tasks/gate.py).",
+    )
+    alpha: float = Field(
+        0.05, gt=0.0, lt=0.5, description="The paired gate's error rate: confidence 1 - alpha."
+    )
+    margin: float = Field(
+        0.01,
+        ge=0.0,
+        lt=1.0,
+        description="non_inferiority: how much worse than the champion the challenger may be.",
+    )
+    max_class_drop: float = Field(
+        0.05,
+        ge=0.0,
+        le=1.0,
+        description="The paired gate rejects a challenger whose recall of any class is lower "
+        "than the champion's by more than this, with confidence 1 - alpha.",
+    )
 
 
 class TrackingConfig(Section):

@@ -27,7 +27,8 @@ from tasks.comparison import (
 )
 from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
-from tasks.registry import PromotionDecision, promote_if_better, register_challenger_step
+from tasks.promotion import promote_if_better
+from tasks.registry import PromotionDecision, register_challenger_step
 from tasks.tracking import RunRef, close_run_after_failure
 
 DEFAULT_CONFIG = "conf/compare.yaml"

@@ -112,6 +112,30 @@ class GateReport:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
+    def markdown(self) -> str:
+        """The report as a page: the decision, then one row per class."""
+        rows = [
+            f"| {check.name} | {check.images} | {check.champion_recall:.4f} | "
+            f"{check.challenger_recall:.4f} | [{check.change.low:+.4f}, {check.change.high:+.4f}] | "
+            f"{'**dropped**' if check.dropped else 'ok'} |"
+            for check in self.classes
+        ]
+        return "\n".join(
+            [
+                f"# Promotion gate: {'promoted' if self.promote else 'rejected'}",
+                "",
+                self.summary(),
+                "",
+                f"McNemar: {self.mcnemar.champion_only} images only the champion gets right, "
+                f"{self.mcnemar.challenger_only} only the challenger (exact p = "
+                f"{self.mcnemar.p_value:.3g}).",
+                "",
+                "| class | images | champion recall | challenger recall | change interval | |",
+                "|---|---|---|---|---|---|",
+                *rows,
+            ]
+        )
+
     def summary(self) -> str:
         """The decision in one line, as the training summary prints it."""
         low, high = self.difference.low, self.difference.high

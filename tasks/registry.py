@@ -27,11 +27,11 @@ from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
 from tasks.credentials import redact_url
+from tasks.gate import GateReport
 from tasks.timeouts import retry_if_store_locked
 
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
     from tasks.config import LoadedConfig
-    from tasks.evaluate import Evaluation
     from tasks.tracking import RunRef, StageRecord
 
 CHAMPION = "champion"
@@ -87,9 +87,11 @@ class PromotionDecision:
     challenger_score: float
     champion_score: float | None = None
     champion_version: str | None = None
+    report: GateReport | None = None  # the paired gate's evidence; None for the threshold gate
 
     def tags(self) -> dict[str, str]:
-        return {
+        gate = {} if self.report is None else self.report.tags()
+        return gate | {
             "promotion.decision": "promoted" if self.promote else "rejected",
             "promotion.reason": self.reason,
             "promotion.metric": self.metric,
@@ -205,6 +207,9 @@ def record_decision(
     """
     client = MlflowClient(uri)
     _record(client, challenger.name, challenger.version, run_id, decision.tags())
+    if decision.report is not None:
+        client.log_text(run_id, decision.report.to_json(), "gate_report.json")
+        client.log_text(run_id, decision.report.markdown(), "gate_report.md")
     if decision.promote:
         _move_champion(client, challenger.name, challenger.version)
 
@@ -215,15 +220,14 @@ def promote_through_gate(
     run_id: str,
     metric: str,
     challenger_score: float,
-    score_champion: Callable[[ModelVersionRef], float | None],
+    decide: Callable[[ModelVersionRef | None], PromotionDecision],
     *,
-    min_value: float,
-    min_improvement: float,
     max_rounds: int = 5,
 ) -> PromotionDecision:
     """Apply the gate against the current champion; move `champion` only if it is still current.
 
-    Scoring a champion takes minutes, so it runs outside the lock. Under the lock the champion is
+    `decide` scores a champion (or None, when there is none) against the challenger. Scoring a
+    champion takes minutes, so it runs outside the lock. Under the lock the champion is
     read again (compare-and-set): if another promotion moved it meanwhile, the challenger is scored
     against the new champion before anything moves. The alias therefore only ever points at a
     version that passed the gate against the version it replaces.
@@ -235,15 +239,7 @@ def promote_through_gate(
             # Promoted by hand meanwhile: keep the record of that move.
             reason = f"v{challenger.version} is already the champion"
             return PromotionDecision(True, reason, metric, challenger_score, None, champion.version)
-        champion_score = None if champion is None else score_champion(champion)
-        decision = decide_promotion(
-            metric,
-            challenger_score,
-            champion,
-            champion_score,
-            min_value=min_value,
-            min_improvement=min_improvement,
-        )
+        decision = decide(champion)
         if not decision.promote:
             record_decision(uri, challenger, run_id, decision)
             return decision
@@ -497,14 +493,15 @@ _BACKOFF = exponential_backoff(backoff_factor=2)
 
 def config_fingerprint(loaded: LoadedConfig) -> str:
     """sha256 of the resolved training config, to tell later whether a retrain would differ."""
-    # Whether stages may be resumed, how often a run beats, and whether undecodable images fail
-    # the run or are left out (a model is only ever trained on the decodable ones) change
-    # nothing a retrain produces.
+    # Whether stages may be resumed, how often a run beats, whether undecodable images fail
+    # the run or are left out (a model is only ever trained on the decodable ones), and how the
+    # paired gate decides change nothing a retrain produces.
     tree = loaded.config.model_dump(
         mode="json",
         exclude={
             "demo": True,
             "tracking": {"resume", "heartbeat_seconds"},
+            "registry": {"gate", "alpha", "margin", "max_class_drop"},
             "data": {"on_bad_images"},
         },
     )
@@ -536,42 +533,3 @@ def register_challenger_step(
     return register_challenger(
         run.tracking_uri, record.model_uri, config.registry.model_name, run.run_id, tags
     )
-
-
-@task(name="promote-if-better", cache_policy=NO_CACHE)
-def promote_if_better(
-    run: RunRef, challenger: ModelVersionRef, evaluation: Evaluation, table, loaded: LoadedConfig
-) -> PromotionDecision:
-    """Score the current champion on this run's test split, apply the gate, promote if it passed."""
-    from tasks.tracking import tracking_uri
-
-    config = loaded.config
-    metric = config.evaluation.primary_metric
-    uri = tracking_uri(loaded.project)
-    return promote_through_gate(
-        uri,
-        challenger,
-        run.run_id,
-        metric,
-        evaluation.metric(metric),
-        lambda champion: score_version(uri, champion, table, config, metric),
-        min_value=config.registry.min_value,
-        min_improvement=config.registry.min_improvement,
-    )
-
-
-def score_version(uri: str, version: ModelVersionRef, table, config, metric: str) -> float | None:
-    """A registered version's metric on this test split, or None when it predicts other classes."""
-    from tasks.data import image_dataset
-    from tasks.evaluate import evaluate_model
-
-    model = load_keras_model(version.uri, uri)
-    classes = json.loads(version.tags.get("classes", "null") or "null")
-    if classes is not None and tuple(classes) != tuple(table.classes):
-        return None
-    if model.output_shape[-1] != len(table.classes):
-        return None
-    size = int(model.input_shape[1])
-    frame = table.split("test")
-    test = image_dataset(frame, table.classes, size, config.data.batch_size)
-    return evaluate_model(model, test, len(frame), table.classes).metric(metric)

@@ -20,12 +20,14 @@ from tasks.registry import (
     LOCK_SUFFIX,
     ModelVersionRef,
     NoPreviousChampionError,
+    PromotionDecision,
     PromotionLockTimeoutError,
     RegistryActionError,
     UnknownModelVersionError,
     aliased_version,
     champion_history,
     champion_lock,
+    decide_promotion,
     promote_through_gate,
     promote_version,
     register_challenger,
@@ -68,15 +70,20 @@ def champion(uri: str, name: str) -> str | None:
 
 def gate(uri: str, challenger: ModelVersionRef, scores: dict[str, float], score=None):
     """The real gate on precomputed scores: a margin of 0.05 over the champion."""
+    score_champion = score or (lambda version: scores[version.version])
+
+    def decide(current: ModelVersionRef | None) -> PromotionDecision:
+        return decide_promotion(
+            "accuracy",
+            scores[challenger.version],
+            current,
+            None if current is None else score_champion(current),
+            min_value=0.3,
+            min_improvement=0.05,
+        )
+
     return promote_through_gate(
-        uri,
-        challenger,
-        challenger.tags["run_id"],
-        "accuracy",
-        scores[challenger.version],
-        score or (lambda version: scores[version.version]),
-        min_value=0.3,
-        min_improvement=0.05,
+        uri, challenger, challenger.tags["run_id"], "accuracy", scores[challenger.version], decide
     )
 
 

@@ -1,0 +1,190 @@
+"""Promotion: check the challenger loads, score it against the champion, move the alias if it passed.
+
+Two gates, chosen by `registry.gate`:
+- `threshold`: the challenger's score must beat the champion's by `min_improvement`;
+- `non_inferiority` / `superiority`: both models predict the same test images and the paired
+  difference decides, with a per-class recall check (tasks/gate.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from conf.schema import RegistryConfig
+from tasks.config import LoadedConfig
+from tasks.evaluate import Evaluation, score_predictions
+from tasks.gate import PairedPredictions, decide_paired
+from tasks.registry import (
+    ModelVersionRef,
+    PromotionDecision,
+    decide_promotion,
+    load_keras_model,
+    promote_through_gate,
+    record_decision,
+)
+from tasks.tracking import RunRef
+
+
+@dataclass(frozen=True)
+class TestPredictions:
+    """A model's class probabilities for every test image, with the true class ids."""
+
+    probabilities: np.ndarray
+    labels: np.ndarray
+
+    @property
+    def predicted(self) -> np.ndarray:
+        return np.argmax(self.probabilities, axis=-1)
+
+
+def version_predictions(
+    uri: str, version: ModelVersionRef, table, config
+) -> TestPredictions | None:
+    """A registered version's predictions on this test split, or None when it has other classes."""
+    from tasks.data import image_dataset
+    from tasks.inference import forward_pass
+
+    classes = json.loads(version.tags.get("classes", "null") or "null")
+    if classes is not None and tuple(classes) != tuple(table.classes):
+        return None
+    model = load_keras_model(version.uri, uri)
+    if model.output_shape[-1] != len(table.classes):
+        return None
+    size = int(model.input_shape[1])
+    frame = table.split("test")
+    test = image_dataset(frame, table.classes, size, config.data.batch_size)
+    probabilities, labels = forward_pass(model, test, len(frame))
+    return TestPredictions(probabilities, labels)
+
+
+def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | None:
+    """Why the version cannot serve, or None: loaded as a pyfunc from the registry, it must
+    predict a batch of real test images, one row of class probabilities per image."""
+    import mlflow.pyfunc
+
+    from tasks.data import image_dataset
+    from tasks.tracking import using_tracking_uri
+
+    frame = table.split("test").head(8)
+    images = next(iter(image_dataset(frame, table.classes, config.data.image_size, len(frame))))[0]
+    try:
+        with using_tracking_uri(uri):
+            predicted = np.asarray(mlflow.pyfunc.load_model(version.uri).predict(images.numpy()))
+    except Exception as error:  # whatever stops serving stops the promotion
+        return f"v{version.version} failed the load check ({type(error).__name__}: {error})"
+    if predicted.shape != (len(frame), len(table.classes)):
+        return (
+            f"v{version.version} failed the load check: it predicted shape {predicted.shape} for "
+            f"{len(frame)} images of {len(table.classes)} classes"
+        )
+    return None
+
+
+def paired_decider(
+    uri: str,
+    challenger: ModelVersionRef,
+    challenger_score: float,
+    table,
+    config,
+) -> Callable[[ModelVersionRef | None], PromotionDecision]:
+    """The paired gate against whichever champion is current when it is called."""
+    registry: RegistryConfig = config.registry
+    metric = config.evaluation.primary_metric
+    mine = version_predictions(uri, challenger, table, config)
+
+    def decide(champion: ModelVersionRef | None) -> PromotionDecision:
+        def decided(promote: bool, reason: str, **more) -> PromotionDecision:
+            version = None if champion is None else champion.version
+            return PromotionDecision(
+                promote, reason, metric, challenger_score, champion_version=version, **more
+            )
+
+        if challenger_score < registry.min_value:
+            return decided(
+                False, f"{metric} {challenger_score:.4f} is below the minimum {registry.min_value}"
+            )
+        if champion is None:
+            return decided(
+                True, f"no champion yet; {metric} {challenger_score:.4f} meets the minimum"
+            )
+        theirs = version_predictions(uri, champion, table, config)
+        if mine is None or theirs is None:
+            return decided(
+                False,
+                f"champion v{champion.version} cannot be scored on this test data (other classes)",
+            )
+        report = decide_paired(
+            PairedPredictions(theirs.labels, theirs.predicted, mine.predicted, table.classes),
+            metric=metric,
+            mode=registry.gate,  # type: ignore[arg-type]  # threshold never reaches here
+            alpha=registry.alpha,
+            margin=registry.margin,
+            max_class_drop=registry.max_class_drop,
+            seed=config.seed,
+        )
+        champion_score = score_predictions(theirs.probabilities, theirs.labels, table.classes)
+        return decided(
+            report.promote,
+            f"against champion v{champion.version}: {report.summary()}",
+            champion_score=champion_score.metric(metric),
+            report=report,
+        )
+
+    return decide
+
+
+def threshold_decider(
+    uri: str, challenger_score: float, table, config
+) -> Callable[[ModelVersionRef | None], PromotionDecision]:
+    """The threshold gate: the champion's score on this test split against the challenger's."""
+    registry: RegistryConfig = config.registry
+    metric = config.evaluation.primary_metric
+
+    def decide(champion: ModelVersionRef | None) -> PromotionDecision:
+        scored = None if champion is None else version_predictions(uri, champion, table, config)
+        champion_score = (
+            None
+            if scored is None
+            else score_predictions(scored.probabilities, scored.labels, table.classes).metric(
+                metric
+            )
+        )
+        return decide_promotion(
+            metric,
+            challenger_score,
+            champion,
+            champion_score,
+            min_value=registry.min_value,
+            min_improvement=registry.min_improvement,
+        )
+
+    return decide
+
+
+@task(name="promote-if-better", cache_policy=NO_CACHE)
+def promote_if_better(
+    run: RunRef, challenger: ModelVersionRef, evaluation: Evaluation, table, loaded: LoadedConfig
+) -> PromotionDecision:
+    """Check the challenger loads from the registry, apply the gate, promote if it passed."""
+    from tasks.tracking import tracking_uri
+
+    config = loaded.config
+    metric = config.evaluation.primary_metric
+    score = evaluation.metric(metric)
+    uri = tracking_uri(loaded.project)
+    problem = load_problem(uri, challenger, table, config)
+    if problem is not None:
+        decision = PromotionDecision(False, problem, metric, score)
+        record_decision(uri, challenger, run.run_id, decision)
+        return decision
+    if config.registry.gate == "threshold":
+        decide = threshold_decider(uri, score, table, config)
+    else:
+        decide = paired_decider(uri, challenger, score, table, config)
+    return promote_through_gate(uri, challenger, run.run_id, metric, score, decide)

@@ -1,0 +1,134 @@
+"""Promotion with real registered Keras models: the load check and the paired gate end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from urllib.parse import urlparse
+
+import keras
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from conf import PipelineConfig
+from tasks.config import LoadedConfig
+from tasks.data import load_image_table
+from tasks.evaluate import score_predictions
+from tasks.promotion import load_problem, promote_if_better, version_predictions
+from tasks.registry import CHAMPION, ModelVersionRef, aliased_version, register_challenger
+from tasks.tracking import RunRef, ensure_experiment, using_tracking_uri
+
+CLASSES = ("dark", "light")
+SIZE = 32
+
+
+@pytest.fixture
+def table(tmp_path: Path):
+    """Dark and light images, 12 of each: any model that looks at brightness tells them apart."""
+    rng = np.random.default_rng(0)
+    for label, level in zip(CLASSES, (40, 210), strict=True):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for index in range(12):
+            pixels = np.clip(rng.normal(level, 20, (SIZE, SIZE, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{index}.png")
+    return load_image_table(tmp_path / "images", val_fraction=0.0, test_fraction=0.5, seed=0)
+
+
+def brightness_model(sign: float) -> keras.Model:
+    """Mean brightness decides: `sign` 1 says light for bright images, -1 the opposite."""
+    pixels = keras.Input((SIZE, SIZE, 3))
+    mean = keras.layers.GlobalAveragePooling2D()(pixels)
+    logits = keras.layers.Dense(2, activation="softmax")(mean)
+    model = keras.Model(pixels, logits)
+    model.layers[-1].set_weights(
+        [np.array([[-sign, sign]] * 3) / 30.0, np.array([sign * 12.5, -sign * 12.5])]
+    )
+    return model
+
+
+def registered(uri: str, name: str, model: keras.Model) -> tuple[str, ModelVersionRef]:
+    """Log and register `model` in an experiment whose artifacts stay in the store's folder."""
+    import mlflow.tensorflow
+
+    folder = Path(urlparse(uri).path).parent
+    experiment = ensure_experiment(uri, "promotion-test", folder)
+    with using_tracking_uri(uri), mlflow.start_run(experiment_id=experiment) as run:
+        info = mlflow.tensorflow.log_model(model, name="model")
+    version = register_challenger(
+        uri, info.model_uri, name, run.info.run_id, {"classes": json.dumps(list(CLASSES))}
+    )
+    return run.info.run_id, version
+
+
+def loaded_config(tmp_path: Path, name: str, **registry) -> LoadedConfig:
+    tree = {
+        "data": {"image_size": SIZE, "batch_size": 8},
+        "registry": {"model_name": name, "min_value": 0.0, **registry},
+    }
+    return LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
+
+
+def promote(uri, run_id, version, table, loaded):
+    predictions = version_predictions(uri, version, table, loaded.config)
+    evaluation = score_predictions(predictions.probabilities, predictions.labels, table.classes)
+    experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
+    return promote_if_better.fn(RunRef(run_id, experiment, uri), version, evaluation, table, loaded)
+
+
+def test_a_challenger_that_cannot_be_loaded_is_never_promoted(mlflow_uri, table, tmp_path) -> None:
+    loaded = loaded_config(tmp_path, "load-check")
+    run_id, version = registered(mlflow_uri, "load-check", brightness_model(1.0))
+    assert load_problem(mlflow_uri, version, table, loaded.config) is None
+    evaluation = score_predictions(np.tile([0.1, 0.9], (12, 1)), np.ones(12, dtype=int), CLASSES)
+    # The model's files go missing from the artifact store after registration.
+    stored = MlflowClient(mlflow_uri).get_model_version_download_uri("load-check", version.version)
+    shutil.rmtree(urlparse(stored).path)
+
+    experiment = MlflowClient(mlflow_uri).get_run(run_id).info.experiment_id
+    run = RunRef(run_id, experiment, mlflow_uri)
+    decision = promote_if_better.fn(run, version, evaluation, table, loaded)
+    assert not decision.promote and "failed the load check" in decision.reason
+    tags = MlflowClient(mlflow_uri).get_model_version("load-check", version.version).tags
+    assert tags["promotion.decision"] == "rejected" and "load check" in tags["promotion.reason"]
+    assert aliased_version(mlflow_uri, "load-check", CHAMPION) is None
+
+
+@pytest.mark.parametrize(("mode", "promoted"), [("non_inferiority", True), ("superiority", False)])
+def test_the_paired_gate_judges_an_equivalent_retrain_by_its_mode(
+    mlflow_uri, table, tmp_path, mode, promoted
+) -> None:
+    name = f"paired-{mode}"
+    loaded = loaded_config(tmp_path, name, gate=mode)
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0))
+    assert promote(mlflow_uri, first_run, first, table, loaded).promote  # no champion yet
+    run_id, again = registered(mlflow_uri, name, brightness_model(1.0))
+
+    decision = promote(mlflow_uri, run_id, again, table, loaded)
+    assert decision.promote is promoted
+    assert decision.report is not None and decision.report.images == 12
+    assert decision.report.difference.estimate == 0.0
+    client = MlflowClient(mlflow_uri)
+    tags = client.get_model_version(name, again.version).tags
+    assert tags["gate.mode"] == mode and tags["gate.images"] == "12"
+    report = json.loads(Path(client.download_artifacts(run_id, "gate_report.json")).read_text())
+    assert report["promote"] is promoted and len(report["classes"]) == 2
+    champion = aliased_version(mlflow_uri, name, CHAMPION).version
+    assert champion == (again.version if promoted else first.version)
+
+
+def test_the_paired_gate_rejects_a_challenger_that_gets_a_class_wrong(
+    mlflow_uri, table, tmp_path
+) -> None:
+    name = "paired-regression"
+    loaded = loaded_config(tmp_path, name, gate="non_inferiority")
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0))
+    assert promote(mlflow_uri, first_run, first, table, loaded).promote
+    run_id, flipped = registered(mlflow_uri, name, brightness_model(-1.0))
+
+    decision = promote(mlflow_uri, run_id, flipped, table, loaded)
+    assert not decision.promote
+    assert sorted(decision.report.dropped_classes) == ["dark", "light"]
+    assert aliased_version(mlflow_uri, name, CHAMPION).version == first.version
