@@ -106,7 +106,7 @@ def main() -> None:
     ]
 
     def swapped(predicted: np.ndarray) -> np.ndarray:
-        first, second = 0, 6  # T-shirt/top and shirt on the demo
+        first, second = 0, 6  # the classes in positions 0 and 6: ankle_boot and shirt
         out = predicted.copy()
         out[predicted == first], out[predicted == second] = second, first
         return out

@@ -173,11 +173,12 @@ class RegistryConfig(Section):
         description="non_inferiority: how much worse than the champion the challenger may be.",
     )
     max_class_drop: float = Field(
-        0.05,
+        0.10,
         ge=0.0,
         le=1.0,
         description="The paired gate rejects a challenger whose recall of any class is lower "
-        "than the champion's by more than this, with confidence 1 - alpha.",
+        "than the champion's by more than this, with confidence 1 - alpha. Retrains that differ "
+        "only in their seed moved the demo's 'shirt' recall by up to 0.074.",
     )
 
 
