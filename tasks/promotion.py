@@ -32,7 +32,7 @@ from tasks.tracking import RunRef
 
 
 @dataclass(frozen=True)
-class TestPredictions:
+class HeldOutPredictions:
     """A model's class probabilities for every test image, with the true class ids."""
 
     probabilities: np.ndarray
@@ -45,7 +45,7 @@ class TestPredictions:
 
 def version_predictions(
     uri: str, version: ModelVersionRef, table, config
-) -> TestPredictions | None:
+) -> HeldOutPredictions | None:
     """A registered version's predictions on this test split, or None when it has other classes."""
     from tasks.data import image_dataset
     from tasks.inference import forward_pass
@@ -60,7 +60,7 @@ def version_predictions(
     frame = table.split("test")
     test = image_dataset(frame, table.classes, size, config.data.batch_size)
     probabilities, labels = forward_pass(model, test, len(frame))
-    return TestPredictions(probabilities, labels)
+    return HeldOutPredictions(probabilities, labels)
 
 
 def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | None:
