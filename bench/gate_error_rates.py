@@ -54,7 +54,7 @@ def main() -> None:
 
     from conf.schema import RegistryConfig
     from tasks.config import load_and_check
-    from tasks.data import load_image_table
+    from tasks.data import load_images
     from tasks.gate import PairedPredictions, decide_paired
     from tasks.promotion import version_predictions
     from tasks.registry import registered_version
@@ -67,12 +67,7 @@ def main() -> None:
 
     loaded = load_and_check(str(CONFIG))
     config = loaded.config
-    table = load_image_table(
-        loaded.path(config.data.path),
-        config.data.val_fraction,
-        config.data.test_fraction,
-        config.seed,
-    )
+    table = load_images.fn(loaded, data_version="")  # the table the training runs judged on
     uri = os.environ["MLFLOW_TRACKING_URI"]
 
     def predicted(version: str) -> tuple[np.ndarray, np.ndarray]:
