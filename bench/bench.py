@@ -201,6 +201,7 @@ def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[st
             [
                 f"compare.strategies={json.dumps(chosen)}",
                 f"compare.label_budgets=[{budget}]",
+                "compare.seeds=null",
                 f"feature_extraction.cache_dir={work / cache}",
                 "registry.model_name=bench-compare",
                 f"tracking.experiment=bench-{cache}",

@@ -118,6 +118,7 @@ def compare_with_workers(work: Path, workers: int, budgets: list[int]) -> tuple[
             f"compare.strategies={json.dumps(_transfer_strategies())}",
             f"compare.label_budgets={json.dumps(budgets)}",
             f"compare.workers={workers}",
+            "compare.seeds=null",
             f"feature_extraction.cache_dir={work / name}",
             f"registry.model_name={name}",
             f"tracking.experiment={name}",
@@ -125,7 +126,7 @@ def compare_with_workers(work: Path, workers: int, budgets: list[int]) -> tuple[
     )
     wall = time.perf_counter() - started
     client = _client()
-    cells = [client.get_run(run_id).info for run_id in result.table["run_id"]]
+    cells = [client.get_run(run_id).info for run_id in result.runs["run_id"]]
     return wall, sum((info.end_time - info.start_time) / 1000 for info in cells)
 
 
@@ -141,6 +142,7 @@ def grid_memory(work: Path, budgets: list[int], workers: int) -> tuple[float, fl
         f"compare.strategies={json.dumps(_transfer_strategies(stage_epochs=1))}",
         f"compare.label_budgets={json.dumps(budgets)}",
         f"compare.workers={workers}",
+        "compare.seeds=null",
         "data.image_size=32",
         "feature_extraction.epochs=10",
         f"feature_extraction.cache_dir={work / experiment}",
@@ -169,7 +171,7 @@ def grid_memory(work: Path, budgets: list[int], workers: int) -> tuple[float, fl
     found = client.get_experiment_by_name(experiment)
     assert found is not None
     cells = client.search_runs(
-        [found.experiment_id], "tags.strategy != ''", order_by=["attributes.start_time ASC"]
+        [found.experiment_id], "tags.worker != ''", order_by=["attributes.start_time ASC"]
     )
     by_worker: dict[str, list[float]] = {}
     for cell in cells:

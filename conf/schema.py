@@ -330,6 +330,20 @@ class CompareConfig(Section):
     )
     full_label_budgets: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 25, 50, 100])
     strategies: list[StrategyConfig] = Field(default_factory=list)
+    seeds: list[int] | None = Field(
+        None,
+        description="Train every strategy at every budget once per seed; each seed draws its own "
+        "labelled images, initialisation and shuffling (the split stays on `seed`). null: `seed` "
+        "alone, with the test set's binomial interval.",
+    )
+    confidence: float = Field(
+        0.95,
+        ge=0.5,
+        lt=1.0,
+        description="Confidence of each strategy's interval: Student's t over the seeds, or the "
+        "test set's interval for one seed. The winner is the cheapest strategy whose interval "
+        "overlaps the best one's at the largest budget.",
+    )
     workers: PositiveInt = Field(
         1,
         description="How many cells (a strategy at a budget) train at once, each in a worker "
@@ -361,6 +375,15 @@ class CompareConfig(Section):
             raise ValueError(f"label budgets repeat: {value}")
         return sorted(value)
 
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and not value:
+            raise ValueError("name at least one seed, or null for the top-level seed")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        return value
+
     @field_validator("strategies")
     @classmethod
     def _distinct_names(cls, value: list[StrategyConfig]) -> list[StrategyConfig]:
@@ -373,6 +396,10 @@ class CompareConfig(Section):
     def budgets(self) -> list[int]:
         """The label budgets this run compares at, smallest first."""
         return self.full_label_budgets if self.full else self.label_budgets
+
+    def seeds_or(self, seed: int) -> list[int]:
+        """The seeds every cell trains with: `seeds`, or the pipeline's one `seed`."""
+        return list(self.seeds) if self.seeds is not None else [seed]
 
 
 class PipelineConfig(Section):

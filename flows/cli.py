@@ -153,11 +153,10 @@ def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) 
     from flows.compare import compare_strategies
 
     result = _run_flow(compare_strategies, config, list(set_ or []))
-    shown = result.table.drop(columns=["run_id"])
     typer.echo("")
-    typer.echo(shown.to_string(index=False, float_format=lambda value: f"{value:.4f}"))
+    typer.echo(comparison_text(result.table, result.decision.metric))
     outcome = "now the champion" if result.decision.promote else "not promoted"
-    typer.echo(f"Best strategy: {result.best_strategy} (run {result.best_run_id})")
+    typer.echo(f"Winner:        {result.winner_reason} (run {result.best_run_id})")
     typer.echo(
         f"Registered:    {result.model_name} version {result.version}, alias 'challenger', "
         f"{outcome}: {result.decision.reason}"
@@ -166,6 +165,36 @@ def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) 
     typer.echo(
         f"MLflow:        experiment {result.experiment_id}, runs tagged "
         f"comparison_id={result.comparison_id} (make mlflow-ui)"
+    )
+
+
+def comparison_text(table, metric: str) -> str:
+    """The comparison table for a terminal: mean, interval and cost per strategy and budget."""
+    shown = table.assign(
+        interval=[
+            f"[{low:.4f}, {high:.4f}]"
+            for low, high in zip(
+                table[f"test_{metric}_ci_low"], table[f"test_{metric}_ci_high"], strict=True
+            )
+        ],
+        within_best=table["within_best"].map({True: "yes", False: ""}),
+    )
+    columns = {
+        "strategy": "strategy",
+        "labels_per_class": "labels",
+        "seeds": "seeds",
+        f"test_{metric}_mean": f"{metric} mean",
+        f"test_{metric}_std": "std",
+        "interval": "interval",
+        "within_best": "within best",
+        "trainable_params": "trainable",
+        "training_seconds": "seconds",
+    }
+    shown = shown[list(columns)].rename(columns=columns)
+    return shown.to_string(
+        index=False,
+        formatters={"seconds": "{:.0f}".format},
+        float_format=lambda value: f"{value:.4f}",
     )
 
 

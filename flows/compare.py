@@ -18,12 +18,12 @@ from tasks.cells import (
 from tasks.comparison import (
     ComparisonFiles,
     check_label_budgets,
+    log_cell_summaries,
     log_comparison,
-    pick_best_strategy,
     plan_comparison,
     publish_comparison,
     start_comparison_run,
-    tabulate_comparison,
+    summarize_comparison,
 )
 from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
@@ -36,7 +36,11 @@ DEFAULT_CONFIG = "conf/compare.yaml"
 
 @dataclass(frozen=True)
 class ComparisonResult:
-    """The comparison table, where it is tracked, and what happened to the winner's model."""
+    """The comparison table, where it is tracked, and what happened to the winner's model.
+
+    `table` has one row per strategy and budget (means and intervals over the seeds), `runs`
+    one per seed as well.
+    """
 
     comparison_id: str
     run_id: str
@@ -44,8 +48,10 @@ class ComparisonResult:
     tracking_uri: str
     data_version: str
     table: pd.DataFrame
+    runs: pd.DataFrame
     best_strategy: str
     best_run_id: str
+    winner_reason: str
     model_name: str
     version: str
     decision: PromotionDecision
@@ -56,11 +62,12 @@ class ComparisonResult:
 def compare_strategies(
     config_path: str = DEFAULT_CONFIG, overrides: list[str] | None = None
 ) -> ComparisonResult:
-    """Train each strategy at each label budget on the same data, split and seed; register the best.
+    """Train each strategy at each label budget with each seed on one data version and split;
+    register the cheapest strategy that the intervals cannot tell from the best.
 
-    Each cell (a strategy at a budget) trains in a worker (`compare.workers` local processes,
-    or flow runs on the work pool `compare.work_pool`); cells share cached features and the
-    stages they begin with through the feature cache and MLflow checkpoints.
+    Each cell (a strategy at a budget with a seed) trains in a worker (`compare.workers` local
+    processes, or flow runs on the work pool `compare.work_pool`); cells share cached features
+    and the stages they begin with through the feature cache and MLflow checkpoints.
     """
     loaded = load_pipeline_config(config_path, overrides or [])
     plan = plan_comparison(loaded)
@@ -75,26 +82,29 @@ def compare_strategies(
             cells, compare.work_pool, compare.cell_timeout_minutes, comparison
         )
         outcomes = read_cell_outcomes(comparison, plan, cells, run_ids)
-        frame = tabulate_comparison(outcomes)
-        best = pick_best_strategy(outcomes, plan.metric)
+        summary = summarize_comparison(outcomes, plan)
+        log_cell_summaries(comparison, plan, summary.cells)
+        best = summary.winner.outcome
         challenger = register_challenger_step(
-            best.run, best.final, table, best.loaded, data_version
+            best.run, best.final, table, best.loaded, data_version, summary.winner.notes()
         )
         decision = promote_if_better(best.run, challenger, best.evaluation, table, best.loaded)
     except BaseException as error:
         close_run_after_failure(comparison, error)
         raise
-    log_comparison(comparison, frame, plan.metric, best, challenger, decision)
-    files = publish_comparison(frame, plan.metric, best, challenger, decision, loaded)
+    log_comparison(comparison, summary, plan.metric, challenger, decision)
+    files = publish_comparison(summary, plan.metric, challenger, decision, loaded)
     return ComparisonResult(
         comparison_id=plan.comparison_id,
         run_id=comparison.run_id,
         experiment_id=comparison.experiment_id,
         tracking_uri=comparison.tracking_uri,
         data_version=data_version,
-        table=frame,
-        best_strategy=best.strategy,
+        table=summary.table,
+        runs=summary.runs,
+        best_strategy=summary.winner.strategy,
         best_run_id=best.run.run_id,
+        winner_reason=summary.winner.reason,
         model_name=challenger.name,
         version=challenger.version,
         decision=decision,

@@ -1,4 +1,4 @@
-"""Comparison cells: one strategy at one label budget, trained in a worker and found in MLflow.
+"""Comparison cells: one strategy at one label budget with one seed, trained in a worker.
 
 A cell is described by plain values (config file, overrides, strategy, budget, data version), so
 a local worker process and a flow run on a Prefect work pool can both run it. A cell returns only
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import itertools
 import os
 import resource
 import signal
@@ -35,7 +36,6 @@ from tasks.checkpoints import RESUMED_TAG, read_checkpoint
 from tasks.comparison import (
     ComparisonPlan,
     Strategy,
-    StrategyOutcome,
     keep_labels_per_class,
     labelled_subset_name,
     log_strategy_summary,
@@ -43,6 +43,7 @@ from tasks.comparison import (
     shared_prefix,
     stage_path,
 )
+from tasks.comparison_table import StrategyOutcome
 from tasks.config import LoadedConfig, load_and_check
 from tasks.report import StageSummary
 from tasks.tracking import (
@@ -61,11 +62,13 @@ class DataVersionChangedError(ExpectedError, RuntimeError):
 
 
 class CellSpec(BaseModel):
-    """One strategy at one label budget, as plain values a worker anywhere can act on.
+    """One strategy at one label budget with one seed, as plain values a worker anywhere can use.
 
-    `after` lists the cells that must finish first: the one whose stages this cell begins with,
-    or, for the first transfer cell of a later budget, the first budget's (its validation and
-    test features are cached by then).
+    The seed draws the cell's labelled images and initialises and shuffles its training; the
+    split stays on the config's `seed`, so every cell is tested on the same images. `after`
+    lists the cells that must finish first: the one whose stages this cell begins with, or, for
+    the first transfer cell of any other budget or seed, the very first one's (its validation
+    and test features are cached by then).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -74,6 +77,7 @@ class CellSpec(BaseModel):
     overrides: tuple[str, ...] = ()
     strategy: str
     labels_per_class: int
+    seed: int
     comparison_id: str
     data_version: str
     after: tuple[str, ...] = ()
@@ -81,11 +85,11 @@ class CellSpec(BaseModel):
 
     @property
     def id(self) -> str:
-        return cell_id(self.strategy, self.labels_per_class)
+        return cell_id(self.strategy, self.labels_per_class, self.seed)
 
 
-def cell_id(strategy: str, labels_per_class: int) -> str:
-    return f"{strategy}@{labels_per_class}"
+def cell_id(strategy: str, labels_per_class: int, seed: int) -> str:
+    return f"{strategy}@{labels_per_class}/seed={seed}"
 
 
 @task(name="plan-cells", cache_policy=NO_CACHE)
@@ -96,7 +100,9 @@ def plan_cells(
     data_version: str,
     skipped: Sequence[tuple[str, str]] = (),
 ) -> list[CellSpec]:
-    """Every strategy at every budget, each waiting for the cell whose stages it can resume.
+    """Every strategy at every budget with every seed, each after the cell it can resume from.
+
+    Seeds come outermost, so the whole grid of the first seed finishes first.
 
     The config file is named by its absolute path: workers on other machines need the project
     checked out at the same place. `skipped` are the undecodable files (and why) the comparison
@@ -105,25 +111,31 @@ def plan_cells(
     config_path = str(Path(config_path).resolve())
     paths = {strategy.name: stage_path(strategy) for strategy in plan.strategies}
     first_transfer = next((s for s in plan.strategies if not s.from_scratch), None)
+    first = (
+        None
+        if first_transfer is None
+        else cell_id(first_transfer.name, plan.label_budgets[0], plan.seeds[0])
+    )
     cells = []
-    for budget in plan.label_budgets:
+    for seed, budget in itertools.product(plan.seeds, plan.label_budgets):
         for index, strategy in enumerate(plan.strategies):
             after: list[str] = []
             longest = 0
             for earlier in plan.strategies[:index]:
                 shared = shared_prefix(paths[strategy.name], paths[earlier.name])
                 if shared > longest:
-                    longest, after = shared, [cell_id(earlier.name, budget)]
-            first_budget = plan.label_budgets[0]
-            if not after and not strategy.from_scratch and budget != first_budget:
-                assert first_transfer is not None
-                after = [cell_id(first_transfer.name, first_budget)]
+                    longest, after = shared, [cell_id(earlier.name, budget, seed)]
+            here = cell_id(strategy.name, budget, seed)
+            if not after and not strategy.from_scratch and here != first:
+                assert first is not None
+                after = [first]
             cells.append(
                 CellSpec(
                     config_path=config_path,
                     overrides=tuple(overrides),
                     strategy=strategy.name,
                     labels_per_class=budget,
+                    seed=seed,
                     comparison_id=plan.comparison_id,
                     data_version=data_version,
                     after=tuple(after),
@@ -141,7 +153,7 @@ def strategy_named(loaded: LoadedConfig, name: str) -> Strategy:
 
 
 def train_cell(cell: CellSpec) -> str:
-    """Train one strategy at one budget under its own MLflow parent run; return that run's id.
+    """Train one strategy at one budget with one seed under its own MLflow parent run; its id.
 
     Reads the image table from the project as the comparison did (the comparison has already
     pulled the data and checked every image), resumes the stages another cell or run finished.
@@ -152,13 +164,13 @@ def train_cell(cell: CellSpec) -> str:
     from tasks.stages.runner import run_stages
 
     loaded = load_and_check(cell.config_path, cell.overrides)
-    strategy = strategy_named(loaded, cell.strategy)
+    strategy = strategy_named(loaded, cell.strategy).with_seed(cell.seed)
     config = strategy.loaded.config
     table = load_image_table(
         loaded.path(config.data.path),
         config.data.val_fraction,
         config.data.test_fraction,
-        config.seed,
+        loaded.config.seed,  # the comparison's split, whatever the cell's seed
     )
     if cell.skipped_images:
         kept = ~table.frame["path"].isin(set(cell.skipped_images))
@@ -170,10 +182,11 @@ def train_cell(cell: CellSpec) -> str:
         labelled,
         cell.data_version,
         strategy=strategy.name,
-        run_name=f"{strategy.name}-{cell.labels_per_class}-per-class",
+        run_name=f"{strategy.name}-{cell.labels_per_class}-per-class-seed-{cell.seed}",
         tags={
             "comparison_id": cell.comparison_id,
             "label_budget": str(cell.labels_per_class),
+            "seed": str(cell.seed),
             "worker": f"{socket.gethostname()}:{os.getpid()}",
         },
         dataset_name=labelled_subset_name(config.data.path, cell.labels_per_class),
@@ -203,7 +216,9 @@ def release_models() -> None:
     gc.collect()
 
 
-def cell_outcome(run: RunRef, strategy: Strategy, labels_per_class: int) -> StrategyOutcome:
+def cell_outcome(
+    run: RunRef, strategy: Strategy, labels_per_class: int, seed: int
+) -> StrategyOutcome:
     """A finished cell as the comparison tabulates it, read back from its MLflow runs."""
     client = MlflowClient(run.tracking_uri)
     children = client.search_runs([run.experiment_id], f"tags.mlflow.parentRunId = '{run.run_id}'")
@@ -216,14 +231,18 @@ def cell_outcome(run: RunRef, strategy: Strategy, labels_per_class: int) -> Stra
     checkpoint = read_checkpoint(
         run.tracking_uri, final.data.tags.get(RESUMED_TAG, final.info.run_id)
     )
+    history = checkpoint.history
+    losses = history.epochs.get("val_loss")
     return StrategyOutcome(
         strategy=strategy.name,
         labels_per_class=labels_per_class,
+        seed=seed,
         run=run,
-        loaded=strategy.loaded,
+        loaded=strategy.with_seed(seed).loaded,
         stages=tuple(summaries),
         final=StageRecord(final.data.tags["stage"], final.info.run_id, checkpoint.model_uri),
         evaluation=checkpoint.evaluation,
+        validation_loss=float(losses[history.best_epoch]) if losses else None,
     )
 
 
@@ -245,7 +264,8 @@ def find_cell_run(uri: str, experiment_id: str, cell: CellSpec) -> str:
     runs = MlflowClient(uri).search_runs(
         [experiment_id],
         f"tags.comparison_id = '{cell.comparison_id}' and tags.strategy = '{cell.strategy}' "
-        f"and tags.label_budget = '{cell.labels_per_class}' and attributes.status = 'FINISHED'",
+        f"and tags.label_budget = '{cell.labels_per_class}' and tags.seed = '{cell.seed}' "
+        "and attributes.status = 'FINISHED'",
         max_results=1,
     )
     if not runs:
@@ -395,7 +415,11 @@ class _RecyclingExecutor(ProcessPoolExecutor):
 def train_cell_step(cell: CellSpec) -> str:
     """One cell in this worker process; the worker's Keras state is dropped after it."""
     try:
-        with tags(f"strategy:{cell.strategy}", f"labels-per-class:{cell.labels_per_class}"):
+        with tags(
+            f"strategy:{cell.strategy}",
+            f"labels-per-class:{cell.labels_per_class}",
+            f"seed:{cell.seed}",
+        ):
             return train_cell(cell)
     finally:
         release_models()
@@ -412,7 +436,11 @@ def train_cell_on_pool(
         f"{CELL_FLOW}/{work_pool}",
         parameters={"cell": cell.model_dump(mode="json")},
         timeout=timeout_minutes * 60,
-        tags=[f"strategy:{cell.strategy}", f"labels-per-class:{cell.labels_per_class}"],
+        tags=[
+            f"strategy:{cell.strategy}",
+            f"labels-per-class:{cell.labels_per_class}",
+            f"seed:{cell.seed}",
+        ],
     )
     state = flow_run.state
     if state is None or not state.is_completed():
@@ -434,6 +462,7 @@ def read_cell_outcomes(
             RunRef(run_id, comparison.experiment_id, comparison.tracking_uri),
             strategies[cell.strategy],
             cell.labels_per_class,
+            cell.seed,
         )
         for cell, run_id in zip(cells, run_ids, strict=True)
     ]

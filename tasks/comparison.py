@@ -1,4 +1,7 @@
-"""Strategy comparison: strategies resolved from conf, label budgets, the comparison table and charts."""
+"""Strategy comparison: strategies resolved from conf, label budgets and seeds, and its records.
+
+The table, the intervals and the winner rule are in tasks/comparison_table.py.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from mlflow import MlflowClient
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -18,9 +20,17 @@ from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
 from conf.schema import PipelineConfig
+from tasks.comparison_table import (
+    CellSummary,
+    ComparisonSummary,
+    StrategyOutcome,
+    comparison_figure,
+    data_efficiency_figure,
+    markdown_comparison,
+    summarize_comparison_outcomes,
+)
 from tasks.config import LoadedConfig, check_training_config
 from tasks.data import ImageTable
-from tasks.evaluate import Evaluation
 from tasks.registry import ModelVersionRef, PromotionDecision
 from tasks.report import StageSummary
 from tasks.stages.base import Stage
@@ -29,7 +39,7 @@ from tasks.stages.plan import scratch_stages, transfer_stages
 from tasks.timeouts import retry_if_store_locked
 from tasks.tracking import (
     RunRef,
-    StageRecord,
+    close_run_after_failure,
     ensure_experiment,
     finish_run,
     flatten,
@@ -39,19 +49,6 @@ from tasks.tracking import (
     start_pipeline_run,
     tracking_uri,
     ui_hint,
-)
-
-SCRATCH_STAGE = "from_scratch"
-COLUMNS = (
-    "strategy",
-    "labels_per_class",
-    "test_accuracy",
-    "test_macro_f1",
-    "trainable_params",
-    "training_seconds",
-    "epochs",
-    "stages",
-    "run_id",
 )
 
 
@@ -75,43 +72,22 @@ class Strategy:
     def from_scratch(self) -> bool:
         return isinstance(self.stages[0], FromScratch)
 
+    def with_seed(self, seed: int) -> Strategy:
+        """The same strategy trained with another seed (its stages take no seed of their own)."""
+        config = self.loaded.config.model_copy(update={"seed": seed})
+        return Strategy(self.name, LoadedConfig(config, self.loaded.project), self.stages)
+
 
 @dataclass(frozen=True)
 class ComparisonPlan:
-    """What a comparison trains: every strategy at every label budget, under one id."""
+    """What a comparison trains: every strategy at every label budget with every seed, under one id."""
 
     comparison_id: str
     strategies: tuple[Strategy, ...]
     label_budgets: tuple[int, ...]
     metric: str
-
-
-@dataclass(frozen=True)
-class StrategyOutcome:
-    """One strategy trained at one label budget: its MLflow run, stages and final test scores."""
-
-    strategy: str
-    labels_per_class: int
-    run: RunRef
-    loaded: LoadedConfig
-    stages: tuple[StageSummary, ...]
-    final: StageRecord
-    evaluation: Evaluation
-
-    def row(self) -> dict[str, object]:
-        """This outcome as a row of the comparison table."""
-        last = self.stages[-1]
-        return {
-            "strategy": self.strategy,
-            "labels_per_class": self.labels_per_class,
-            "test_accuracy": last.test_accuracy,
-            "test_macro_f1": last.test_macro_f1,
-            "trainable_params": last.trainable_params,
-            "training_seconds": sum(s.train_seconds for s in self.stages),
-            "epochs": sum(s.epochs_run for s in self.stages),
-            "stages": " > ".join(s.stage for s in self.stages),
-            "run_id": self.run.run_id,
-        }
+    seeds: tuple[int, ...] = (42,)
+    confidence: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -119,6 +95,7 @@ class ComparisonFiles:
     """What a comparison wrote under reports/."""
 
     table: Path
+    runs: Path
     chart: Path
     data_efficiency: Path
 
@@ -232,112 +209,6 @@ def shared_prefix(path: tuple[str, ...], other: tuple[str, ...]) -> int:
     return count
 
 
-# --- the table and its charts --------------------------------------------------------------------
-
-
-def comparison_frame(outcomes: list[StrategyOutcome]) -> pd.DataFrame:
-    """One row per strategy and label budget, in the order they ran."""
-    return pd.DataFrame([outcome.row() for outcome in outcomes], columns=list(COLUMNS))
-
-
-def best_outcome(outcomes: list[StrategyOutcome], metric: str) -> StrategyOutcome:
-    """The strategy to deploy: the best test `metric` with the most labels; ties go to the faster."""
-    most = max(outcome.labels_per_class for outcome in outcomes)
-    candidates = [o for o in outcomes if o.labels_per_class == most]
-    return max(
-        candidates,
-        key=lambda o: (o.evaluation.metric(metric), -sum(s.train_seconds for s in o.stages)),
-    )
-
-
-def comparison_figure(frame: pd.DataFrame, metric: str):
-    """Bars of the test metric and of the training time per strategy, one colour per budget."""
-    from matplotlib.figure import Figure
-
-    strategies = list(dict.fromkeys(frame["strategy"]))
-    budgets = sorted(frame["labels_per_class"].unique())
-    positions = np.arange(len(strategies))
-    width = 0.8 / len(budgets)
-    figure = Figure(figsize=(4.0 + 1.4 * len(strategies), 4.6))
-    score_axes, time_axes = figure.subplots(1, 2)
-    for index, budget in enumerate(budgets):
-        rows = frame[frame["labels_per_class"] == budget].set_index("strategy").reindex(strategies)
-        offset = positions + (index - (len(budgets) - 1) / 2) * width
-        label = f"{budget} per class"
-        score_axes.bar(offset, rows[f"test_{metric}"], width, label=label)
-        time_axes.bar(offset, rows["training_seconds"], width, label=label)
-    for axes in (score_axes, time_axes):
-        axes.set_xticks(positions, strategies, rotation=30, ha="right")
-        axes.grid(axis="y", alpha=0.3)
-    score_axes.set_ylim(0.0, 1.0)
-    score_axes.set_ylabel(f"test {metric}")
-    score_axes.set_title(f"Test {metric} per strategy")
-    score_axes.legend(title="labels", fontsize=8)
-    time_axes.set_ylabel("training time (s)")
-    time_axes.set_title("Training time per strategy")
-    figure.tight_layout()
-    return figure
-
-
-def data_efficiency_figure(frame: pd.DataFrame, metric: str):
-    """Test metric against labelled images per class (log scale), one line per strategy."""
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
-
-    figure = Figure(figsize=(7.5, 4.8))
-    axes = figure.subplots()
-    for strategy, rows in frame.groupby("strategy", sort=False):
-        rows = rows.sort_values("labels_per_class")
-        scratch = (rows["stages"] == SCRATCH_STAGE).all()
-        axes.plot(
-            rows["labels_per_class"],
-            rows[f"test_{metric}"],
-            marker="o",
-            linestyle="--" if scratch else "-",
-            label=str(strategy),
-        )
-    budgets = sorted(frame["labels_per_class"].unique())
-    axes.set_xscale("log")
-    axes.set_xticks(budgets)
-    axes.xaxis.set_major_formatter(ScalarFormatter())
-    axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.set_xlabel("labelled training images per class (log scale)")
-    axes.set_ylabel(f"test {metric}")
-    axes.set_title("Data efficiency: test score against labels")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def markdown_comparison(
-    frame: pd.DataFrame,
-    metric: str,
-    best: StrategyOutcome,
-    challenger: ModelVersionRef,
-    decision: PromotionDecision,
-    ui: str,
-) -> str:
-    """The comparison's outcome for the Prefect UI: the winner, the registry decision, where to look."""
-    outcome = "promoted to `champion`" if decision.promote else "not promoted"
-    score = best.evaluation.metric(metric)
-    return "\n".join(
-        [
-            f"# Strategy comparison: `{best.strategy}` wins",
-            "",
-            f"Best test {metric} with {best.labels_per_class} labels per class: {score:.4f} "
-            f"({len(frame)} runs: {frame['strategy'].nunique()} strategies at "
-            f"{frame['labels_per_class'].nunique()} label budgets).",
-            "",
-            f"Registered `{challenger.name}` version {challenger.version} (alias `challenger`): "
-            f"{outcome} — {decision.reason}.",
-            "",
-            "The table is the `strategy-comparison` artifact; charts and CSV are on the MLflow "
-            f"run tagged `comparison=summary` and under reports/. MLflow UI: `{ui}`.",
-        ]
-    )
-
-
 # --- Prefect steps -------------------------------------------------------------------------------
 
 # MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
@@ -357,11 +228,14 @@ def plan_comparison(loaded: LoadedConfig) -> ComparisonPlan:
     strategies = resolve_strategies(loaded)
     for strategy in strategies:
         check_strategy(strategy)
+    compare = loaded.config.compare
     return ComparisonPlan(
         comparison_id=_comparison_id(),
         strategies=strategies,
-        label_budgets=tuple(loaded.config.compare.budgets()),
+        label_budgets=tuple(compare.budgets()),
         metric=loaded.config.evaluation.primary_metric,
+        seeds=tuple(compare.seeds_or(loaded.config.seed)),
+        confidence=compare.confidence,
     )
 
 
@@ -442,16 +316,52 @@ def log_strategy_summary(
     )
 
 
-@task(name="tabulate-comparison", cache_policy=NO_CACHE)
-def tabulate_comparison(outcomes: list[StrategyOutcome]) -> pd.DataFrame:
-    """The comparison table: one row per strategy and label budget."""
-    return comparison_frame(outcomes)
+@task(name="summarize-comparison", cache_policy=NO_CACHE)
+def summarize_comparison(
+    outcomes: list[StrategyOutcome], plan: ComparisonPlan
+) -> ComparisonSummary:
+    """Each strategy's mean and interval per budget over the seeds, and the winner they give."""
+    return summarize_comparison_outcomes(outcomes, plan.metric, plan.confidence)
 
 
-@task(name="pick-best-strategy", cache_policy=NO_CACHE)
-def pick_best_strategy(outcomes: list[StrategyOutcome], metric: str) -> StrategyOutcome:
-    """The winner at the largest label budget, whose model goes to the registry."""
-    return best_outcome(outcomes, metric)
+@task(
+    name="log-cell-summaries",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
+def log_cell_summaries(comparison: RunRef, plan: ComparisonPlan, cells: list[CellSummary]) -> None:
+    """One run per strategy and budget, nested in the comparison's, with its means and intervals.
+
+    MLflow's UI cannot average repeated runs: these runs carry `test_accuracy_mean`,
+    `test_accuracy_ci_low`, `test_accuracy_ci_high`, ... for its table and compare view.
+    """
+    client = MlflowClient(comparison.tracking_uri)
+    for cell in cells:
+        seeds = ",".join(str(outcome.seed) for outcome in cell.outcomes)
+        created = client.create_run(
+            comparison.experiment_id,
+            run_name=f"{cell.strategy}-{cell.labels_per_class}-per-class-summary",
+            tags={
+                "mlflow.parentRunId": comparison.run_id,
+                "comparison_id": plan.comparison_id,
+                "comparison": "cell-summary",
+                "strategy": cell.strategy,
+                "label_budget": str(cell.labels_per_class),
+                "seeds": seeds,
+                "seed_run_ids": ",".join(outcome.run.run_id for outcome in cell.outcomes),
+                "interval": f"{plan.confidence:.0%} {cell.intervals[plan.metric].method}",
+                "within_best": str(cell.within_best).lower(),
+            },
+        )
+        run = RunRef(created.info.run_id, comparison.experiment_id, comparison.tracking_uri)
+        try:
+            log_summary(run, cell.metrics(), {})
+        except BaseException as error:
+            close_run_after_failure(run, error)
+            raise
+        finish_run(run)
 
 
 @task(
@@ -463,23 +373,29 @@ def pick_best_strategy(outcomes: list[StrategyOutcome], metric: str) -> Strategy
 )
 def log_comparison(
     run: RunRef,
-    frame: pd.DataFrame,
+    summary: ComparisonSummary,
     metric: str,
-    best: StrategyOutcome,
     challenger: ModelVersionRef,
     decision: PromotionDecision,
 ) -> None:
-    """The table (CSV) and charts on the comparison run, the winner as its tags; then close it."""
+    """Both tables (CSV) and the charts on the comparison run, the winner as its tags; close it."""
+    frame, runs, winner = summary.table, summary.runs, summary.winner
     client = MlflowClient(run.tracking_uri)
     client.log_text(run.run_id, frame.to_csv(index=False), "comparison.csv")
+    client.log_text(run.run_id, runs.to_csv(index=False), "comparison_runs.csv")
     client.log_figure(run.run_id, comparison_figure(frame, metric), "comparison.png")
     client.log_figure(run.run_id, data_efficiency_figure(frame, metric), "data_efficiency.png")
+    interval = winner.cell.intervals[metric]
     log_summary(
         run,
-        {f"best_test_{metric}": best.evaluation.metric(metric)},
         {
-            "best_strategy": best.strategy,
-            "best_run_id": best.run.run_id,
+            f"best_test_{metric}": winner.outcome.evaluation.metric(metric),
+            **interval.columns(f"winner_test_{metric}"),
+        },
+        {
+            "best_strategy": winner.strategy,
+            "best_run_id": winner.outcome.run.run_id,
+            "winner_reason": winner.reason,
             "registered_version": f"{challenger.name}/{challenger.version}",
             **decision.tags(),
         },
@@ -489,34 +405,36 @@ def log_comparison(
 
 @task(name="publish-comparison", cache_policy=NO_CACHE)
 def publish_comparison(
-    frame: pd.DataFrame,
+    summary: ComparisonSummary,
     metric: str,
-    best: StrategyOutcome,
     challenger: ModelVersionRef,
     decision: PromotionDecision,
     loaded: LoadedConfig,
 ) -> ComparisonFiles:
-    """Prefect table and summary artifacts for the UI; the CSV and both charts under reports/."""
-    shown = frame.round({"test_accuracy": 4, "test_macro_f1": 4, "training_seconds": 1})
+    """Prefect table and summary artifacts for the UI; both CSVs and charts under reports/."""
+    frame, runs, winner = summary.table, summary.runs, summary.winner
     create_table_artifact(
-        table=shown.to_dict(orient="records"),
+        table=frame.round(4).to_dict(orient="records"),
         key="strategy-comparison",
-        description="Test scores, trainable parameters and training time per strategy and budget",
+        description="Mean, standard deviation and interval of the test scores over the seeds, "
+        "per strategy and budget",
     )
-    ui = ui_hint(best.run.tracking_uri, loaded.project)
+    ui = ui_hint(winner.outcome.run.tracking_uri, loaded.project)
     create_markdown_artifact(
-        markdown_comparison(frame, metric, best, challenger, decision, ui),
+        markdown_comparison(frame, metric, winner, challenger, decision, ui),
         key="comparison-summary",
-        description="The winning strategy and the promotion decision",
+        description="The comparison table, the winning strategy and the promotion decision",
     )
     reports = loaded.path("reports")
     reports.mkdir(parents=True, exist_ok=True)
     files = ComparisonFiles(
         table=reports / "comparison.csv",
+        runs=reports / "comparison_runs.csv",
         chart=reports / "comparison.png",
         data_efficiency=reports / "data_efficiency.png",
     )
     frame.to_csv(files.table, index=False)
+    runs.to_csv(files.runs, index=False)
     comparison_figure(frame, metric).savefig(files.chart, dpi=100)
     data_efficiency_figure(frame, metric).savefig(files.data_efficiency, dpi=100)
     return files

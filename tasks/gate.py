@@ -155,6 +155,22 @@ def mcnemar_exact(champion_correct: np.ndarray, challenger_correct: np.ndarray) 
     return McNemar(champion_only, challenger_only, float(p_value))
 
 
+def metric_score(
+    labels: np.ndarray, predicted: np.ndarray, metric: str, classes: int
+) -> np.ndarray:
+    """`metric` of predicted class ids against true ones, along the last axis (bootstrap batches)."""
+    if metric not in GATE_METRICS:
+        raise ValueError(f"the gate scores {' or '.join(GATE_METRICS)}, not {metric!r}")
+    if metric == "accuracy":
+        return np.mean(predicted == labels, axis=-1)
+    f1 = []
+    for index in range(classes):  # zero when a class is neither present nor predicted
+        hits = np.sum((predicted == index) & (labels == index), axis=-1)
+        total = np.sum(predicted == index, axis=-1) + np.sum(labels == index, axis=-1)
+        f1.append(np.divide(2 * hits, total, out=np.zeros(hits.shape), where=total > 0))
+    return np.mean(f1, axis=0)
+
+
 def metric_difference(
     pairs: PairedPredictions,
     metric: str,
@@ -163,22 +179,12 @@ def metric_difference(
     seed: int = 0,
 ) -> Interval:
     """challenger - champion on `metric`, with a paired percentile bootstrap over the images."""
-    if metric not in GATE_METRICS:
-        raise ValueError(f"the gate scores {' or '.join(GATE_METRICS)}, not {metric!r}")
     count = len(pairs.classes)
 
-    def score(labels: np.ndarray, predicted: np.ndarray) -> np.ndarray:
-        if metric == "accuracy":
-            return np.mean(predicted == labels, axis=-1)
-        f1 = []
-        for index in range(count):  # zero when a class is neither present nor predicted
-            hits = np.sum((predicted == index) & (labels == index), axis=-1)
-            total = np.sum(predicted == index, axis=-1) + np.sum(labels == index, axis=-1)
-            f1.append(np.divide(2 * hits, total, out=np.zeros(hits.shape), where=total > 0))
-        return np.mean(f1, axis=0)
-
     def difference(labels, champion, challenger, axis=-1):
-        return score(labels, challenger) - score(labels, champion)
+        return metric_score(labels, challenger, metric, count) - metric_score(
+            labels, champion, metric, count
+        )
 
     data = (pairs.labels, pairs.champion, pairs.challenger)
     estimate = float(difference(*data))

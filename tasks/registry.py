@@ -516,9 +516,14 @@ def config_fingerprint(loaded: LoadedConfig) -> str:
     retry_condition_fn=retry_if_store_locked,
 )
 def register_challenger_step(
-    run: RunRef, record: StageRecord, table, loaded: LoadedConfig, data_version: str
+    run: RunRef,
+    record: StageRecord,
+    table,
+    loaded: LoadedConfig,
+    data_version: str,
+    notes: dict[str, str] | None = None,
 ) -> ModelVersionRef:
-    """Register the final stage's model, recording what it was trained on."""
+    """Register the final stage's model, recording what it was trained on (and `notes`)."""
     config = loaded.config
     if record.model_uri is None:
         raise ValueError(f"stage {record.stage} logged no model to register")
@@ -529,6 +534,7 @@ def register_challenger_step(
         "image_size": str(config.data.image_size),
         "stage": record.stage,
         "classes": json.dumps(list(table.classes)),
+        **(notes or {}),
     }
     return register_challenger(
         run.tracking_uri, record.model_uri, config.registry.model_name, run.run_id, tags

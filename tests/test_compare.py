@@ -9,6 +9,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -16,12 +17,12 @@ from mlflow import MlflowClient
 
 from conf import load_config
 from tasks.comparison import (
-    COLUMNS,
     LabelBudgetError,
     NoStrategiesError,
     keep_labels_per_class,
     resolve_strategies,
 )
+from tasks.comparison_table import COLUMNS, RUN_COLUMNS
 from tasks.config import LoadedConfig
 from tasks.data import ImageTable
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
@@ -151,19 +152,21 @@ def test_from_scratch_batch_norm_statistics_are_measured_not_left_at_their_start
 # --- the flow end to end -------------------------------------------------------------------------
 
 BUDGETS = [2, 4]
+SEEDS = [1, 2]
 STRATEGIES = ["from_scratch", "feature_extraction", "fine_tune_1"]
 STAGES = {
     "from_scratch": {"from_scratch"},
     "feature_extraction": {"feature_extraction"},
     "fine_tune_1": {"feature_extraction", "fine_tune_1"},
 }
-# The demo comparison shrunk: 32 px, two short stages, three strategies, two label budgets.
+# The demo comparison shrunk: 32 px, two short stages, three strategies, two budgets, two seeds.
 SHRUNK = {
     "extends": "compare.yaml",
     "data": {"image_size": 32, "batch_size": 32, "dvc_file": None},
     "feature_extraction": {"epochs": 3, "patience": 2},
     "compare": {
         "label_budgets": BUDGETS,
+        "seeds": SEEDS,
         "strategies": [
             {"name": "from_scratch", "from_scratch": True},
             {"name": "feature_extraction", "fine_tune": {"stages": []}},
@@ -212,12 +215,21 @@ def compared(tmp_path_factory, tracking_server: str, prefect_api: str):
         yield project, result
 
 
-def strategy_runs(result) -> list:
+def comparison_runs(result, kind: str | None = None) -> list:
+    """The comparison's runs: each seed's cell runs (`kind` None) or its `cell-summary` runs."""
     client = MlflowClient(result.tracking_uri)
     runs = client.search_runs(
         [result.experiment_id], f"tags.comparison_id = '{result.comparison_id}'"
     )
-    return [run for run in runs if "strategy" in run.data.tags]
+    return [
+        run
+        for run in runs
+        if "strategy" in run.data.tags and run.data.tags.get("comparison") == kind
+    ]
+
+
+def strategy_runs(result) -> list:
+    return comparison_runs(result)
 
 
 @pytest.mark.slow
@@ -226,9 +238,10 @@ def test_one_parent_run_per_strategy_and_budget_with_nested_stages(compared) -> 
     client = MlflowClient(result.tracking_uri)
     parents = strategy_runs(result)
     found = sorted(
-        (run.data.tags["strategy"], int(run.data.tags["label_budget"])) for run in parents
+        (run.data.tags["strategy"], int(run.data.tags["label_budget"]), int(run.data.tags["seed"]))
+        for run in parents
     )
-    assert found == sorted(itertools.product(STRATEGIES, BUDGETS))
+    assert found == sorted(itertools.product(STRATEGIES, BUDGETS, SEEDS))
     for parent in parents:
         assert parent.info.status == "FINISHED"
         assert "mlflow.parentRunId" not in parent.data.tags
@@ -249,6 +262,7 @@ def test_one_parent_run_per_strategy_and_budget_with_nested_stages(compared) -> 
         ]
 
     scratch = next(p for p in parents if p.data.tags["strategy"] == "from_scratch")
+    assert scratch.data.params["seed"] == scratch.data.tags["seed"]
     assert scratch.data.params["base.weights"] == "None"
     scratch_stage = client.search_runs(
         [result.experiment_id], f"tags.mlflow.parentRunId = '{scratch.info.run_id}'"
@@ -264,19 +278,20 @@ def test_one_parent_run_per_strategy_and_budget_with_nested_stages(compared) -> 
 def test_strategies_on_one_base_share_the_cached_features(compared) -> None:
     project, _ = compared
     cached = list((project / ".cache" / "features").glob("*.features.npy"))
-    # One training subset per budget, plus validation and test once for every strategy and budget.
-    assert len(cached) == len(BUDGETS) + 2
+    # Each seed draws its own training images at each budget; validation and test are computed
+    # once for every strategy, budget and seed.
+    assert len(cached) == len(BUDGETS) * len(SEEDS) + 2
 
 
 @pytest.mark.slow
 def test_a_strategy_starts_from_the_stages_an_earlier_one_trained(compared) -> None:
     _, result = compared
     client = MlflowClient(result.tracking_uri)
-    for budget in BUDGETS:
+    for budget, seed in itertools.product(BUDGETS, SEEDS):
         parents = {
             run.data.tags["strategy"]: run
             for run in strategy_runs(result)
-            if run.data.tags["label_budget"] == str(budget)
+            if run.data.tags["label_budget"] == str(budget) and run.data.tags["seed"] == str(seed)
         }
         stages = {
             name: {
@@ -308,19 +323,29 @@ def test_comparison_table_is_an_mlflow_and_prefect_artifact_with_charts(compared
     project, result = compared
     assert list(result.table.columns) == list(COLUMNS)
     assert len(result.table) == len(STRATEGIES) * len(BUDGETS)
-    assert set(result.table["run_id"]) == {run.info.run_id for run in strategy_runs(result)}
+    assert (result.table["seeds"] == len(SEEDS)).all()
+    assert list(result.runs.columns) == list(RUN_COLUMNS)
+    assert len(result.runs) == len(STRATEGIES) * len(BUDGETS) * len(SEEDS)
+    assert set(result.runs["run_id"]) == {run.info.run_id for run in strategy_runs(result)}
 
     client = MlflowClient(result.tracking_uri)
     summary = client.get_run(result.run_id)
     assert summary.data.tags["comparison_id"] == result.comparison_id
     assert summary.data.tags["best_strategy"] == result.best_strategy
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"comparison.csv", "comparison.png", "data_efficiency.png"} <= artifacts
+    assert {"comparison.csv", "comparison_runs.csv", "comparison.png", "data_efficiency.png"} <= (
+        artifacts
+    )
     local = client.download_artifacts(result.run_id, "comparison.csv", str(project / "downloaded"))
     logged = pd.read_csv(local)
     assert len(logged) == len(result.table) and list(logged.columns) == list(COLUMNS)
 
-    for path in (result.files.table, result.files.chart, result.files.data_efficiency):
+    for path in (
+        result.files.table,
+        result.files.runs,
+        result.files.chart,
+        result.files.data_efficiency,
+    ):
         assert path.parent == project / "reports" and path.stat().st_size > 0
     assert result.files.chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert result.files.data_efficiency.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -336,6 +361,48 @@ def test_comparison_table_is_an_mlflow_and_prefect_artifact_with_charts(compared
     rows = json.loads(tables[0].data)  # Prefect stores a table artifact as JSON text
     assert len(rows) == len(STRATEGIES) * len(BUDGETS)
     assert {row["strategy"] for row in rows} == set(STRATEGIES)
+    assert all(row["test_accuracy_ci_low"] <= row["test_accuracy_mean"] for row in rows)
+
+
+@pytest.mark.slow
+def test_each_strategy_and_budget_has_a_run_with_its_mean_and_interval_over_the_seeds(
+    compared,
+) -> None:
+    from scipy import stats
+
+    _, result = compared
+    seed_runs = {run.info.run_id: run for run in strategy_runs(result)}
+    summaries = comparison_runs(result, "cell-summary")
+    assert sorted(
+        (run.data.tags["strategy"], int(run.data.tags["label_budget"])) for run in summaries
+    ) == sorted(itertools.product(STRATEGIES, BUDGETS))
+    for summary in summaries:
+        tags, metrics = summary.data.tags, summary.data.metrics
+        assert summary.info.status == "FINISHED"
+        assert tags["mlflow.parentRunId"] == result.run_id
+        runs = [seed_runs[run_id] for run_id in tags["seed_run_ids"].split(",")]
+        assert sorted(int(run.data.tags["seed"]) for run in runs) == SEEDS
+        assert {run.data.tags["strategy"] for run in runs} == {tags["strategy"]}
+        assert {run.data.tags["label_budget"] for run in runs} == {tags["label_budget"]}
+        for metric in ("test_accuracy", "test_macro_f1"):
+            scores = [run.data.metrics[metric] for run in runs]
+            assert metrics[f"{metric}_mean"] == pytest.approx(np.mean(scores))
+            assert metrics[f"{metric}_std"] == pytest.approx(np.std(scores, ddof=1))
+            if np.std(scores) > 0:
+                low, high = stats.t.interval(
+                    0.95, df=1, loc=np.mean(scores), scale=stats.sem(scores)
+                )
+            else:
+                low = high = scores[0]
+            assert metrics[f"{metric}_ci_low"] == pytest.approx(low)
+            assert metrics[f"{metric}_ci_high"] == pytest.approx(high)
+        assert metrics["seeds"] == len(SEEDS)
+        assert tags["interval"] == "95% t over 2 seeds"
+        row = result.table.set_index(["strategy", "labels_per_class"]).loc[
+            (tags["strategy"], int(tags["label_budget"]))
+        ]
+        assert row["test_accuracy_mean"] == pytest.approx(metrics["test_accuracy_mean"])
+        assert tags["within_best"] == str(bool(row["within_best"])).lower()
 
 
 @pytest.mark.slow
@@ -343,19 +410,28 @@ def test_best_strategy_is_registered_through_the_gate(compared) -> None:
     _, result = compared
     table = result.table
     largest = table[table["labels_per_class"] == max(BUDGETS)]
-    best_row = table[table["run_id"] == result.best_run_id].iloc[0]
-    assert best_row["labels_per_class"] == max(BUDGETS)
-    assert best_row["test_accuracy"] == largest["test_accuracy"].max()
+    best = largest.loc[largest["test_accuracy_mean"].idxmax()]
+    assert best["within_best"]
+    rivals = largest[largest["within_best"]].sort_values(["trainable_params", "training_seconds"])
+    assert result.best_strategy == rivals.iloc[0]["strategy"]
+    winner_run = result.runs[result.runs["run_id"] == result.best_run_id].iloc[0]
+    assert winner_run["strategy"] == result.best_strategy
+    assert winner_run["labels_per_class"] == max(BUDGETS)
+    assert result.winner_reason.startswith(f"{result.best_strategy}: accuracy ")
 
     client = MlflowClient(result.tracking_uri)
     version = client.get_model_version(result.model_name, result.version)
     assert version.tags["run_id"] == result.best_run_id
+    assert version.tags["comparison.winner_reason"] == result.winner_reason
+    assert version.tags["seed"] == str(winner_run["seed"])
     stage_run = client.get_run(version.run_id)  # the winner's final stage, which logged the model
     assert stage_run.data.tags["mlflow.parentRunId"] == result.best_run_id
     assert version.tags["promotion.decision"] == "promoted", result.decision.reason
     champion = client.get_model_version_by_alias(result.model_name, "champion")
     assert str(champion.version) == result.version == "1"
-    assert client.get_run(result.run_id).data.tags["promotion.decision"] == "promoted"
+    summary_tags = client.get_run(result.run_id).data.tags
+    assert summary_tags["promotion.decision"] == "promoted"
+    assert summary_tags["winner_reason"] == result.winner_reason
 
 
 @pytest.mark.slow
@@ -372,6 +448,7 @@ def test_a_reused_stage_ends_where_training_it_again_would(compared, tracking_se
     overrides = [
         f"compare.strategies=[{json.dumps(strategy)}]",
         f"compare.label_budgets=[{budget}]",
+        f"compare.seeds=[{SEEDS[0]}]",
         f"feature_extraction.cache_dir={project / '.cache' / 'alone'}",
         f"registry.model_name={result.model_name}-alone",
         "tracking.resume=false",
@@ -385,9 +462,9 @@ def test_a_reused_stage_ends_where_training_it_again_would(compared, tracking_se
         patch.setenv("MLFLOW_TRACKING_URI", tracking_server)
         patch.setenv("PREFECT_API_URL", prefect_api)
         alone = compare_strategies(str(project / "conf" / "test.yaml"), overrides)
-    together = result.table.set_index(["strategy", "labels_per_class"])
-    row = together.loc[("fine_tune_1", budget)]
-    (lone,) = alone.table.itertuples()
+    together = result.runs.set_index(["strategy", "labels_per_class", "seed"])
+    row = together.loc[("fine_tune_1", budget, SEEDS[0])]
+    (lone,) = alone.runs.itertuples()
     assert (lone.test_accuracy, lone.test_macro_f1) == (row["test_accuracy"], row["test_macro_f1"])
     assert lone.epochs == row["epochs"]
     client = MlflowClient(tracking_server)
@@ -404,8 +481,9 @@ def cell_runs_by_worker(result) -> dict[str, list]:
 
 def scores(table: pd.DataFrame) -> pd.DataFrame:
     """What must not depend on where or alongside what a cell trained."""
-    kept = ["strategy", "labels_per_class", "test_accuracy", "test_macro_f1", "epochs"]
-    return table[kept].sort_values(["strategy", "labels_per_class"]).reset_index(drop=True)
+    kept = ["strategy", "labels_per_class", "seed", "test_accuracy", "test_macro_f1", "epochs"]
+    order = ["strategy", "labels_per_class", "seed"]
+    return table[kept].sort_values(order).reset_index(drop=True)
 
 
 def compare_again(project: Path, result, prefect_api: str, suffix: str, *overrides: str):
@@ -439,12 +517,15 @@ def test_cells_train_in_worker_processes_and_two_workers_give_the_same_table(
     project, one = compared
     # One worker at a time, replaced after compare.cells_per_worker (4) cells; never this process.
     by_worker = cell_runs_by_worker(one)
-    assert sorted(len(runs) for runs in by_worker.values()) == [2, 4], sorted(by_worker)
+    assert sorted(len(runs) for runs in by_worker.values()) == [4, 4, 4], sorted(by_worker)
     assert not any(worker.endswith(f":{os.getpid()}") for worker in by_worker)
-    two = compare_again(project, one, prefect_api, "two-workers", "compare.workers=2")
+    seed = SEEDS[0]
+    two = compare_again(
+        project, one, prefect_api, "two-workers", "compare.workers=2", f"compare.seeds=[{seed}]"
+    )
     workers = cell_runs_by_worker(two)
     assert len(workers) >= 2 and all(len(runs) <= 4 for runs in workers.values()), workers
-    pd.testing.assert_frame_equal(scores(two.table), scores(one.table))
+    pd.testing.assert_frame_equal(scores(two.runs), scores(one.runs[one.runs["seed"] == seed]))
     for runs in workers.values():
         assert all(run.data.metrics["worker_peak_rss_mb"] > 100 for run in runs)
 
@@ -483,12 +564,13 @@ def test_cells_run_on_a_work_pool_with_two_process_workers(compared, prefect_api
             f"compare.work_pool={pool}",
             "compare.workers=2",
             f"compare.label_budgets=[{budget}]",
+            f"compare.seeds=[{SEEDS[0]}]",
         )
     finally:
         for worker in workers:
             stop(worker)
-    local = one.table[one.table["labels_per_class"] == budget]
-    pd.testing.assert_frame_equal(scores(pooled.table), scores(local))
+    local = one.runs[(one.runs["labels_per_class"] == budget) & (one.runs["seed"] == SEEDS[0])]
+    pd.testing.assert_frame_equal(scores(pooled.runs), scores(local))
     assert len(cell_runs_by_worker(pooled)) == len(STRATEGIES)  # a flow-run process per cell
     for log in logs:
         assert "Completed" in tail(log, 100_000), f"{log.name} ran no cell:\n{tail(log)}"

@@ -42,14 +42,24 @@ def test_a_different_seed_learning_rate_or_image_size_shares_nothing() -> None:
 
 def test_each_cell_waits_for_the_cell_whose_stages_it_resumes() -> None:
     found = strategies()
-    plan = ComparisonPlan("cmp", tuple(found.values()), (10, 25), "accuracy")
-    cells = {cell.id: cell for cell in plan_cells.fn(plan, "conf/compare.yaml", [], "v1")}
-    assert len(cells) == 12
-    assert cells["from_scratch@10"].after == () and cells["from_scratch@25"].after == ()
-    assert cells["feature_extraction@10"].after == ()
-    assert cells["fine_tune_1@10"].after == ("feature_extraction@10",)
-    assert cells["fine_tune_3@25"].after == ("fine_tune_2@25",)
-    assert cells["full_unfreeze@25"].after == ("feature_extraction@25",)
-    # Validation and test features are cached by the first budget's first transfer cell.
-    assert cells["feature_extraction@25"].after == ("feature_extraction@10",)
-    assert Path(cells["fine_tune_1@10"].config_path).is_absolute()
+    plan = ComparisonPlan("cmp", tuple(found.values()), (10, 25), "accuracy", seeds=(1, 2))
+    planned = plan_cells.fn(plan, "conf/compare.yaml", [], "v1")
+    cells = {cell.id: cell for cell in planned}
+    assert len(cells) == 24
+
+    def after(strategy: str, budget: int, seed: int) -> tuple[str, ...]:
+        return cells[f"{strategy}@{budget}/seed={seed}"].after
+
+    assert after("from_scratch", 10, 1) == () and after("from_scratch", 25, 2) == ()
+    assert after("feature_extraction", 10, 1) == ()
+    assert after("fine_tune_1", 10, 1) == ("feature_extraction@10/seed=1",)
+    assert after("fine_tune_3", 25, 2) == ("fine_tune_2@25/seed=2",)
+    assert after("full_unfreeze", 25, 1) == ("feature_extraction@25/seed=1",)
+    # A seed trains its own stages: no cell resumes another seed's.
+    assert after("fine_tune_1", 10, 2) == ("feature_extraction@10/seed=2",)
+    # Validation and test features are cached by the very first transfer cell.
+    assert after("feature_extraction", 25, 1) == ("feature_extraction@10/seed=1",)
+    assert after("feature_extraction", 10, 2) == ("feature_extraction@10/seed=1",)
+    # The first seed's whole grid comes first.
+    assert [cell.seed for cell in planned] == [1] * 12 + [2] * 12
+    assert Path(cells["fine_tune_1@10/seed=1"].config_path).is_absolute()
