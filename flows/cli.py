@@ -5,8 +5,9 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -69,8 +70,44 @@ def _run_flow(flow: Callable[..., Any], config: str, overrides: list[str], *args
 
     budget = load_config(config, overrides).timeouts.prefect_api_seconds
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    with bounded_prefect_calls(budget), local_prefect_server():
-        return flow(*(args or (config, overrides)))
+    try:
+        with bounded_prefect_calls(budget), local_prefect_server():
+            return flow(*(args or (config, overrides)))
+    except BaseException as error:
+        code = _signal_exit_status(error)
+        if code is None:
+            raise
+        _leave_now(code)
+
+
+def _signal_exit_status(error: BaseException) -> int | None:
+    """128 + the signal's number when `error` is how a signal stopped the flow; else None."""
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(error, TerminationSignal):
+        return 128 + error.signal
+    if isinstance(error, KeyboardInterrupt):
+        return 128 + 2
+    if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code > 128:
+        return error.code
+    return None
+
+
+def _leave_now(code: int) -> NoReturn:
+    """Exit at once after a signal, the flow's runs already closed.
+
+    Python's normal exit joins every thread of Prefect's task runners, and a thread that was
+    waiting for a cell that will never run would hold the command forever; so the temporary
+    server is stopped here and the process ends without that join.
+    """
+    from tasks.prefect_server import stop_local_server
+
+    try:
+        stop_local_server()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 ConfigOption = Annotated[str, typer.Option("--config", "-c", help="A YAML file in conf/.")]

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from prefect import tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
 from conf.errors import ExpectedError
@@ -325,14 +325,30 @@ class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
-        # Stopped by a signal: the pool would wait for the cells in flight to finish. Pass the
-        # signal on, so they close their runs as KILLED and end now.
         executor = self._executor
-        if exc_type is not None and not issubclass(exc_type, Exception) and executor is not None:
-            for process in list(getattr(executor, "_processes", {}).values()):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(process.pid, signal.SIGTERM)
-        super().__exit__(exc_type, exc_value, traceback)
+        if exc_type is None or issubclass(exc_type, Exception) or executor is None:
+            super().__exit__(exc_type, exc_value, traceback)
+            return
+        # Stopped by a signal. Prefect's pool would wait for the cells in flight to finish, and
+        # for the threads that hold queued cells until the cells they follow are done, which
+        # may be never. Pass the signal on, so the cells in flight close their runs as KILLED
+        # and their workers end (each within 10 s, see start_worker), then wait for nothing
+        # else: the command exits without joining those threads (flows/cli.py).
+        workers = list(getattr(executor, "_processes", {}).values())
+        for process in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for process in workers:
+            process.join(max(0.0, deadline - time.monotonic()))
+        executor.shutdown(wait=False, cancel_futures=True)
+        self._executor = None
+        resolver = getattr(self, "_resolver_executor", None)
+        if resolver is not None:
+            resolver.shutdown(wait=False, cancel_futures=True)
+            self._resolver_executor = None
+        self._stop_message_forwarding()
+        TaskRunner.__exit__(self, exc_type, exc_value, traceback)
 
 
 def prefect_api_url() -> str | None:

@@ -71,6 +71,15 @@ def local_prefect_server() -> Iterator[None]:
             os.environ["PREFECT_API_URL"] = saved
 
 
+def stop_local_server() -> None:
+    """Stop the temporary server this process started, now rather than at exit, if it did."""
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the process's one temporary server, or a new idle one
+    if server.server_process is not None:
+        server.stop()
+
+
 def _start_watched_server() -> str:
     """Start Prefect's temporary server (one per process) and a watchdog for it; its API URL."""
     from prefect.server.api.server import SubprocessASGIServer

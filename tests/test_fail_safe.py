@@ -255,8 +255,9 @@ def test_an_expected_error_is_one_message_and_exit_status_2(
 def test_a_comparison_stopped_by_sigterm_stops_its_workers_and_closes_their_runs(
     tmp_path: Path,
 ) -> None:
-    """Two cells train in two worker processes when the comparison gets SIGTERM: the workers
-    end (the pool does not wait for their cells), and every run, theirs included, is KILLED."""
+    """Two cells train in two worker processes when the comparison gets SIGTERM, a third waits
+    for one of them: the workers end (the pool does not wait for their cells), the command exits
+    (no thread waits for the queued cell), and every run, theirs included, is KILLED."""
     config = {
         "extends": "compare.yaml",
         "data": {"image_size": 64, "batch_size": 16},
@@ -270,6 +271,15 @@ def test_a_comparison_stopped_by_sigterm_stops_its_workers_and_closes_their_runs
                 {
                     "name": "fine_tune_1",
                     "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 200}]},
+                },
+                {  # resumes fine_tune_1's stages: queued behind that cell
+                    "name": "fine_tune_2",
+                    "fine_tune": {
+                        "stages": [
+                            {"unfreeze_blocks": 2, "epochs": 200},
+                            {"unfreeze_blocks": 4, "epochs": 1},
+                        ]
+                    },
                 },
             ],
         },
