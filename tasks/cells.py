@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 from mlflow import MlflowClient
 from prefect import tags, task
 from prefect.cache_policies import NO_CACHE
@@ -82,6 +83,10 @@ class CellSpec(BaseModel):
     data_version: str
     after: tuple[str, ...] = ()
     skipped_images: tuple[str, ...] = ()  # undecodable files the comparison left out
+    # Every seed's images at the largest budget: the training images whose frozen features all
+    # the comparison's cells share.
+    pool_seeds: tuple[int, ...] = ()
+    pool_budget: int | None = None
 
     @property
     def id(self) -> str:
@@ -140,6 +145,8 @@ def plan_cells(
                     data_version=data_version,
                     after=tuple(after),
                     skipped_images=tuple(path for path, _ in skipped),
+                    pool_seeds=plan.seeds,
+                    pool_budget=max(plan.label_budgets),
                 )
             )
     return cells
@@ -192,7 +199,9 @@ def train_cell(cell: CellSpec) -> str:
         dataset_name=labelled_subset_name(config.data.path, cell.labels_per_class),
     )
     try:
-        inputs = StageInputs(classifier, labelled, strategy.loaded, cell.data_version)
+        inputs = StageInputs(
+            classifier, labelled, strategy.loaded, cell.data_version, feature_pool(cell, table)
+        )
         outcome = run_stages(run, strategy.stages, inputs, resume=config.tracking.resume)
         log_strategy_summary(run, cell.labels_per_class, outcome.summaries, peak_rss_mb())
     except BaseException as error:
@@ -200,6 +209,21 @@ def train_cell(cell: CellSpec) -> str:
         raise
     finish_tracking(run, summaries=outcome.summaries, failed=False)
     return run.run_id
+
+
+def feature_pool(cell: CellSpec, table) -> pd.DataFrame | None:
+    """The training images any seed of the comparison draws at its largest budget, in table order.
+
+    A smaller budget's images are a subset of the same seed's larger one, so this pool holds
+    every training image of every cell.
+    """
+    if cell.pool_budget is None or not cell.pool_seeds:
+        return None
+    drawn: set[str] = set()
+    for seed in cell.pool_seeds:
+        drawn |= set(keep_labels_per_class(table, cell.pool_budget, seed).split("train")["path"])
+    train = table.split("train")
+    return train[train["path"].isin(drawn)].reset_index(drop=True)
 
 
 def peak_rss_mb() -> float:

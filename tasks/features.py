@@ -8,7 +8,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import IO
@@ -44,14 +44,21 @@ class FeatureKey:
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    """One split's features and label ids on disk, and whether they were already there."""
+    """One split's features and label ids on disk, and whether they were already there.
+
+    `rows` picks a split's images out of a larger entry (a comparison's pool of training images).
+    """
 
     features: Path
     labels: Path
     reused: bool
+    rows: np.ndarray | None = None
 
     def load(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.load(self.features), np.load(self.labels)
+        features, labels = np.load(self.features), np.load(self.labels)
+        if self.rows is None:
+            return features, labels
+        return features[self.rows], labels[self.rows]
 
 
 def weights_fingerprint(model) -> str:
@@ -233,9 +240,14 @@ def cached_features(
 
 @task(name="extract-frozen-features", cache_policy=NO_CACHE)
 def extract_frozen_features(
-    classifier, table, loaded, data_version: str
+    classifier, table, loaded, data_version: str, train_pool: pd.DataFrame | None = None
 ) -> dict[str, CachedFeatures]:
-    """Every split's features through the frozen base, reused from the cache when the key matches."""
+    """Every split's features through the frozen base, reused from the cache when the key matches.
+
+    With `train_pool` (rows of the table's frame, a superset of its training split) the whole
+    pool's features are cached as one entry and the training split's rows are picked from it,
+    so every label budget and seed of a comparison reads the same entry.
+    """
     from tasks.data import image_dataset
 
     config = loaded.config
@@ -257,10 +269,15 @@ def extract_frozen_features(
         frame = table.split(split)
         if frame.empty:
             continue
+        source = train_pool if split == "train" and train_pool is not None else frame
         dataset = image_dataset(
-            frame, table.classes, config.data.image_size, config.data.batch_size
+            source, table.classes, config.data.image_size, config.data.batch_size
         )
-        features[split] = cached_features(
-            classifier.feature_extractor, dataset, frame, key, cache_dir
-        )
+        cached = cached_features(classifier.feature_extractor, dataset, source, key, cache_dir)
+        if source is not frame:
+            rows = pd.Index(source["path"]).get_indexer(frame["path"])
+            if (rows < 0).any():
+                raise ValueError("the training pool must hold every training image of the table")
+            cached = replace(cached, rows=rows)
+        features[split] = cached
     return features

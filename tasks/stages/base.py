@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from tasks.config import LoadedConfig
     from tasks.data import ImageTable
     from tasks.evaluate import Evaluation
@@ -15,12 +17,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class StageInputs:
-    """What a stage trains: one classifier, on one table of images, under one config."""
+    """What a stage trains: one classifier, on one table of images, under one config.
+
+    `feature_pool` is a superset of the table's training images whose frozen features are
+    cached together (a comparison's, shared by its budgets and seeds); None: the table's own.
+    """
 
     classifier: Classifier
     table: ImageTable
     loaded: LoadedConfig
     data_version: str
+    feature_pool: pd.DataFrame | None = None
 
 
 @dataclass(frozen=True)

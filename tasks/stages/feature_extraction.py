@@ -32,7 +32,11 @@ class HeadOnFeatures:
         from tasks.features import extract_frozen_features
 
         features = extract_frozen_features(
-            inputs.classifier, inputs.table, inputs.loaded, inputs.data_version
+            inputs.classifier,
+            inputs.table,
+            inputs.loaded,
+            inputs.data_version,
+            inputs.feature_pool,
         )
         history = train_new_head(inputs.classifier, features, inputs.loaded.config)
         evaluation = evaluate_on_features(inputs.classifier, features["test"], inputs.table.classes)
