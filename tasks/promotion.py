@@ -1,9 +1,9 @@
 """Promotion: check the challenger loads, score it against the champion, move the alias if it passed.
 
 Two gates, chosen by `registry.gate`:
-- `threshold`: the challenger's score must beat the champion's by `min_improvement`;
-- `non_inferiority` / `superiority`: both models predict the same test images and the paired
-  difference decides, with a per-class recall check (tasks/gate.py).
+- `non_inferiority` (the default) / `superiority`: both models predict the same test images and
+  the paired difference decides, with a per-class recall check (tasks/gate.py);
+- `threshold`: the challenger's score must beat the champion's by `min_improvement`.
 """
 
 from __future__ import annotations
