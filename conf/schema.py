@@ -152,16 +152,19 @@ class RegistryConfig(Section):
 
     model_name: str = Field("fashion-mnist-classifier", min_length=1)
     min_value: float = Field(
-        0.0, ge=0.0, le=1.0, description="The primary metric a champion needs."
-    )
-    min_improvement: float = Field(
-        0.0, ge=0.0, description="How much the challenger must beat the champion by."
+        0.0, ge=0.0, le=1.0, description="The primary metric a champion needs, under every gate."
     )
     gate: Literal["threshold", "non_inferiority", "superiority"] = Field(
-        "threshold",
-        description="threshold: promote when the challenger's score beats the champion's by "
-        "min_improvement. non_inferiority / superiority: score both on the same test images "
-        "and decide on the paired interval of the difference (see tasks/gate.py).",
+        "non_inferiority",
+        description="non_inferiority: promote unless the challenger is worse than the champion "
+        "by more than margin, so a retrain that is as good gets served; superiority: only if it "
+        "is better. Both judge the two models on the same test images (tasks/gate.py). "
+        "threshold: promote when the challenger's score beats the champion's by min_improvement.",
+    )
+    min_improvement: float = Field(
+        0.0,
+        ge=0.0,
+        description="threshold only: how much the challenger's score must beat the champion's by.",
     )
     alpha: float = Field(
         0.05, gt=0.0, lt=0.5, description="The paired gate's error rate: confidence 1 - alpha."
@@ -180,6 +183,18 @@ class RegistryConfig(Section):
         "than the champion's by more than this, with confidence 1 - alpha. Retrains that differ "
         "only in their seed moved the demo's 'shirt' recall by up to 0.074.",
     )
+
+    @model_validator(mode="after")
+    def _min_improvement_is_for_the_threshold_gate(self) -> RegistryConfig:
+        # Ignoring it would silently serve challengers the user asked to be better.
+        if self.min_improvement > 0 and self.gate != "threshold":
+            raise ValueError(
+                f"registry.min_improvement ({self.min_improvement:g}) applies to registry.gate: "
+                f"threshold only, and registry.gate is {self.gate}. Set registry.gate: threshold "
+                "to keep it, or remove min_improvement (non_inferiority tolerates at most "
+                "registry.margin worse; superiority needs the challenger confidently better)"
+            )
+        return self
 
 
 class TrackingConfig(Section):

@@ -1,13 +1,14 @@
 """Promotion: check the challenger loads, score it against the champion, move the alias if it passed.
 
 Two gates, chosen by `registry.gate`:
-- `threshold`: the challenger's score must beat the champion's by `min_improvement`;
-- `non_inferiority` / `superiority`: both models predict the same test images and the paired
-  difference decides, with a per-class recall check (tasks/gate.py).
+- `non_inferiority` (the default) / `superiority`: both models predict the same test images and
+  the paired difference decides, with a per-class recall check (tasks/gate.py);
+- `threshold`: the challenger's score must beat the champion's by `min_improvement`.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,10 +94,17 @@ def paired_decider(
     table,
     config,
 ) -> Callable[[ModelVersionRef | None], PromotionDecision]:
-    """The paired gate against whichever champion is current when it is called."""
+    """The paired gate against whichever champion is current when it is called.
+
+    The challenger predicts the test set once, and only when there is a champion to compare it
+    with: a first registration, or a challenger below min_value, scores nothing.
+    """
     registry: RegistryConfig = config.registry
     metric = config.evaluation.primary_metric
-    mine = version_predictions(uri, challenger, table, config)
+
+    @functools.cache
+    def challenger_predictions() -> HeldOutPredictions | None:
+        return version_predictions(uri, challenger, table, config)
 
     def decide(champion: ModelVersionRef | None) -> PromotionDecision:
         def decided(promote: bool, reason: str, **more) -> PromotionDecision:
@@ -114,6 +122,7 @@ def paired_decider(
                 True, f"no champion yet; {metric} {challenger_score:.4f} meets the minimum"
             )
         theirs = version_predictions(uri, champion, table, config)
+        mine = None if theirs is None else challenger_predictions()
         if mine is None or theirs is None:
             return decided(
                 False,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
+from typer.testing import CliRunner
 
 from conf import ConfigError
 from tasks.data import DataNotFoundError, DvcPullError, EmptyDatasetError, UndecodableImagesError
@@ -80,6 +82,25 @@ def test_bad_config_value_names_the_key(tmp_path: Path) -> None:
     config = project(tmp_path, image_folder(tmp_path / "images"))
     with pytest.raises(ConfigError, match=r"head\.dropout"):
         train(config, "head.dropout=2")
+
+
+def test_min_improvement_under_the_default_gate_is_one_message_with_the_fix(
+    tmp_path: Path,
+) -> None:
+    """A threshold-gate setting left in a config after the default became non_inferiority."""
+    from flows.cli import app
+
+    config = project(tmp_path, image_folder(tmp_path / "images"))
+    done = CliRunner().invoke(
+        app, ["train", "-c", str(config), "-s", "registry.min_improvement=0.01"]
+    )
+    assert done.exit_code == 2, done.output
+    (message,) = re.findall(r"^Error: .*", done.output, re.MULTILINE)
+    assert message == f"Error: {config} is not a valid config:"
+    assert "registry.min_improvement (0.01) applies to registry.gate: threshold only" in done.output
+    assert "Set registry.gate: threshold to keep it, or remove min_improvement" in done.output
+    assert "Traceback" not in done.output
+    assert_nothing_tracked(tmp_path)
 
 
 def test_missing_data_folder(tmp_path: Path) -> None:

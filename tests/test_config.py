@@ -27,6 +27,7 @@ def test_default_is_the_documented_demo() -> None:
     assert config.data.dvc_file == "data.dvc"
     assert config.demo.train_per_class == 100 and config.demo.test_per_class == 1000
     assert config.fine_tune.learning_rates(1e-3) == pytest.approx([1e-4, 1e-5])
+    assert config.registry.gate == "non_inferiority"  # an equivalent retrain gets served
 
 
 def test_variant_overrides_only_what_it_names() -> None:
@@ -60,6 +61,20 @@ def test_bad_value_is_named(override: str, named: str) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(CONF / "default.yaml", [override])
     assert named in str(error.value)
+
+
+@pytest.mark.parametrize("gate", [None, "non_inferiority", "superiority"])
+def test_min_improvement_without_the_threshold_gate_says_how_to_fix_it(gate: str | None) -> None:
+    overrides = ["registry.min_improvement=0.02", *([f"registry.gate={gate}"] if gate else [])]
+    with pytest.raises(ConfigError) as error:
+        load_config(CONF / "default.yaml", overrides)
+    message = str(error.value)
+    assert "registry.min_improvement (0.02) applies to registry.gate: threshold only" in message
+    assert f"registry.gate is {gate or 'non_inferiority'}" in message
+    assert "Set registry.gate: threshold" in message and "remove min_improvement" in message
+
+    kept = load_config(CONF / "default.yaml", [*overrides[:1], "registry.gate=threshold"])
+    assert (kept.registry.gate, kept.registry.min_improvement) == ("threshold", 0.02)
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

@@ -107,7 +107,7 @@ def test_bad_schedule_is_named(override: str, named: str) -> None:
     assert named in str(error.value)
 
 
-def test_moving_the_schedule_does_not_make_the_next_run_retrain() -> None:
+def test_moving_the_schedule_or_the_gate_does_not_make_the_next_run_retrain() -> None:
     from tasks.registry import config_fingerprint
 
     def fingerprint(*overrides: str) -> str:
@@ -117,6 +117,8 @@ def test_moving_the_schedule_does_not_make_the_next_run_retrain() -> None:
 
     unchanged = fingerprint()
     assert fingerprint("schedule.cron=0 4 * * *", "schedule.git_pull=true") == unchanged
+    # Champions registered under the old default gate are not stale under the new one.
+    assert fingerprint("registry.gate=threshold") == unchanged
     assert fingerprint("head.dropout=0.3") != unchanged
 
 

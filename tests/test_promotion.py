@@ -14,6 +14,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conf import PipelineConfig
+from tasks import promotion
 from tasks.config import LoadedConfig
 from tasks.data import load_image_table
 from tasks.evaluate import score_predictions
@@ -132,3 +133,42 @@ def test_the_paired_gate_rejects_a_challenger_that_gets_a_class_wrong(
     assert not decision.promote
     assert sorted(decision.report.dropped_classes) == ["dark", "light"]
     assert aliased_version(mlflow_uri, name, CHAMPION).version == first.version
+
+
+def test_the_threshold_gate_rejects_an_equivalent_retrain_short_of_min_improvement(
+    mlflow_uri, table, tmp_path
+) -> None:
+    name = "threshold"
+    loaded = loaded_config(tmp_path, name, gate="threshold", min_improvement=0.05)
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0))
+    assert promote(mlflow_uri, first_run, first, table, loaded).promote
+    run_id, again = registered(mlflow_uri, name, brightness_model(1.0))
+
+    decision = promote(mlflow_uri, run_id, again, table, loaded)
+    assert not decision.promote and decision.report is None
+    assert "does not beat champion v1's 1.0000 by more than 0.0500" in decision.reason
+    tags = MlflowClient(mlflow_uri).get_model_version(name, again.version).tags
+    assert tags["promotion.decision"] == "rejected" and "gate.mode" not in tags
+    assert aliased_version(mlflow_uri, name, CHAMPION).version == first.version
+
+
+def test_the_paired_gate_scores_the_challenger_only_against_a_champion_and_once(
+    mlflow_uri, table, tmp_path, monkeypatch
+) -> None:
+    name = "paired-lazy"
+    loaded = loaded_config(tmp_path, name, gate="non_inferiority")
+    _, first = registered(mlflow_uri, name, brightness_model(1.0))
+    _, second = registered(mlflow_uri, name, brightness_model(1.0))
+    scored: list[str] = []
+
+    def counted(uri, version, table, config):
+        scored.append(version.version)
+        return version_predictions(uri, version, table, config)
+
+    monkeypatch.setattr(promotion, "version_predictions", counted)
+    assert promotion.paired_decider(mlflow_uri, first, 1.0, table, loaded.config)(None).promote
+    assert scored == []  # a first registration predicts nothing beyond the load check
+
+    decide = promotion.paired_decider(mlflow_uri, second, 1.0, table, loaded.config)
+    assert decide(first).promote and decide(first).promote
+    assert scored == ["1", "2", "1"]  # the champion each time, the challenger once

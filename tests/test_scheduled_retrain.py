@@ -35,7 +35,7 @@ SHRUNK = {
     "data": {"image_size": 32, "batch_size": 32},
     "feature_extraction": {"epochs": 4, "patience": 2},
     "fine_tune": {"stages": []},
-    "registry": {"model_name": MODEL, "min_value": 0.0, "min_improvement": 0.0},
+    "registry": {"model_name": MODEL, "min_value": 0.0},
     "tracking": {"experiment": "retrain-test"},
     "demo": {"train_per_class": 4, "val_per_class": 2, "test_per_class": 3},
     "schedule": {"deployment_name": "test-retrain", "cron": "0 3 * * 1", "git_pull": True},
@@ -242,7 +242,11 @@ def test_new_data_pushed_to_the_repository_retrains_and_registers(
     registered = versions(servers.mlflow_uri)
     assert set(registered) == {"1", "2"}
     assert registered["2"]["data_version"] == new_md5
+    # Judged against v1 by the default gate; near chance on 3 test images a class, either
+    # verdict can be right.
     assert registered["2"]["promotion.decision"] in {"promoted", "rejected"}
+    assert registered["2"]["gate.mode"] == "non_inferiority"
+    assert registered["2"]["promotion.champion_version"] == "1"
     challenger = MlflowClient(servers.mlflow_uri).get_model_version_by_alias(MODEL, "challenger")
     assert str(challenger.version) == "2"
 
