@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,7 +76,7 @@ def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | Non
     frame = table.split("test").head(8)
     images = next(iter(image_dataset(frame, table.classes, config.data.image_size, len(frame))))[0]
     try:
-        with using_tracking_uri(uri):
+        with using_tracking_uri(uri), _no_progress_bar():
             predicted = np.asarray(mlflow.pyfunc.load_model(version.uri).predict(images.numpy()))
     except Exception as error:  # whatever stops serving stops the promotion
         return f"v{version.version} failed the load check ({type(error).__name__}: {error})"
@@ -85,6 +86,20 @@ def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | Non
             f"{len(frame)} images of {len(table.classes)} classes"
         )
     return None
+
+
+@contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    """Keras's predict, called by the pyfunc, would draw a progress bar amid the run's output."""
+    import keras
+
+    shown = keras.utils.is_interactive_logging_enabled()
+    keras.utils.disable_interactive_logging()
+    try:
+        yield
+    finally:
+        if shown:
+            keras.utils.enable_interactive_logging()
 
 
 def paired_decider(

@@ -80,31 +80,25 @@ def test_compare_config_resolves_every_strategy() -> None:
     assert list(strategies) == [
         "from_scratch",
         "feature_extraction",
-        "fine_tune_1",
         "fine_tune_2",
-        "fine_tune_3",
         "full_unfreeze",
     ]
     scratch = strategies["from_scratch"]
     assert scratch.loaded.config.base.weights is None
     assert scratch.loaded.config.base.options == {"alpha": 0.25}
-    # The same epoch budget as the longest transfer strategy: head epochs plus three 4-epoch stages.
+    # The same epoch budget as the longest transfer strategy: head epochs plus two 4-epoch stages.
     head_epochs = loaded.config.feature_extraction.epochs
     assert scratch.from_scratch and len(scratch.stages) == 1
     (only,) = scratch.stages
     assert only.params() == {
         "unfreeze_blocks": "all",
-        "epochs": head_epochs + 12,
+        "epochs": head_epochs + 8,
         "learning_rate": loaded.config.feature_extraction.learning_rate,
     }
     assert strategies["feature_extraction"].loaded.config.fine_tune.stages == []
-    assert [
-        s.unfreeze_blocks for s in strategies["fine_tune_3"].loaded.config.fine_tune.stages
-    ] == [
-        2,
-        4,
-        8,
-    ]
+    stages = strategies["fine_tune_2"].loaded.config.fine_tune.stages
+    assert [s.unfreeze_blocks for s in stages] == [2, 4]
+    assert loaded.config.compare.seeds == [1, 2, 3]
     for strategy in strategies.values():
         assert strategy.loaded.config.data == loaded.config.data
         assert strategy.loaded.config.seed == loaded.config.seed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from conf import load_config
@@ -10,10 +11,26 @@ from tasks.comparison import ComparisonPlan, resolve_strategies, shared_prefix, 
 from tasks.config import LoadedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# A ladder of fine-tuning depths, each beginning with the shallower one's stages.
+LADDER = [
+    {"name": "from_scratch", "from_scratch": True},
+    {"name": "feature_extraction", "fine_tune": {"stages": []}},
+    *(
+        {
+            "name": f"fine_tune_{depth}",
+            "fine_tune": {
+                "stages": [{"unfreeze_blocks": b, "epochs": 4} for b in (2, 4, 8)[:depth]]
+            },
+        }
+        for depth in (1, 2, 3)
+    ),
+    {"name": "full_unfreeze", "fine_tune": {"stages": [{"unfreeze_blocks": "all", "epochs": 4}]}},
+]
 
 
 def strategies(*overrides: str) -> dict:
-    loaded = LoadedConfig(load_config(ROOT / "conf" / "compare.yaml", list(overrides)), ROOT)
+    ladder = f"compare.strategies={json.dumps(LADDER)}"
+    loaded = LoadedConfig(load_config(ROOT / "conf" / "compare.yaml", [ladder, *overrides]), ROOT)
     return {s.name: s for s in resolve_strategies(loaded)}
 
 
@@ -32,7 +49,7 @@ def test_deeper_fine_tuning_begins_with_the_shallower_strategies_stages() -> Non
 
 def test_a_different_seed_learning_rate_or_image_size_shares_nothing() -> None:
     base = stage_path(strategies()["fine_tune_2"])
-    for override in ("seed=7", "data.image_size=64", "feature_extraction.learning_rate=0.01"):
+    for override in ("seed=7", "data.image_size=80", "feature_extraction.learning_rate=0.01"):
         assert shared_prefix(stage_path(strategies(override)["fine_tune_2"]), base) == 0, override
     slower = stage_path(strategies("fine_tune.lr_factor=0.5")["fine_tune_2"])
     assert shared_prefix(slower, base) == 1  # the head's stage only
