@@ -77,24 +77,7 @@ def test_label_budget_larger_than_the_data_says_how_to_get_more() -> None:
 def test_compare_config_resolves_every_strategy() -> None:
     loaded = LoadedConfig(load_config(CONF / "compare.yaml"), ROOT)
     strategies = {s.name: s for s in resolve_strategies(loaded)}
-    assert list(strategies) == [
-        "from_scratch",
-        "feature_extraction",
-        "fine_tune_2",
-        "full_unfreeze",
-    ]
-    scratch = strategies["from_scratch"]
-    assert scratch.loaded.config.base.weights is None
-    assert scratch.loaded.config.base.options == {"alpha": 0.25}
-    # The same epoch budget as the longest transfer strategy: head epochs plus two 4-epoch stages.
-    head_epochs = loaded.config.feature_extraction.epochs
-    assert scratch.from_scratch and len(scratch.stages) == 1
-    (only,) = scratch.stages
-    assert only.params() == {
-        "unfreeze_blocks": "all",
-        "epochs": head_epochs + 8,
-        "learning_rate": loaded.config.feature_extraction.learning_rate,
-    }
+    assert list(strategies) == ["feature_extraction", "fine_tune_1", "fine_tune_2", "full_unfreeze"]
     assert strategies["feature_extraction"].loaded.config.fine_tune.stages == []
     stages = strategies["fine_tune_2"].loaded.config.fine_tune.stages
     assert [s.unfreeze_blocks for s in stages] == [2, 4]
@@ -102,6 +85,28 @@ def test_compare_config_resolves_every_strategy() -> None:
     for strategy in strategies.values():
         assert strategy.loaded.config.data == loaded.config.data
         assert strategy.loaded.config.seed == loaded.config.seed
+
+
+def test_from_scratch_trains_as_long_as_the_longest_transfer_strategy() -> None:
+    scratch = {"name": "from_scratch", "from_scratch": True}
+    deepest = {
+        "name": "ft",
+        "fine_tune": {"stages": [{"unfreeze_blocks": b, "epochs": 4} for b in (2, 4, 8)]},
+    }
+    overrides = [f"compare.strategies={json.dumps([scratch, deepest])}"]
+    loaded = LoadedConfig(load_config(CONF / "compare.yaml", overrides), ROOT)
+    strategies = {s.name: s for s in resolve_strategies(loaded)}
+    found = strategies["from_scratch"]
+    assert found.loaded.config.base.weights is None
+    assert found.loaded.config.base.options == {"alpha": 0.25}
+    # The head's epochs plus three 4-epoch stages, at the head's learning rate.
+    assert found.from_scratch and len(found.stages) == 1
+    (only,) = found.stages
+    assert only.params() == {
+        "unfreeze_blocks": "all",
+        "epochs": loaded.config.feature_extraction.epochs + 12,
+        "learning_rate": loaded.config.feature_extraction.learning_rate,
+    }
 
 
 def test_default_config_declares_no_strategies() -> None:
