@@ -158,7 +158,7 @@ class RegistryConfig(Section):
         "non_inferiority",
         description="non_inferiority: promote unless the challenger is worse than the champion "
         "by more than margin, so a retrain that is as good gets served; superiority: only if it "
-        "is better. Both judge the two models on the same test images (tasks/gate.py). "
+        "is better by more than margin. Both judge the two models on the same test images (tasks/gate.py). "
         "threshold: promote when the challenger's score beats the champion's by min_improvement.",
     )
     min_improvement: float = Field(
@@ -173,7 +173,8 @@ class RegistryConfig(Section):
         0.01,
         ge=0.0,
         lt=1.0,
-        description="non_inferiority: how much worse than the champion the challenger may be.",
+        description="The difference that matters. non_inferiority: how much worse than the "
+        "champion the challenger may be; superiority: how much better it must be (0: any).",
     )
     max_class_drop: float = Field(
         0.10,
@@ -192,7 +193,7 @@ class RegistryConfig(Section):
                 f"registry.min_improvement ({self.min_improvement:g}) applies to registry.gate: "
                 f"threshold only, and registry.gate is {self.gate}. Set registry.gate: threshold "
                 "to keep it, or remove min_improvement (non_inferiority tolerates at most "
-                "registry.margin worse; superiority needs the challenger confidently better)"
+                "registry.margin worse; superiority needs it confidently better by registry.margin)"
             )
         return self
 

@@ -85,6 +85,17 @@ def test_a_clearly_better_challenger_passes_both_modes(labels) -> None:
         assert report.mcnemar.p_value < 1e-6
 
 
+def test_superiority_asks_for_more_than_the_margin(labels) -> None:
+    rng = np.random.default_rng(5)
+    champion, challenger = predictions(rng, labels, 0.84), predictions(rng, labels, 0.87)
+    plain = gate(champion, challenger, labels, "superiority", margin=0.0)
+    assert plain.promote and plain.difference.low > 0
+    assert plain.reason.startswith("better than the champion with 95% confidence")
+    demanding = gate(champion, challenger, labels, "superiority", margin=0.05)
+    assert not demanding.promote and demanding.difference.low < 0.05
+    assert "not shown better than the champion by more than 0.05" in demanding.reason
+
+
 def test_a_clearly_worse_challenger_fails_both_modes(labels) -> None:
     rng = np.random.default_rng(3)
     champion, challenger = predictions(rng, labels, 0.90), predictions(rng, labels, 0.80)
