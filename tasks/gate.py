@@ -189,11 +189,15 @@ def metric_difference(
 
     data = (pairs.labels, pairs.champion, pairs.challenger)
     estimate = float(difference(*data))
-    return _interval(data, difference, estimate, confidence, resamples, seed)
+    return paired_bootstrap(data, difference, estimate, confidence, resamples, seed)
 
 
-def _interval(data, statistic, estimate, confidence, resamples, seed) -> Interval:
-    # The models' inputs come last; identical ones leave nothing to bootstrap (scipy would warn).
+def paired_bootstrap(data, statistic, estimate, confidence, resamples, seed) -> Interval:
+    """Percentile bootstrap of `statistic` over the images, resampled as pairs (scipy).
+
+    The predictions come last in `data`; identical ones leave nothing to resample (scipy would
+    warn), and the interval is the estimate itself.
+    """
     if np.array_equal(data[-2], data[-1]):
         return Interval(estimate, estimate, estimate)
     result = stats.bootstrap(
@@ -227,7 +231,7 @@ def class_checks(
             return np.mean(after, axis=axis) - np.mean(before, axis=axis)
 
         estimate = float(change(champion, challenger))
-        interval = _interval(
+        interval = paired_bootstrap(
             (champion, challenger), change, estimate, confidence, resamples, seed + index
         )
         checks.append(

@@ -15,6 +15,7 @@ import numpy as np
 from scipy import stats
 
 from tasks.evaluate import Evaluation
+from tasks.gate import metric_score, paired_bootstrap
 
 
 @dataclass(frozen=True)
@@ -88,26 +89,14 @@ def _bootstrap_test_images(
     confusion: np.ndarray, metric: str, confidence: float, resamples: int, seed: int
 ) -> tuple[float, float]:
     """Percentile interval of a metric over the test images, rebuilt from the confusion matrix."""
-    from tasks.gate import metric_score
-
     count = len(confusion)
     truth, predicted = np.divmod(np.repeat(np.arange(count * count), confusion.ravel()), count)
-    if np.array_equal(truth, predicted):  # nothing varies between resamples (scipy would warn)
-        score = float(metric_score(truth, predicted, metric, count))
-        return score, score
 
     def statistic(labels, guesses, axis=-1):
         return metric_score(labels, guesses, metric, count)
 
-    result = stats.bootstrap(
-        (truth, predicted),
-        statistic,
-        paired=True,
-        vectorized=True,
-        n_resamples=resamples,
-        batch=100,
-        confidence_level=confidence,
-        method="percentile",
-        rng=np.random.default_rng(seed),
+    estimate = float(statistic(truth, predicted))
+    interval = paired_bootstrap(
+        (truth, predicted), statistic, estimate, confidence, resamples, seed
     )
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    return interval.low, interval.high
