@@ -401,8 +401,22 @@ def start_worker(url: str | None) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
 
 
+# Set by SIGTERM in a worker: the pool hands it the next queued cell as soon as the one in
+# flight stops, and that cell must not open a run it will never close.
+_stopping = threading.Event()
+
+
+def refuse_if_stopping() -> None:
+    """In a worker that SIGTERM reached: stop before the cell opens any run."""
+    # A function, not the event itself, in the task: Prefect pickles the task's code with its
+    # globals by value, and would copy the event (or fail to pickle its lock).
+    if _stopping.is_set():
+        raise SystemExit(128 + signal.SIGTERM)
+
+
 def _leave_on_sigterm(signum: int, frame) -> None:
     exit_code = 128 + signum
+    _stopping.set()
     deadline = threading.Timer(10, os._exit, args=(exit_code,))
     deadline.daemon = True  # a worker that ends sooner must not wait for it
     deadline.start()
@@ -454,6 +468,7 @@ class _RecyclingExecutor(ProcessPoolExecutor):
 @task(name="train-cell", cache_policy=NO_CACHE)
 def train_cell_step(cell: CellSpec) -> str:
     """One cell in this worker process; the worker's Keras state is dropped after it."""
+    refuse_if_stopping()
     try:
         with tags(
             f"strategy:{cell.strategy}",

@@ -166,6 +166,7 @@ SHRUNK = {
     "compare": {
         "label_budgets": BUDGETS,
         "seeds": SEEDS,
+        "workers": 1,  # one worker process at a time; a test below runs two
         "strategies": [
             {"name": "from_scratch", "from_scratch": True},
             {"name": "feature_extraction", "fine_tune": {"stages": []}},
