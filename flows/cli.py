@@ -55,6 +55,9 @@ def _fail(error: Exception) -> None:
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     # An exception rather than Python's default death, so that runs close as KILLED and
     # Prefect's temporary server stops at exit. Inside a flow Prefect raises its own first.
+    from tasks.tracking import note_stop_requested
+
+    note_stop_requested()
     raise SystemExit(128 + signum)
 
 

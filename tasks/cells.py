@@ -52,7 +52,9 @@ from tasks.tracking import (
     StageRecord,
     close_run_after_failure,
     finish_tracking,
+    note_stop_requested,
     start_tracking,
+    stop_requested,
 )
 
 CELL_FLOW = "train-comparison-cell"
@@ -358,6 +360,7 @@ class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
         # may be never. Pass the signal on, so the cells in flight close their runs as KILLED
         # and their workers end (each within 10 s, see start_worker), then wait for nothing
         # else: the command exits without joining those threads (flows/cli.py).
+        note_stop_requested()
         workers = list(getattr(executor, "_processes", {}).values())
         for process in workers:
             with contextlib.suppress(ProcessLookupError):
@@ -401,22 +404,19 @@ def start_worker(url: str | None) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
 
 
-# Set by SIGTERM in a worker: the pool hands it the next queued cell as soon as the one in
-# flight stops, and that cell must not open a run it will never close.
-_stopping = threading.Event()
-
-
 def refuse_if_stopping() -> None:
-    """In a worker that SIGTERM reached: stop before the cell opens any run."""
-    # A function, not the event itself, in the task: Prefect pickles the task's code with its
-    # globals by value, and would copy the event (or fail to pickle its lock).
-    if _stopping.is_set():
+    """In a worker that SIGTERM reached: stop before the cell opens any run (the pool hands it
+    the next queued cell as soon as the one in flight stops, and that cell's run would never
+    close)."""
+    # A function, not the flag itself, in the task: Prefect pickles the task's code with its
+    # globals by value, and would copy the flag (or fail to pickle its lock).
+    if stop_requested():
         raise SystemExit(128 + signal.SIGTERM)
 
 
 def _leave_on_sigterm(signum: int, frame) -> None:
     exit_code = 128 + signum
-    _stopping.set()
+    note_stop_requested()
     deadline = threading.Timer(10, os._exit, args=(exit_code,))
     deadline.daemon = True  # a worker that ends sooner must not wait for it
     deadline.start()

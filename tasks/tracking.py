@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -438,6 +439,22 @@ def finish_run(run: RunRef, failed: bool = False) -> None:
     heartbeat.forget(run.run_id)
 
 
+# Set by the SIGTERM handlers of the CLI and of cell workers. Once a process is told to stop,
+# the error that reaches an open run may be a consequence of the stop rather than the signal
+# itself (a worker's pool torn down under it, TensorFlow turning the exit raised inside its
+# input pipeline into an error of its own): the run was still killed, not failed.
+_stop_requested = threading.Event()
+
+
+def note_stop_requested() -> None:
+    """Record that this process was told to stop: runs closed from now on are KILLED."""
+    _stop_requested.set()
+
+
+def stop_requested() -> bool:
+    return _stop_requested.is_set()
+
+
 def close_run_after_failure(run: RunRef, error: BaseException) -> None:
     """Close `run` and the stage runs it has open: KILLED after a signal, FAILED after an error.
 
@@ -447,7 +464,9 @@ def close_run_after_failure(run: RunRef, error: BaseException) -> None:
     """
     from prefect.exceptions import TerminationSignal
 
-    signalled = isinstance(error, KeyboardInterrupt | SystemExit | TerminationSignal)
+    signalled = stop_requested() or isinstance(
+        error, KeyboardInterrupt | SystemExit | TerminationSignal
+    )
     status = "KILLED" if signalled else "FAILED"
     runs = [*heartbeat.children_of(run.run_id), run.run_id]
     for run_id in runs:
