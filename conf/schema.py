@@ -34,9 +34,21 @@ class DataConfig(Section):
         description="The .dvc file that pins the data version; null to skip the DVC pull.",
     )
     image_size: int = Field(96, ge=32, le=1024, description="Square input size fed to the base.")
-    batch_size: int = Field(64, ge=1, le=4096)
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    batch_size: int = Field(
+        64, ge=1, le=4096, description="Images per training step and per forward pass."
+    )
+    val_fraction: float = Field(
+        0.1,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each class held out for validation, without a split column.",
+    )
+    test_fraction: float = Field(
+        0.2,
+        ge=0.0,
+        lt=1.0,
+        description="Share of each class held out for the test set, without a split column.",
+    )
     on_bad_images: Literal["fail", "skip"] = Field(
         "fail",
         description="What to do with image files that cannot be decoded: 'fail' the run naming "
@@ -76,16 +88,22 @@ class BaseModelConfig(Section):
 class HeadConfig(Section):
     """The new classification head trained on top of the base."""
 
-    pooling: Literal["avg", "max"] = "avg"
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    pooling: Literal["avg", "max"] = Field(
+        "avg", description="Global pooling of the base's last feature map."
+    )
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="Dropout before the softmax layer.")
     hidden_units: int = Field(0, ge=0, description="0 for a single softmax layer.")
 
 
 class FeatureExtractionConfig(Section):
     """Training the head on the frozen base."""
 
-    epochs: int = Field(30, ge=1)
-    learning_rate: float = Field(1e-3, gt=0.0)
+    epochs: int = Field(
+        30, ge=1, description="Most epochs of the head; early stopping may end sooner."
+    )
+    learning_rate: float = Field(
+        1e-3, gt=0.0, description="Adam's rate for the head; fine-tuning stages start from it."
+    )
     patience: int = Field(4, ge=1, description="Early-stopping patience on validation loss.")
     cache_dir: str | None = Field(
         ".cache/features",
@@ -100,7 +118,7 @@ class FineTuneStage(Section):
     unfreeze_blocks: int | Literal["all"] = Field(
         description="How many blocks, counted from the top of the base, are trainable."
     )
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(5, ge=1, description="Most epochs of this stage.")
     learning_rate: float | None = Field(
         None, gt=0.0, description="Defaults to the previous stage's rate times lr_factor."
     )
@@ -116,8 +134,10 @@ class FineTuneStage(Section):
 class FineTuneConfig(Section):
     """Staged unfreezing after feature extraction; an empty list means none."""
 
-    lr_factor: float = Field(0.1, gt=0.0, le=1.0)
-    patience: int = Field(2, ge=1)
+    lr_factor: float = Field(
+        0.1, gt=0.0, le=1.0, description="Each stage's rate is the previous one times this."
+    )
+    patience: int = Field(2, ge=1, description="Early-stopping patience of every stage.")
     stages: list[FineTuneStage] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -144,13 +164,17 @@ class FineTuneConfig(Section):
 
 
 class EvaluationConfig(Section):
-    primary_metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    primary_metric: Literal["accuracy", "macro_f1"] = Field(
+        "accuracy", description="The test score the promotion gate and comparisons rank by."
+    )
 
 
 class RegistryConfig(Section):
     """Registration and the promotion gate."""
 
-    model_name: str = Field("fashion-mnist-classifier", min_length=1)
+    model_name: str = Field(
+        "fashion-mnist-classifier", min_length=1, description="The MLflow registered model."
+    )
     min_value: float = Field(
         0.0, ge=0.0, le=1.0, description="The primary metric a champion needs, under every gate."
     )
@@ -199,7 +223,9 @@ class RegistryConfig(Section):
 
 
 class TrackingConfig(Section):
-    experiment: str = Field("transfer-learning", min_length=1)
+    experiment: str = Field(
+        "transfer-learning", min_length=1, description="The MLflow experiment of the runs."
+    )
     resume: bool = Field(
         True,
         description="Start from a stage that a run in the experiment already finished with the "
@@ -244,10 +270,14 @@ class DemoDataConfig(Section):
     out: str = Field(
         "data/fashion_mnist", description="Folder written, relative to the project root."
     )
-    train_per_class: int = Field(100, ge=1, le=6000)
-    val_per_class: int = Field(50, ge=0, le=6000)
+    train_per_class: int = Field(
+        100, ge=1, le=6000, description="Training images per class in the demo dataset."
+    )
+    val_per_class: int = Field(
+        50, ge=0, le=6000, description="Validation images per class in the demo dataset."
+    )
     test_per_class: int = Field(1000, ge=1, le=1000, description="1000 keeps the full test set.")
-    seed: int = 0
+    seed: int = Field(0, description="Draws which Fashion-MNIST images the demo dataset takes.")
 
 
 class ScheduleConfig(Section):
@@ -313,10 +343,14 @@ class StrategyConfig(Section):
         description="from_scratch only. Default: the largest epoch budget among the transfer "
         "strategies (head epochs plus all their fine-tuning epochs).",
     )
-    base: dict[str, Any] = Field(default_factory=dict)
-    head: dict[str, Any] = Field(default_factory=dict)
-    feature_extraction: dict[str, Any] = Field(default_factory=dict)
-    fine_tune: dict[str, Any] = Field(default_factory=dict)
+    base: dict[str, Any] = Field(default_factory=dict, description="Keys of `base` to replace.")
+    head: dict[str, Any] = Field(default_factory=dict, description="Keys of `head` to replace.")
+    feature_extraction: dict[str, Any] = Field(
+        default_factory=dict, description="Keys of `feature_extraction` to replace."
+    )
+    fine_tune: dict[str, Any] = Field(
+        default_factory=dict, description="Keys of `fine_tune` to replace."
+    )
 
     @model_validator(mode="after")
     def _scratch_settings_are_consistent(self) -> StrategyConfig:
@@ -344,7 +378,10 @@ class CompareConfig(Section):
     full: bool = Field(
         False, description="Run at full_label_budgets instead (make compare FULL=1)."
     )
-    full_label_budgets: list[PositiveInt] = Field(default_factory=lambda: [5, 10, 25, 50, 100])
+    full_label_budgets: list[PositiveInt] = Field(
+        default_factory=lambda: [5, 10, 25, 50, 100],
+        description="The budgets `full: true` (make compare FULL=1) runs instead.",
+    )
     strategies: list[StrategyConfig] = Field(default_factory=list)
     seeds: list[int] | None = Field(
         None,
@@ -421,7 +458,9 @@ class CompareConfig(Section):
 class PipelineConfig(Section):
     """The whole tree, as loaded from conf/*.yaml."""
 
-    seed: int = 42
+    seed: int = Field(
+        42, description="Draws the split and, without compare.seeds, everything else."
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     head: HeadConfig = Field(default_factory=HeadConfig)

@@ -88,3 +88,15 @@ def unique_name(request: pytest.FixtureRequest) -> str:
 
 def pytest_sessionfinish(session, exitstatus) -> None:
     shutil.rmtree(_RUN_DIR, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    skipped = terminalreporter.stats.get("skipped", [])
+    if any(MOBILENET_NO_TOP in str(report.longrepr) for report in skipped):
+        terminalreporter.write_line(
+            f"ImageNet weights missing: the end-to-end tests ran on a random base "
+            f"(base.weights=null) and the tests of the pretrained path were skipped; set "
+            f"TRANSFERFLOW_TEST_WEIGHTS_DIR to a folder holding {MOBILENET_NO_TOP}.",
+            yellow=True,
+            bold=True,
+        )

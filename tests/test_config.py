@@ -95,3 +95,13 @@ def test_paths_resolve_against_the_repository(tmp_path: Path) -> None:
     config = tmp_path / "conf" / "x.yaml"
     config.write_text("seed: 1\n")
     assert project_root(config) == tmp_path
+
+
+def test_the_configuration_reference_lists_every_key_the_loader_accepts() -> None:
+    from conf.reference import BEGIN, END, reference
+
+    document = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    written = document[document.index(BEGIN) : document.index(END) + len(END)] + "\n"
+    assert written == reference(), "docs/configuration.md is stale: python -m conf.reference"
+    for key in ("data.image_size", "fine_tune.stages[].unfreeze_blocks", "compare.seeds"):
+        assert f"`{key}`" in written

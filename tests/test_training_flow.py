@@ -69,6 +69,18 @@ def weights_override() -> list[str]:
     return [] if HAVE_IMAGENET_WEIGHTS else ["base.weights=null", "registry.min_value=0"]
 
 
+@needs_imagenet_weights  # a skip, so that a run without them says the ImageNet path went untested
+def test_the_end_to_end_run_used_imagenet_weights_and_cleared_the_real_minimum(first_run) -> None:
+    """The other tests of this module run on a random base when the weights are missing; this one
+    is the proof that the pretrained path itself ran, gate minimum included."""
+    _, result = first_run
+    params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
+    assert params["base.weights"] == "imagenet"
+    assert float(params["registry.min_value"]) == SHRUNK["registry"]["min_value"]
+    assert result.decision.promote, result.decision.reason
+    assert result.stages[-1].test_accuracy >= SHRUNK["registry"]["min_value"]
+
+
 def test_flow_pulls_the_pinned_data_and_tracks_every_stage(first_run) -> None:
     clone, result = first_run
     assert (clone / "data" / "fashion_mnist" / "manifest.csv").is_file()
