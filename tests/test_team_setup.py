@@ -265,7 +265,15 @@ def test_a_team_on_postgres_s3_and_shared_workers(team, prefect_api, tmp_path) -
     assert len(dvc_files) >= pinned["nfiles"]  # every image, plus the directory listing
 
     # 7. The S3 secret is nowhere but in the S3 server and the checkouts' config.local.
-    for text in (made.stdout, made.stderr, output, predicted.stdout, predicted.stderr):
+    worker_logs = [tail(home / "worker.log", 10_000_000) for home in homes]
+    for text in (
+        made.stdout,
+        made.stderr,
+        output,
+        predicted.stdout,
+        predicted.stderr,
+        *worker_logs,
+    ):
         assert SECRET not in text
     for table_name, column in [
         ("params", "value"),
