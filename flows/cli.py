@@ -179,11 +179,7 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
         f"Registered:   {result.model_name} version {result.version}, alias 'challenger', {outcome}"
     )
     typer.echo(f"Decision:     {result.decision.reason}")
-    hint = ui_hint(result.tracking_uri, project_root(config))
-    if not hint.startswith("open "):
-        hint += (
-            f"\n              then open http://127.0.0.1:5000/#/experiments/{result.experiment_id}"
-        )
+    hint = ui_hint(result.tracking_uri, project_root(config), result.experiment_id)
     typer.echo(f"MLflow UI:    {hint}")
 
 

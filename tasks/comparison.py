@@ -43,9 +43,10 @@ from tasks.tracking import (
     ensure_experiment,
     finish_run,
     flatten,
-    git_commit,
     log_skipped_images,
     log_summary,
+    source_tags,
+    start_nested_run,
     start_pipeline_run,
     tracking_uri,
     ui_hint,
@@ -239,6 +240,10 @@ def plan_comparison(loaded: LoadedConfig) -> ComparisonPlan:
     )
 
 
+def _listed(values: tuple[int, ...]) -> str:
+    return ", ".join(str(value) for value in values)
+
+
 @task(name="check-label-budgets", cache_policy=NO_CACHE)
 def check_label_budgets(table: ImageTable, budgets: tuple[int, ...], seed: int) -> None:
     """Draw every budget's training subset once, so a budget too large fails before training."""
@@ -268,6 +273,13 @@ def start_comparison_run(
         "data": config.data.model_dump(mode="json"),
         "compare": config.compare.model_dump(mode="json"),
     }
+    strategies = ", ".join(strategy.name for strategy in plan.strategies)
+    description = (
+        f"Comparison {plan.comparison_id}: {strategies} at {_listed(plan.label_budgets)} labels "
+        f"per class, seeds {_listed(plan.seeds)}, scored by test {plan.metric}. Every strategy, "
+        "budget and seed is a run of its own tagged with this comparison_id; the runs nested "
+        "here hold each strategy and budget's mean and interval over the seeds."
+    )
     run = start_pipeline_run(
         uri,
         experiment_id,
@@ -277,12 +289,13 @@ def start_comparison_run(
             "comparison_id": plan.comparison_id,
             "comparison": "summary",
             "data_version": data_version,
-            "mlflow.source.git.commit": git_commit(loaded.project),
+            **source_tags(loaded.project),
         },
         dataset=table.frame,
         dataset_source=str(loaded.path(config.data.path)),
         data_version=data_version,
         heartbeat_seconds=config.tracking.heartbeat_seconds,
+        description=description,
     )
     log_skipped_images(run, table.skipped, loaded.project)
     return run
@@ -337,14 +350,20 @@ def log_cell_summaries(comparison: RunRef, plan: ComparisonPlan, cells: list[Cel
     MLflow's UI cannot average repeated runs: these runs carry `test_accuracy_mean`,
     `test_accuracy_ci_low`, `test_accuracy_ci_high`, ... for its table and compare view.
     """
-    client = MlflowClient(comparison.tracking_uri)
+    comparison_run = MlflowClient(comparison.tracking_uri).get_run(comparison.run_id)
     for cell in cells:
         seeds = ",".join(str(outcome.seed) for outcome in cell.outcomes)
-        created = client.create_run(
-            comparison.experiment_id,
+        run = start_nested_run(
+            comparison,
+            comparison_run,
             run_name=f"{cell.strategy}-{cell.labels_per_class}-per-class-summary",
+            description=(
+                f"{cell.strategy} at {cell.labels_per_class} labels per class: mean, standard "
+                f"deviation and {plan.confidence:.0%} interval ({cell.intervals[plan.metric].method}) "
+                f"of the test scores over seeds {seeds.replace(',', ', ')}; the seeds' runs are "
+                "listed in the tag seed_run_ids."
+            ),
             tags={
-                "mlflow.parentRunId": comparison.run_id,
                 "comparison_id": plan.comparison_id,
                 "comparison": "cell-summary",
                 "strategy": cell.strategy,
@@ -355,7 +374,6 @@ def log_cell_summaries(comparison: RunRef, plan: ComparisonPlan, cells: list[Cel
                 "within_best": str(cell.within_best).lower(),
             },
         )
-        run = RunRef(created.info.run_id, comparison.experiment_id, comparison.tracking_uri)
         try:
             log_summary(run, cell.metrics(), {})
         except BaseException as error:

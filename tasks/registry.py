@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -41,6 +42,13 @@ HISTORY_TAG = "champion.history"
 _HISTORY_LIMIT = 200
 # The lock is a registered model of this name: creating one is atomic in every MLflow store.
 LOCK_SUFFIX = ".promotion-lock"
+MODEL_DESCRIPTION = (
+    "Image classifier trained by the transfer-learning pipeline. Each version says what it was "
+    "trained on and how it scored; its tags hold the data version, config hash and classes. "
+    "Alias `champion`: the version that serves, moved only by the promotion gate or by hand "
+    "(its history is the tag `champion.history`). Alias `challenger`: the latest version "
+    "registered."
+)
 
 
 class RegistryActionError(ExpectedError, ValueError):
@@ -176,14 +184,27 @@ def registered_version(uri: str, name: str, version: str | int) -> ModelVersionR
 
 
 def register_challenger(
-    uri: str, model_uri: str, name: str, run_id: str, tags: dict[str, str]
+    uri: str,
+    model_uri: str,
+    name: str,
+    run_id: str,
+    tags: dict[str, str],
+    description: str | None = None,
 ) -> ModelVersionRef:
-    """Register the model as a new version and point `challenger` at it."""
+    """Register the model as a new version and point `challenger` at it.
+
+    `description` becomes the version's; a registered model without a description of its own
+    gets one that says what its aliases mean.
+    """
     from tasks.tracking import using_tracking_uri
 
     with using_tracking_uri(uri):
         version = mlflow.register_model(model_uri, name, tags={**tags, "run_id": run_id})
     client = MlflowClient(uri)
+    if description:
+        client.update_model_version(name, str(version.version), description=description)
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(name, description=MODEL_DESCRIPTION)
     client.set_registered_model_alias(name, CHALLENGER, str(version.version))
     return _version_ref(client.get_model_version(name, str(version.version)))
 
@@ -536,6 +557,19 @@ def register_challenger_step(
         "classes": json.dumps(list(table.classes)),
         **(notes or {}),
     }
+    stage_note = (
+        MlflowClient(run.tracking_uri).get_run(record.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+    )
+    description = (
+        f"{config.base.architecture} at {config.data.image_size} px, {len(table.classes)} classes, "
+        f"data version {data_version[:12]}: the model of the {record.stage} stage (run "
+        f"{record.run_id}) of pipeline run {run.run_id}. {stage_note}"
+    ).strip()
     return register_challenger(
-        run.tracking_uri, record.model_uri, config.registry.model_name, run.run_id, tags
+        run.tracking_uri,
+        record.model_uri,
+        config.registry.model_name,
+        run.run_id,
+        tags,
+        description=description,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -18,7 +19,16 @@ import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, Run, RunTag
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_PARENT_RUN_ID,
+    MLFLOW_RUN_NOTE,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+    MLFLOW_USER,
+)
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -43,6 +53,12 @@ if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
 
 # MLflow caps a param value at 6000 characters; ours are far shorter, but be safe.
 _PARAM_LIMIT = 6000
+# MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the training one.
+_TRAINING_VIEW = "workflowType=machine_learning"
+# Who started a run and from what: the nested runs a pipeline opens carry its parent's.
+_SOURCE_TAGS = (MLFLOW_USER, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_GIT_COMMIT)
+# The dataset contexts of a stage run's inputs, by the image table's split names.
+_SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -54,7 +70,7 @@ class RunRef:
     tracking_uri: str
 
     def ui_path(self) -> str:
-        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}"
+        return f"#/experiments/{self.experiment_id}/runs/{self.run_id}?{_TRAINING_VIEW}"
 
 
 @dataclass(frozen=True)
@@ -139,15 +155,30 @@ def _from_tracking_client(error: BaseException | None) -> bool:
     return False
 
 
-def ui_hint(uri: str, project_root: Path) -> str:
-    """How a user opens the MLflow UI on this tracking store: its URL, or the command to serve it."""
+def ui_hint(uri: str, project_root: Path, experiment_id: str | None = None) -> str:
+    """How a user opens the MLflow UI on this tracking store: its URL, or the command to serve it.
+
+    With `experiment_id`, the URL opens that experiment in the UI's training view (runs, charts,
+    models); MLflow 3.17 would otherwise show its GenAI view (traces), empty here.
+    """
     if uri.startswith(("http://", "https://")):
-        return f"open {redact_url(uri)}"
+        server = redact_url(uri).rstrip("/")
+        return (
+            f"open {server}/{experiment_path(experiment_id)}" if experiment_id else f"open {server}"
+        )
     artifacts = project_root.resolve() / "mlartifacts"
-    return (
+    command = (
         f"mlflow ui --backend-store-uri {redact_url(uri)} --default-artifact-root {artifacts} "
         "--host 127.0.0.1 --port 5000"
     )
+    if experiment_id is None:
+        return command
+    return f"{command}, then open http://127.0.0.1:5000/{experiment_path(experiment_id)}"
+
+
+def experiment_path(experiment_id: str) -> str:
+    """The UI route of an experiment in its training view."""
+    return f"#/experiments/{experiment_id}?{_TRAINING_VIEW}"
 
 
 @contextmanager
@@ -193,6 +224,25 @@ def git_commit(project_root: Path) -> str:
     return f"{commit}-dirty" if dirty else commit
 
 
+def source_tags(project_root: Path) -> dict[str, str]:
+    """The tags MLflow's fluent `start_run` sets (user, source name and type), and the project's
+    commit when it is a git checkout.
+
+    MLflow looks for the commit from the script that runs (the `transferflow` entry point in the
+    virtual environment, pytest, a worker), which can sit in another checkout or in none: the
+    commit here is always the project's.
+    """
+    from mlflow.tracking.context.git_context import GitRunContext
+    from mlflow.tracking.context.registry import resolve_tags
+
+    # MLflow annotates `ignore` as instances but matches it with isinstance: it takes classes.
+    tags = resolve_tags(ignore=[GitRunContext])  # type: ignore[list-item]
+    commit = git_commit(project_root)
+    if commit != "unknown":
+        tags[MLFLOW_GIT_COMMIT] = commit
+    return tags
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
     """`{"a": {"b": 1}, "c": [x, y]}` -> `{"a.b": "1", "c.0": "x", "c.1": "y"}`."""
     flat: dict[str, str] = {}
@@ -231,9 +281,11 @@ def start_pipeline_run(
     dataset_source: str,
     data_version: str,
     heartbeat_seconds: float,
+    description: str,
     dataset_name: str | None = None,
 ) -> RunRef:
-    """Open the parent run: params, tags, and the dataset as an input with the DVC hash as digest.
+    """Open the parent run: params, tags, a description (MLflow's run note), and the dataset as
+    an input with the DVC hash as digest.
 
     Runs of the experiment whose owner died are closed as KILLED first; this one beats every
     `heartbeat_seconds` until it is closed. MLflow identifies a dataset by name and digest: a
@@ -242,7 +294,11 @@ def start_pipeline_run(
     """
     client = MlflowClient(uri)
     close_stale_runs(uri, experiment_id, heartbeat_seconds)
-    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **liveness_tags()})
+    run = client.create_run(
+        experiment_id,
+        run_name=run_name,
+        tags={**tags, MLFLOW_RUN_NOTE: description, **liveness_tags()},
+    )
     run_id = run.info.run_id
     heartbeat.watch(run_id, uri, heartbeat_seconds)
     _log_params(client, run_id, params)
@@ -252,8 +308,74 @@ def start_pipeline_run(
         name=dataset_name or Path(dataset_source).name,
         digest=data_version[:36],
     )
-    client.log_inputs(run_id, datasets=[_dataset_input(source)])
+    client.log_inputs(run_id, datasets=[_dataset_input(source._to_mlflow_entity(), "training")])
     return RunRef(run_id, experiment_id, uri)
+
+
+def start_nested_run(
+    parent: RunRef,
+    parent_run: Run,
+    *,
+    run_name: str,
+    description: str,
+    tags: dict[str, str],
+    start_time: int | None = None,
+) -> RunRef:
+    """Open a run nested in `parent` (`parent_run` is it as read from MLflow), with a description.
+
+    It is shown as created by the same user from the same source and commit as its parent: a bare
+    `create_run` leaves "Created by" and "Source" empty.
+    """
+    inherited = {
+        key: parent_run.data.tags[key] for key in _SOURCE_TAGS if key in parent_run.data.tags
+    }
+    created = MlflowClient(parent.tracking_uri).create_run(
+        parent.experiment_id,
+        start_time=start_time,
+        run_name=run_name,
+        tags={
+            **inherited,
+            MLFLOW_PARENT_RUN_ID: parent.run_id,
+            MLFLOW_RUN_NOTE: description,
+            **tags,
+        },
+    )
+    return RunRef(created.info.run_id, parent.experiment_id, parent.tracking_uri)
+
+
+def split_datasets(parent_run: Run, splits: dict[str, pd.DataFrame]) -> dict[str, Dataset]:
+    """The pipeline run's dataset cut by split, keyed by MLflow dataset context (training, ...).
+
+    MLflow keeps one input per dataset and run, so each split is a dataset of its own, named
+    `<pipeline dataset>/<split>`, with the pipeline dataset's source, schema and DVC digest and
+    its own row count. Empty splits are left out.
+    """
+    given_inputs = parent_run.inputs.dataset_inputs if parent_run.inputs else []
+    whole = next(
+        (
+            given.dataset
+            for given in given_inputs
+            if any(
+                tag.key == MLFLOW_DATASET_CONTEXT and tag.value == "training" for tag in given.tags
+            )
+        ),
+        None,
+    )
+    if whole is None:
+        return {}
+    return {
+        _SPLIT_CONTEXTS[split]: Dataset(
+            name=f"{whole.name}/{split}",
+            digest=whole.digest,
+            source_type=whole.source_type,
+            source=whole.source,
+            schema=whole.schema,
+            # The profile mlflow.data.from_pandas gives a frame.
+            profile=json.dumps({"num_rows": len(frame), "num_elements": int(frame.size)}),
+        )
+        for split, frame in splits.items()
+        if not frame.empty
+    }
 
 
 SKIPPED_IMAGES_ARTIFACT = "skipped_images.csv"
@@ -276,11 +398,8 @@ def log_skipped_images(run: RunRef, skipped: Sequence[tuple[str, str]], project:
     client.set_tag(run.run_id, "skipped_images", str(len(skipped)))
 
 
-def _dataset_input(dataset):
-    from mlflow.entities import DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    return DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, "training")])
+def _dataset_input(dataset: Dataset, context: str) -> DatasetInput:
+    return DatasetInput(dataset, [InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def _log_params(client: MlflowClient, run_id: str, params: dict[str, str]) -> None:
@@ -296,6 +415,9 @@ def log_stage(
     params: dict[str, str],
     history: TrainingHistory,
     evaluation: Evaluation,
+    description: str,
+    first_step: int = 0,
+    splits: dict[str, pd.DataFrame] | None = None,
     model=None,
     signature_example: np.ndarray | None = None,
     pip_requirements: list[str] | None = None,
@@ -304,23 +426,25 @@ def log_stage(
 ) -> StageRecord:
     """Record one finished stage as a nested run: params, per-epoch curves, test scores, model.
 
-    With `checkpoint`, the model's variables and the stage's results are stored too and the run
-    is tagged `checkpoint=saved` before it is closed, so a later run can start from it.
+    Epoch `i` is logged at step `first_step + i`, so the stages of one pipeline draw one curve.
+    `splits` (the image table's train, val and test rows) become the run's dataset inputs, cut
+    from the pipeline run's dataset. The model is logged under the stage's name and carries the
+    metrics of the epoch whose weights it holds and the test scores. With `checkpoint`, the
+    model's variables and the stage's results are stored too and the run is tagged
+    `checkpoint=saved` before it is closed, so a later run can start from it.
     """
     client = MlflowClient(parent.tracking_uri)
+    parent_run = client.get_run(parent.run_id)
     started_ms = int((time.time() - history.seconds) * 1000)
-    run = client.create_run(
-        parent.experiment_id,
-        start_time=started_ms,
+    run = start_nested_run(
+        parent,
+        parent_run,
         run_name=stage,
-        tags={
-            "mlflow.parentRunId": parent.run_id,
-            "stage": stage,
-            HEARTBEAT_TAG: str(int(time.time())),
-            **(tags or {}),
-        },
+        description=description,
+        tags={"stage": stage, HEARTBEAT_TAG: str(int(time.time())), **(tags or {})},
+        start_time=started_ms,
     )
-    run_id = run.info.run_id
+    run_id = run.run_id
     heartbeat.watch(run_id, parent.tracking_uri, parent=parent.run_id)
     try:
         model_uri = _log_stage_contents(
@@ -331,6 +455,9 @@ def log_stage(
             params=params,
             history=history,
             evaluation=evaluation,
+            description=description,
+            first_step=first_step,
+            datasets=split_datasets(parent_run, splits or {}),
             model=model,
             signature_example=signature_example,
             pip_requirements=pip_requirements,
@@ -353,6 +480,9 @@ def _log_stage_contents(
     params: dict[str, str],
     history: TrainingHistory,
     evaluation: Evaluation,
+    description: str,
+    first_step: int,
+    datasets: dict[str, Dataset],
     model,
     signature_example: np.ndarray | None,
     pip_requirements: list[str] | None,
@@ -364,32 +494,115 @@ def _log_stage_contents(
         "trainable_params": str(history.trainable_params),
     }
     _log_params(client, run_id, stage_params)
-    now = int(time.time() * 1000)
-    curves = [
-        Metric(name, value, now, step)
-        for name, values in history.epochs.items()
-        for step, value in enumerate(values)
-    ]
-    summary = {
-        **evaluation.metrics(),
-        "epochs_run": float(history.epochs_run),
-        "best_epoch": float(history.best_epoch),
-        "train_seconds": history.seconds,
-    }
-    curves += [Metric(name, value, now, 0) for name, value in summary.items()]
-    for start in range(0, len(curves), 1000):  # MLflow's batch limit for metrics
-        client.log_batch(run_id, metrics=curves[start : start + 1000])
+    if datasets:
+        inputs = [_dataset_input(dataset, context) for context, dataset in datasets.items()]
+        client.log_inputs(run_id, datasets=inputs)
+    model_uri = model_id = None
+    if model is not None:
+        # Before the metrics: MLflow would link the metrics already at `step` to the model.
+        model_uri = _log_model(
+            uri,
+            run_id,
+            model,
+            signature_example,
+            pip_requirements,
+            name=stage,
+            step=first_step + history.best_epoch,
+        )
+        model_id = _logged_model_id(model_uri)
+        client.set_logged_model_tags(model_id, {MLFLOW_RUN_NOTE: description})
+    metrics = stage_metrics(history, evaluation, first_step, model_id, datasets)
+    for start in range(0, len(metrics), 1000):  # MLflow's batch limit for metrics
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
     figure = confusion_matrix_figure(evaluation, title=stage)
     client.log_figure(run_id, figure, "confusion_matrix.png")
     client.log_dict(run_id, _per_class(evaluation), "per_class.json")
-    model_uri = None
-    if model is not None:
-        model_uri = _log_model(uri, run_id, model, signature_example, pip_requirements)
+    client.log_table(run_id, evaluation.per_class_table(), PER_CLASS_TABLE)
+    if model_uri is not None:
         client.set_tag(run_id, MODEL_URI_TAG, model_uri)
         if checkpoint:
             write_checkpoint(client, run_id, model, history, evaluation)
             client.set_tag(run_id, CHECKPOINT_TAG, "saved")
     return model_uri
+
+
+PER_CLASS_TABLE = "per_class_scores.json"
+
+
+def stage_metrics(
+    history: TrainingHistory,
+    evaluation: Evaluation,
+    first_step: int,
+    model_id: str | None,
+    datasets: dict[str, Dataset],
+) -> list[Metric]:
+    """A stage's curves at steps `first_step`, ..., its test scores and totals at its last step.
+
+    With `model_id`, the points that describe the logged model are linked to it, each with the
+    split it was measured on: the kept epoch's (early stopping restores the weights of the epoch
+    with the lowest validation loss) and the test scores.
+    """
+    now = int(time.time() * 1000)
+    kept = first_step + history.best_epoch
+    last = first_step + history.epochs_run - 1
+
+    def metric(name: str, value: float, step: int, context: str | None) -> Metric:
+        if model_id is None:
+            return Metric(name, value, now, step)
+        dataset = datasets.get(context) if context else None
+        return Metric(
+            name,
+            value,
+            now,
+            step,
+            model_id=model_id,
+            dataset_name=dataset.name if dataset else None,
+            dataset_digest=dataset.digest if dataset else None,
+        )
+
+    metrics = []
+    for name, values in history.epochs.items():
+        context = "validation" if name.startswith("val_") else "training"
+        for epoch, value in enumerate(values):
+            step = first_step + epoch
+            if step == kept:
+                metrics.append(metric(name, value, step, context))
+            else:
+                metrics.append(Metric(name, value, now, step))
+    totals = {
+        "epochs_run": float(history.epochs_run),
+        "best_epoch": float(history.best_epoch),
+        "train_seconds": history.seconds,
+    }
+    metrics += [metric(name, value, last, "test") for name, value in evaluation.metrics().items()]
+    metrics += [metric(name, value, last, None) for name, value in totals.items()]
+    return metrics
+
+
+def _logged_model_id(model_uri: str) -> str:
+    """The id of a model logged in MLflow 3, whose URI is `models:/<model id>`."""
+    return model_uri.removeprefix("models:/")
+
+
+def stage_description(
+    what: str,
+    history: TrainingHistory,
+    evaluation: Evaluation,
+    first_step: int,
+    resumed_from: str | None = None,
+) -> str:
+    """A stage run's note: what it trains, how long, from which step, and its test scores."""
+    last = first_step + history.epochs_run - 1
+    text = (
+        f"{what} {history.epochs_run} epochs (steps {first_step}-{last} of the pipeline's curves) "
+        f"at learning rate {history.learning_rate:g}, {history.trainable_params:,} trainable "
+        f"parameters; the model keeps epoch {history.best_epoch + 1} (step "
+        f"{first_step + history.best_epoch}). Test accuracy {evaluation.accuracy:.4f}, macro-F1 "
+        f"{evaluation.macro_f1:.4f}."
+    )
+    if resumed_from:
+        text += f" Resumed from run {resumed_from}, not trained again: its model stays there."
+    return text
 
 
 def _per_class(evaluation: Evaluation) -> dict[str, Any]:
@@ -401,7 +614,7 @@ def _per_class(evaluation: Evaluation) -> dict[str, Any]:
     }
 
 
-def _log_model(uri, run_id, model, signature_example, pip_requirements) -> str:
+def _log_model(uri, run_id, model, signature_example, pip_requirements, *, name, step) -> str:
     """Log `model` with a signature inferred from one real input; no input example.
 
     Given an input example, MLflow checks it by loading the saved model back and predicting:
@@ -418,7 +631,7 @@ def _log_model(uri, run_id, model, signature_example, pip_requirements) -> str:
     # The fluent API is the only way to log a model; resuming the run by id keeps it explicit.
     with using_tracking_uri(uri), mlflow.start_run(run_id=run_id):
         info = mlflow.tensorflow.log_model(
-            model, name="model", signature=signature, pip_requirements=pip_requirements
+            model, name=name, signature=signature, pip_requirements=pip_requirements, step=step
         )
     return info.model_uri
 
@@ -528,26 +741,42 @@ def start_tracking(
     experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
     tree = config.model_dump(mode="json", exclude={"demo"})
     dataset = table.frame.assign(path=[_relative(p, loaded.project) for p in table.frame["path"]])
+    dataset_source = loaded.path(config.data.path)
+    sizes = {split: len(table.split(split)) for split in _SPLIT_CONTEXTS}
+    weights = config.base.weights or "random"
+    description = (
+        f"{config.base.architecture} ({weights} weights) fine-tuned in stages, strategy "
+        f"{strategy}: {len(table.classes)} classes at {config.data.image_size} px, seed "
+        f"{config.seed}. Data: {dataset_name or dataset_source.name} at DVC version "
+        f"{data_version[:12]}, {sizes['train']} training, {sizes['val']} validation and "
+        f"{sizes['test']} test images. Each stage is a nested run with its curves, test scores "
+        "and model."
+    )
     run = start_pipeline_run(
         uri,
         experiment_id,
         run_name=run_name or f"{config.base.architecture}-{strategy}",
         params=flatten(tree),
         tags={
-            "mlflow.source.git.commit": git_commit(loaded.project),
+            **source_tags(loaded.project),
             "data_version": data_version,
             "strategy": strategy,
             "architecture": config.base.architecture,
             **(tags or {}),
         },
         dataset=dataset,
-        dataset_source=str(loaded.path(config.data.path)),
+        dataset_source=str(dataset_source),
         data_version=data_version,
         heartbeat_seconds=config.tracking.heartbeat_seconds,
+        description=description,
         dataset_name=dataset_name,
     )
     log_skipped_images(run, table.skipped, loaded.project)
     return run
+
+
+def _split_frames(table) -> dict[str, pd.DataFrame]:
+    return {split: table.split(split) for split in _SPLIT_CONTEXTS}
 
 
 def _relative(path: str, root: Path) -> str:
@@ -565,9 +794,21 @@ def _relative(path: str, root: Path) -> str:
     retry_condition_fn=retry_if_store_locked,
 )
 def log_stage_run(
-    run: RunRef, stage: str, params: dict, result: StageResult, inputs: StageInputs, lineage: str
+    run: RunRef,
+    stage: str,
+    params: dict,
+    result: StageResult,
+    inputs: StageInputs,
+    lineage: str,
+    *,
+    description: str,
+    first_step: int = 0,
 ) -> StageRecord:
-    """Log a trained stage as a nested run: its model loadable as a pyfunc, and its checkpoint."""
+    """Log a trained stage as a nested run: its model loadable as a pyfunc, and its checkpoint.
+
+    `description` says what the stage trains; `first_step` is the number of epochs the stages
+    before it ran.
+    """
     from tasks.data import image_dataset
 
     config, table = inputs.loaded.config, inputs.table
@@ -582,6 +823,11 @@ def log_stage_run(
             params=flatten(params),
             history=result.history,
             evaluation=result.evaluation,
+            description=stage_description(
+                description, result.history, result.evaluation, first_step
+            ),
+            first_step=first_step,
+            splits=_split_frames(inputs.table),
             model=inputs.classifier.model,
             signature_example=example,
             pip_requirements=model_requirements(),
@@ -616,12 +862,21 @@ def save_unlogged_model(model, project_root: Path, run: RunRef, stage: str) -> P
     retry_condition_fn=retry_if_store_locked,
 )
 def log_resumed_stage(
-    run: RunRef, stage: str, params: dict, checkpoint: StageCheckpoint, lineage: str
+    run: RunRef,
+    stage: str,
+    params: dict,
+    checkpoint: StageCheckpoint,
+    inputs: StageInputs,
+    lineage: str,
+    *,
+    description: str,
+    first_step: int = 0,
 ) -> StageRecord:
     """Record a stage resumed from a checkpoint; its model stays on the run that trained it.
 
-    The nested run has the stage's params, curves and scores like any other, and the tag
-    `resumed_from_run_id` names the run that trained it.
+    The nested run has the stage's params, curves (from `first_step`, as if trained here),
+    scores and datasets like any other, and the tag `resumed_from_run_id` names the run that
+    trained it.
     """
     record = log_stage(
         run,
@@ -629,6 +884,15 @@ def log_resumed_stage(
         params=flatten(params),
         history=checkpoint.history,
         evaluation=checkpoint.evaluation,
+        description=stage_description(
+            description,
+            checkpoint.history,
+            checkpoint.evaluation,
+            first_step,
+            resumed_from=checkpoint.run_id,
+        ),
+        first_step=first_step,
+        splits=_split_frames(inputs.table),
         tags={RESUMED_TAG: checkpoint.run_id, LINEAGE_TAG: lineage},
     )
     return StageRecord(stage, record.run_id, checkpoint.model_uri)

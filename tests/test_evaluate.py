@@ -29,7 +29,10 @@ def test_scores_match_hand_computation() -> None:
     expected_loss = -np.mean([np.log(0.8)] * 4 + [np.log(0.1)] * 2)
     assert evaluation.loss == pytest.approx(expected_loss)
     metrics = evaluation.metrics()
-    assert metrics["test_recall_owl"] == 1.0 and metrics["test_precision_cat"] == 1.0
+    assert metrics["test_recall/owl"] == 1.0 and metrics["test_precision/cat"] == 1.0
+    table = evaluation.per_class_table().set_index("class")
+    assert table["images"].tolist() == [3, 2, 1]
+    assert table["f1"].tolist() == pytest.approx(f1)
 
 
 def test_a_class_never_predicted_scores_zero_not_nan() -> None:

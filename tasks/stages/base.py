@@ -43,11 +43,13 @@ class Stage(Protocol):
 
     `name` names the stage's MLflow run (e.g. fine_tune_2); `lineage()` is what decides the
     outcome besides the stages before it and the data, base, head and seed they share; `params()`
-    is what its MLflow run shows.
+    is what its MLflow run shows; `describe()` says in a sentence what the stage trains.
     """
 
     @property
     def name(self) -> str: ...
+
+    def describe(self) -> str: ...
 
     def lineage(self) -> dict[str, Any]: ...
 

@@ -27,6 +27,9 @@ class HeadOnFeatures:
     def params(self) -> dict[str, Any]:
         return self.settings.model_dump(mode="json")
 
+    def describe(self) -> str:
+        return "A new classification head trained on the frozen base's cached features."
+
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_features
         from tasks.features import extract_frozen_features

@@ -37,6 +37,14 @@ class FineTuneBlocks:
     def params(self) -> dict[str, Any]:
         return self.settings.model_dump(mode="json")
 
+    def describe(self) -> str:
+        blocks = self.settings.unfreeze_blocks
+        unfrozen = "every block" if blocks == "all" else f"the top {blocks} blocks"
+        return (
+            f"Fine-tuning: {unfrozen} of the base unfrozen (BatchNorm stays frozen) and trained "
+            "with the head."
+        )
+
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_images
 

@@ -35,6 +35,9 @@ class FromScratch:
             "learning_rate": self.learning_rate,
         }
 
+    def describe(self) -> str:
+        return "Every layer, BatchNorm included, trained from random weights: the baseline."
+
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_images
 

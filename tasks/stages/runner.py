@@ -57,6 +57,8 @@ def run_stages(
 
     Each trained stage is logged as a nested run of `run` with its model and checkpoint; each
     resumed one as a nested run tagged `resumed_from_run_id`, whose model stays on that run.
+    A stage's epochs continue the step count of the stages before it, so one chart draws the
+    whole training, resumed or not.
     """
     if not stages:
         raise ValueError("a pipeline needs at least one stage")
@@ -68,16 +70,42 @@ def run_stages(
     if done:
         resume_classifier(run, done[-1], inputs.classifier)
         for stage, key, checkpoint in zip(stages, keys, done, strict=False):
-            records.append(log_resumed_stage(run, stage.name, stage.params(), checkpoint, key))
+            records.append(
+                log_resumed_stage(
+                    run,
+                    stage.name,
+                    stage.params(),
+                    checkpoint,
+                    inputs,
+                    key,
+                    description=stage.describe(),
+                    first_step=_steps_so_far(summaries),
+                )
+            )
             summaries.append(StageSummary.of(stage.name, checkpoint.history, checkpoint.evaluation))
         evaluation = done[-1].evaluation
     for stage, key in zip(stages[len(done) :], keys[len(done) :], strict=True):
         result = stage.train(inputs)
-        records.append(log_stage_run(run, stage.name, stage.params(), result, inputs, key))
+        records.append(
+            log_stage_run(
+                run,
+                stage.name,
+                stage.params(),
+                result,
+                inputs,
+                key,
+                description=stage.describe(),
+                first_step=_steps_so_far(summaries),
+            )
+        )
         summaries.append(StageSummary.of(stage.name, result.history, result.evaluation))
         evaluation = result.evaluation
     assert evaluation is not None
     return StagesOutcome(records, summaries, evaluation, done)
+
+
+def _steps_so_far(summaries: Sequence[StageSummary]) -> int:
+    return sum(summary.epochs_run for summary in summaries)
 
 
 def lineage_keys(stages: Sequence[Stage], inputs: StageInputs) -> list[str]:
