@@ -313,6 +313,13 @@ def test_a_strategy_starts_from_the_stages_an_earlier_one_trained(compared) -> N
         )
         fine_tuned = stages["fine_tune_1"]["fine_tune_1"]
         assert "resumed_from_run_id" not in fine_tuned.data.tags
+        # Fine-tuning continues the resumed head's step count: one curve across the stages.
+        head_steps = [m.step for m in client.get_metric_history(reused.info.run_id, "val_loss")]
+        tuned_steps = [
+            m.step for m in client.get_metric_history(fine_tuned.info.run_id, "val_loss")
+        ]
+        assert head_steps == list(range(int(trained.data.metrics["epochs_run"])))
+        assert tuned_steps[0] == len(head_steps)
         assert client.search_logged_models(
             [result.experiment_id], f"source_run_id = '{fine_tuned.info.run_id}'"
         )
@@ -380,6 +387,10 @@ def test_each_strategy_and_budget_has_a_run_with_its_mean_and_interval_over_the_
         tags, metrics = summary.data.tags, summary.data.metrics
         assert summary.info.status == "FINISHED"
         assert tags["mlflow.parentRunId"] == result.run_id
+        assert tags["mlflow.user"] and tags["mlflow.source.type"] == "LOCAL"
+        assert tags["mlflow.note.content"].startswith(
+            f"{tags['strategy']} at {tags['label_budget']} labels per class: mean"
+        )
         runs = [seed_runs[run_id] for run_id in tags["seed_run_ids"].split(",")]
         assert sorted(int(run.data.tags["seed"]) for run in runs) == SEEDS
         assert {run.data.tags["strategy"] for run in runs} == {tags["strategy"]}

@@ -103,15 +103,18 @@ def test_flow_pulls_the_pinned_data_and_tracks_every_stage(first_run) -> None:
     )
     by_stage = {child.data.tags["stage"]: child for child in children}
     assert set(by_stage) == {"feature_extraction", "fine_tune_1", "fine_tune_2"}
+    first_step = 0
     for summary in result.stages:
         child = by_stage[summary.stage]
         assert child.data.metrics["test_accuracy"] == pytest.approx(summary.test_accuracy)
         assert "test_macro_f1" in child.data.metrics
-        assert "test_recall_sneaker" in child.data.metrics
+        assert "test_recall/sneaker" in child.data.metrics
+        # Each stage's epochs continue the step count of the stages before it.
         curve = client.get_metric_history(child.info.run_id, "val_loss")
-        assert [m.step for m in curve] == list(range(summary.epochs_run))
+        assert [m.step for m in curve] == list(range(first_step, first_step + summary.epochs_run))
+        first_step += summary.epochs_run
         artifacts = {a.path for a in client.list_artifacts(child.info.run_id)}
-        assert {"confusion_matrix.png", "per_class.json"} <= artifacts
+        assert {"confusion_matrix.png", "per_class.json", "per_class_scores.json"} <= artifacts
     rates = [
         float(by_stage[s].data.params["learning_rate"])
         for s in ("feature_extraction", "fine_tune_1", "fine_tune_2")
@@ -121,6 +124,43 @@ def test_flow_pulls_the_pinned_data_and_tracks_every_stage(first_run) -> None:
         int(by_stage[s].data.params["trainable_params"]) for s in ("fine_tune_1", "fine_tune_2")
     ]
     assert trainable[0] < trainable[1]
+
+
+def test_mlflow_ui_shows_who_ran_what_on_which_data(first_run) -> None:
+    """The gaps a user found in the UI on a finished demo: runs, models and registry filled in."""
+    clone, result = first_run
+    client = MlflowClient(result.tracking_uri)
+    parent = client.get_run(result.run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{result.run_id}'"
+    )
+    commit = run("git", "rev-parse", "HEAD", cwd=clone).strip()
+    assert "MobileNet" in parent.data.tags["mlflow.note.content"]
+    assert result.data_version[:12] in parent.data.tags["mlflow.note.content"]
+    (whole,) = parent.inputs.dataset_inputs
+    for run_ in (parent, *children):
+        assert run_.data.tags["mlflow.user"] and run_.data.tags["mlflow.source.name"]
+        assert run_.data.tags["mlflow.source.type"] == "LOCAL"
+        assert run_.data.tags["mlflow.source.git.commit"].startswith(commit)
+    for child in children:
+        stage = child.data.tags["stage"]
+        assert "Test accuracy" in child.data.tags["mlflow.note.content"]
+        contexts = {given.tags[0].value: given.dataset for given in child.inputs.dataset_inputs}
+        assert set(contexts) == {"training", "validation", "test"}
+        assert {d.digest for d in contexts.values()} == {whole.dataset.digest}
+        model = client.get_logged_model(child.data.tags["model_uri"].removeprefix("models:/"))
+        assert model.name == stage
+        scores = {m.key: m for m in model.metrics}
+        assert scores["test_accuracy"].value == pytest.approx(child.data.metrics["test_accuracy"])
+        assert scores["test_accuracy"].dataset_name == contexts["test"].name
+        kept = int(child.data.metrics["best_epoch"])
+        curve = client.get_metric_history(child.info.run_id, "val_loss")
+        assert scores["val_loss"].step == curve[kept].step
+        assert scores["val_loss"].value == pytest.approx(curve[kept].value)
+    version = client.get_model_version(result.model_name, result.version)
+    assert "the model of the fine_tune_2 stage" in version.description
+    assert "Test accuracy" in version.description
+    assert "champion" in client.get_registered_model(result.model_name).description
 
 
 def test_stage_model_loads_back_as_pyfunc_and_predicts(first_run) -> None:
