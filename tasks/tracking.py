@@ -745,7 +745,7 @@ def start_tracking(
     sizes = {split: len(table.split(split)) for split in _SPLIT_CONTEXTS}
     weights = config.base.weights or "random"
     description = (
-        f"{config.base.architecture} ({weights} weights) fine-tuned in stages, strategy "
+        f"{config.base.architecture} ({weights} weights) image classifier, strategy "
         f"{strategy}: {len(table.classes)} classes at {config.data.image_size} px, seed "
         f"{config.seed}. Data: {dataset_name or dataset_source.name} at DVC version "
         f"{data_version[:12]}, {sizes['train']} training, {sizes['val']} validation and "
