@@ -17,6 +17,8 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR ?= false
 export DVC_NO_ANALYTICS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# The stages in dvc.yaml call `transferflow`, which `dvc repro` finds on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: help install fashion-mnist demo-data demo train compare test lint mlflow-ui clean bench serve stop-server
 
@@ -44,8 +46,14 @@ fashion-mnist: ## Make Fashion-MNIST available offline (Keras cache, or Debian's
 demo-data: install fashion-mnist ## Build the demo dataset, check it is the version data.dvc pins, push it to the local DVC remote
 	$(BIN)/transferflow demo-data --config $(CONFIG)
 
-demo: demo-data ## Run the whole pipeline on the demo data (Fashion-MNIST, MobileNet ImageNet weights)
-	$(BIN)/transferflow train --config $(CONFIG)
+# `dvc repro` runs the stages of dvc.yaml and records in dvc.lock what they ran on, so that
+# `dvc status`, `dvc repro` and `dvc exp run` know them afterwards. `--force`: the demo always runs
+# (a fresh clone has no data/ and no MLflow runs, even where a committed dvc.lock says the stages are
+# up to date). Two calls, as data/ is data.dvc's, not the demo_data stage's: it must exist before the
+# train stage (`--single-item`: not data.dvc again).
+demo: install fashion-mnist ## Run the whole pipeline on the demo data through `dvc repro` (records dvc.lock)
+	$(BIN)/dvc repro --force demo_data
+	$(BIN)/dvc repro --force --single-item train
 
 train: install ## Run the training flow on CONFIG without rebuilding the demo data
 	$(BIN)/transferflow train --config $(CONFIG)

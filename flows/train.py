@@ -74,7 +74,14 @@ def train_classifier(
     finish_tracking(run, summaries=outcome.summaries, failed=False)
     skipped_images = len(table.skipped)
     publish_report(
-        run, outcome.summaries, challenger, decision, outcome.evaluation, loaded, skipped_images
+        run,
+        outcome.summaries,
+        outcome.histories,
+        challenger,
+        decision,
+        outcome.evaluation,
+        loaded,
+        skipped_images,
     )
     return TrainingResult(
         run_id=run.run_id,

@@ -51,3 +51,18 @@ def dvc_project(base: Path, config: dict) -> Path:
     run("git", "add", "-A", cwd=origin)
     run("git", "commit", "-qm", "data v1", cwd=origin)
     return origin
+
+
+def with_pipeline(project: Path, config: str) -> None:
+    """Add this repository's DVC pipeline to `project`, its stages run on `config`: dvc.yaml,
+    the ignore files, and the code its stages list as dependencies; committed."""
+    (project / "dvc.yaml").write_text(
+        (ROOT / "dvc.yaml").read_text().replace("conf/default.yaml", config)
+    )
+    (project / ".dvcignore").write_text((ROOT / ".dvcignore").read_text())
+    with (project / ".gitignore").open("a") as ignores:  # after `dvc add`'s own entry
+        ignores.write((ROOT / ".gitignore").read_text())
+    for code in ("tasks", "flows"):
+        shutil.copytree(ROOT / code, project / code, ignore=shutil.ignore_patterns("__pycache__"))
+    run("git", "add", "-A", cwd=project)
+    run("git", "commit", "-qm", "pipeline", cwd=project)

@@ -35,6 +35,7 @@ from tasks.tracking import (
     log_resumed_stage,
     log_stage_run,
 )
+from tasks.train import TrainingHistory
 
 # MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
 _BACKOFF = exponential_backoff(backoff_factor=2)
@@ -42,12 +43,14 @@ _BACKOFF = exponential_backoff(backoff_factor=2)
 
 @dataclass(frozen=True)
 class StagesOutcome:
-    """Every stage's MLflow record and scores, the final evaluation, and what was resumed."""
+    """Every stage's MLflow record, scores and per-epoch history, the final evaluation, and what
+    was resumed."""
 
     records: list[StageRecord]
     summaries: list[StageSummary]
     evaluation: Evaluation
     resumed: list[StageCheckpoint]
+    histories: list[TrainingHistory]
 
 
 def run_stages(
@@ -66,6 +69,7 @@ def run_stages(
     done = find_finished_stages(run, keys) if resume else []
     records: list[StageRecord] = []
     summaries: list[StageSummary] = []
+    histories: list[TrainingHistory] = []
     evaluation = None
     if done:
         resume_classifier(run, done[-1], inputs.classifier)
@@ -83,6 +87,7 @@ def run_stages(
                 )
             )
             summaries.append(StageSummary.of(stage.name, checkpoint.history, checkpoint.evaluation))
+            histories.append(checkpoint.history)
         evaluation = done[-1].evaluation
     for stage, key in zip(stages[len(done) :], keys[len(done) :], strict=True):
         result = stage.train(inputs)
@@ -99,9 +104,10 @@ def run_stages(
             )
         )
         summaries.append(StageSummary.of(stage.name, result.history, result.evaluation))
+        histories.append(result.history)
         evaluation = result.evaluation
     assert evaluation is not None
-    return StagesOutcome(records, summaries, evaluation, done)
+    return StagesOutcome(records, summaries, evaluation, done, histories)
 
 
 def _steps_so_far(summaries: Sequence[StageSummary]) -> int:
