@@ -59,6 +59,8 @@ def label_flow_run(
     from prefect import get_client
     from prefect.runtime import flow_run
 
+    from tasks.run_log import run_logger
+
     labels = flow_run_labels(action, model_name, data_version, strategies)
     run_id = flow_run.get_id()
     if run_id is None:
@@ -67,4 +69,6 @@ def label_flow_run(
         kept = client.read_flow_run(UUID(run_id)).tags or []
         tags = [*kept, *(tag for tag in labels.tags if tag not in kept)]
         client.update_flow_run(UUID(run_id), name=labels.name, tags=tags)
+    # The terminal's log lines keep the name the run started with; this one links the two.
+    run_logger().info("This flow run is now named %r in the Prefect UI", labels.name)
     return labels
