@@ -20,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The stages in dvc.yaml call `transferflow`, which `dvc repro` finds on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install fashion-mnist demo-data demo train compare test lint mlflow-ui clean bench serve stop-server
+.PHONY: help install fashion-mnist demo-data demo train compare test lint mlflow-ui clean bench prefect-server serve stop-server
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -72,28 +72,35 @@ mlflow-ui: install ## Open the MLflow UI on the local store at http://127.0.0.1:
 
 # `make serve` keeps its Prefect server (state in .prefect/) running after it stops, for the UI.
 PREFECT_PORT ?= 4200
-PREFECT_HEALTHY = $(BIN)/python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$(PREFECT_PORT)/api/health', timeout=2)" 2>/dev/null
+PREFECT_API := http://127.0.0.1:$(PREFECT_PORT)/api
+PREFECT_HEALTHY = $(BIN)/python -c "import urllib.request as u; u.urlopen('$(PREFECT_API)/health', timeout=2)" 2>/dev/null
+
+# The UI asks the server where the API is (/ui-settings); Prefect 3.9 answers port 4200 whatever
+# --port says unless PREFECT_UI_API_URL is set, and a UI on any other port then shows nothing.
+prefect-server: ## Start the Prefect server `make serve` uses on PREFECT_PORT (UI and API), unless one answers there
+	@mkdir -p .prefect; \
+	if ! $(PREFECT_HEALTHY); then \
+	  echo "Starting a Prefect server on http://127.0.0.1:$(PREFECT_PORT) (log .prefect/server.log; make stop-server stops it)"; \
+	  PREFECT_HOME=$(CURDIR)/.prefect PREFECT_UI_API_URL=$(PREFECT_API) \
+	    setsid $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) >.prefect/server.log 2>&1 & echo $$! >.prefect/server.pid; \
+	  for _ in $$(seq 120); do $(PREFECT_HEALTHY) && break; sleep 1; done; \
+	  $(PREFECT_HEALTHY) || { echo "The Prefect server did not start; see .prefect/server.log"; exit 1; }; \
+	fi
 
 serve: demo-data ## Serve the scheduled retraining deployment on the demo data (starts a Prefect server unless PREFECT_API_URL is set)
 	@if [ -z "$$PREFECT_API_URL" ]; then \
-	  mkdir -p .prefect; \
+	  $(MAKE) --no-print-directory prefect-server || exit 1; \
 	  export PREFECT_HOME=$(CURDIR)/.prefect; \
-	  if ! $(PREFECT_HEALTHY); then \
-	    echo "Starting a Prefect server on http://127.0.0.1:$(PREFECT_PORT) (log .prefect/server.log; make stop-server stops it)"; \
-	    setsid $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT) >.prefect/server.log 2>&1 & echo $$! >.prefect/server.pid; \
-	    for _ in $$(seq 120); do $(PREFECT_HEALTHY) && break; sleep 1; done; \
-	    $(PREFECT_HEALTHY) || { echo "The Prefect server did not start; see .prefect/server.log"; exit 1; }; \
-	  fi; \
-	  export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api; \
+	  export PREFECT_API_URL=$(PREFECT_API); \
 	fi; \
 	echo "Prefect UI: $${PREFECT_API_URL%/api}"; \
 	$(BIN)/transferflow serve --config $(CONFIG)
 
-stop-server: ## Stop the Prefect server that `make serve` started
+stop-server: ## Stop the Prefect server that `make serve` or `make prefect-server` started
 	@if [ -f .prefect/server.pid ]; then \
 	  kill -- -$$(cat .prefect/server.pid) 2>/dev/null && echo "Prefect server stopped" || echo "Prefect server was not running"; \
 	  rm -f .prefect/server.pid; \
-	else echo "No Prefect server started by make serve"; fi
+	else echo "No Prefect server started by make serve or make prefect-server"; fi
 
 clean: ## Remove local run state (MLflow store, feature cache, reports); keeps .venv and the data
 	rm -rf mlflow.db mlartifacts .cache reports

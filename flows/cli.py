@@ -153,19 +153,16 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
     from conf import project_root
     from flows.train import train_classifier
+    from tasks.run_log import registration_line, resumed_line, stage_line
     from tasks.tracking import ui_hint
 
     result = _run_flow(train_classifier, config, list(set_ or []))
     typer.echo("")
     for done in result.resumed:
-        typer.echo(f"Resumed:      {done.stage} from run {done.run_id} (already trained)")
+        typer.echo(f"Resumed:      {resumed_line(done.stage, done.run_id)}")
     typer.echo("Test scores per stage:")
     for stage in result.stages:
-        typer.echo(
-            f"  {stage.stage:<20} accuracy {stage.test_accuracy:.4f}  macro-F1 {stage.test_macro_f1:.4f}"
-            f"  ({stage.epochs_run} epochs, {stage.train_seconds:.0f} s)"
-        )
-    outcome = "now the champion" if result.decision.promote else "not promoted"
+        typer.echo(f"  {stage_line(stage)}")
     typer.echo(
         f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on "
         f"{redact_url(result.tracking_uri)}"
@@ -175,9 +172,8 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
             f"Skipped:      {result.skipped_images} undecodable images "
             "(listed in skipped_images.csv on the run)"
         )
-    typer.echo(
-        f"Registered:   {result.model_name} version {result.version}, alias 'challenger', {outcome}"
-    )
+    registered = registration_line(result.model_name, result.version, result.decision.promote)
+    typer.echo(f"Registered:   {registered}")
     typer.echo(f"Decision:     {result.decision.reason}")
     hint = ui_hint(result.tracking_uri, project_root(config), result.experiment_id)
     typer.echo(f"MLflow UI:    {hint}")
@@ -187,16 +183,14 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
 def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) -> None:
     """Compare strategies (from scratch, feature extraction, fine-tuning) at several label budgets."""
     from flows.compare import compare_strategies
+    from tasks.run_log import registration_line
 
     result = _run_flow(compare_strategies, config, list(set_ or []))
     typer.echo("")
     typer.echo(comparison_text(result.table, result.decision.metric))
-    outcome = "now the champion" if result.decision.promote else "not promoted"
+    registered = registration_line(result.model_name, result.version, result.decision.promote)
     typer.echo(f"Winner:        {result.winner_reason} (run {result.best_run_id})")
-    typer.echo(
-        f"Registered:    {result.model_name} version {result.version}, alias 'challenger', "
-        f"{outcome}: {result.decision.reason}"
-    )
+    typer.echo(f"Registered:    {registered}: {result.decision.reason}")
     typer.echo(f"Charts:        {result.files.chart}, {result.files.data_efficiency}")
     typer.echo(
         f"MLflow:        experiment {result.experiment_id}, runs tagged "
@@ -260,14 +254,16 @@ def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None
 def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the scheduled flow once: train only if data.dvc or the config changed since the champion."""
     from flows.retrain import retrain_classifier
+    from tasks.run_log import registration_line
 
     result = _run_flow(retrain_classifier, config, list(set_ or []))
     typer.echo(f"Retraining check: {result.decision.reason}")
     if result.training is not None:
-        outcome = "now the champion" if result.training.decision.promote else "not promoted"
-        typer.echo(
-            f"Registered: {result.training.model_name} version {result.training.version}, {outcome}"
+        training = result.training
+        registered = registration_line(
+            training.model_name, training.version, training.decision.promote
         )
+        typer.echo(f"Registered: {registered}")
 
 
 @command()

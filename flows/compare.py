@@ -29,6 +29,7 @@ from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
 from tasks.promotion import promote_if_better
 from tasks.registry import PromotionDecision, register_challenger_step
+from tasks.run_names import label_flow_run
 from tasks.tracking import RunRef, close_run_after_failure
 
 DEFAULT_CONFIG = "conf/compare.yaml"
@@ -72,6 +73,7 @@ def compare_strategies(
     loaded = load_pipeline_config(config_path, overrides or [])
     plan = plan_comparison(loaded)
     data_version = pull_data_version(loaded)
+    label_flow_run("compare", loaded.config.registry.model_name, data_version, plan.strategy_names)
     table = load_images(loaded, data_version)
     check_label_budgets(table, plan.label_budgets, loaded.config.seed)
     comparison = start_comparison_run(loaded, plan, table, data_version)

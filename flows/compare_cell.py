@@ -12,7 +12,7 @@ from tasks.config import load_pipeline_config
 from tasks.data import pull_data_version
 
 
-@flow(name="train-comparison-cell", log_prints=True)
+@flow(name="train-comparison-cell", flow_run_name="cell {cell.id}", log_prints=True)
 def train_comparison_cell(cell: CellSpec) -> str:
     """Pull the data version the comparison uses, then train the cell; its MLflow run id."""
     loaded = load_pipeline_config(cell.config_path, list(cell.overrides))

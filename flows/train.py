@@ -12,12 +12,14 @@ from tasks.model import build_classifier_for
 from tasks.promotion import promote_if_better
 from tasks.registry import PromotionDecision, register_challenger_step
 from tasks.report import StageSummary, publish_report
+from tasks.run_names import label_flow_run
 from tasks.stages.base import StageInputs
 from tasks.stages.plan import transfer_stages
 from tasks.stages.runner import run_stages
 from tasks.tracking import close_run_after_failure, finish_tracking, start_tracking
 
 DEFAULT_CONFIG = "conf/default.yaml"
+STRATEGY = "fine_tune"
 
 
 @dataclass(frozen=True)
@@ -59,10 +61,11 @@ def train_classifier(
     loaded = load_pipeline_config(config_path, overrides or [])
     check_training_inputs(loaded)
     data_version = pull_data_version(loaded)
+    label_flow_run("train", loaded.config.registry.model_name, data_version, [STRATEGY])
     table = load_images(loaded, data_version)
     classifier = build_classifier_for(loaded, len(table.classes))
     stages = transfer_stages(loaded.config)
-    run = start_tracking(loaded, table, data_version, strategy="fine_tune")
+    run = start_tracking(loaded, table, data_version, strategy=STRATEGY)
     try:
         inputs = StageInputs(classifier, table, loaded, data_version)
         outcome = run_stages(run, stages, inputs, resume=loaded.config.tracking.resume)

@@ -465,7 +465,7 @@ class _RecyclingExecutor(ProcessPoolExecutor):
 # --- Prefect steps -------------------------------------------------------------------------------
 
 
-@task(name="train-cell", cache_policy=NO_CACHE)
+@task(name="train-cell", task_run_name="train-cell[{cell.id}]", cache_policy=NO_CACHE)
 def train_cell_step(cell: CellSpec) -> str:
     """One cell in this worker process; the worker's Keras state is dropped after it."""
     refuse_if_stopping()
@@ -480,7 +480,11 @@ def train_cell_step(cell: CellSpec) -> str:
         release_models()
 
 
-@task(name="train-cell-on-work-pool", cache_policy=NO_CACHE)
+@task(
+    name="train-cell-on-work-pool",
+    task_run_name="train-cell-on-work-pool[{cell.id}]",
+    cache_policy=NO_CACHE,
+)
 def train_cell_on_pool(
     cell: CellSpec, work_pool: str, uri: str, experiment_id: str, timeout_minutes: int
 ) -> str:

@@ -90,6 +90,10 @@ class ComparisonPlan:
     seeds: tuple[int, ...] = (42,)
     confidence: float = 0.95
 
+    @property
+    def strategy_names(self) -> tuple[str, ...]:
+        return tuple(strategy.name for strategy in self.strategies)
+
 
 @dataclass(frozen=True)
 class ComparisonFiles:

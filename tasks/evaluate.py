@@ -125,7 +125,7 @@ def evaluate_model(model, dataset, count: int, classes: tuple[str, ...]) -> Eval
     """Score `model` on a dataset of `count` images in (images, labels) batches."""
     from tasks.inference import forward_pass
 
-    probabilities, labels = forward_pass(model, dataset, count)
+    probabilities, labels = forward_pass(model, dataset, count, "evaluation")
     return score_predictions(probabilities, labels, classes)
 
 

@@ -205,7 +205,12 @@ def _damage(entry: _Entry) -> tuple[Path, str] | None:
 
 
 def cached_features(
-    feature_extractor, dataset, frame: pd.DataFrame, key: FeatureKey, cache_dir: Path | None
+    feature_extractor,
+    dataset,
+    frame: pd.DataFrame,
+    key: FeatureKey,
+    cache_dir: Path | None,
+    label: str = "frozen features",
 ) -> CachedFeatures:
     """Features of `frame`'s images from the cache, or computed with one forward pass and stored.
 
@@ -213,7 +218,8 @@ def cached_features(
     both arrays' sizes and sha256, written last. An entry that does not match its record (a
     truncated or altered file, a missing record) is never fatal: a warning names the bad file
     and the entry is computed again and renamed over it. Nothing is deleted first: another run
-    may be writing the same entry, and its files must not vanish under it.
+    may be writing the same entry, and its files must not vanish under it. `label` names the
+    pass's progress bar on a terminal.
     """
     digest = key.digest(frame)
     root = cache_dir if cache_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
@@ -230,7 +236,7 @@ def cached_features(
             path,
             problem,
         )
-    features, labels = forward_pass(feature_extractor, dataset, len(frame))
+    features, labels = forward_pass(feature_extractor, dataset, len(frame), label)
     _store(entry, np.asarray(features, dtype=np.float32), labels)
     return CachedFeatures(entry.features, entry.labels, reused=False)
 
@@ -273,7 +279,9 @@ def extract_frozen_features(
         dataset = image_dataset(
             source, table.classes, config.data.image_size, config.data.batch_size
         )
-        cached = cached_features(classifier.feature_extractor, dataset, source, key, cache_dir)
+        cached = cached_features(
+            classifier.feature_extractor, dataset, source, key, cache_dir, f"features: {split}"
+        )
         if source is not frame:
             rows = pd.Index(source["path"]).get_indexer(frame["path"])
             if (rows < 0).any():

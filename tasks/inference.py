@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import tensorflow as tf
+from tqdm import tqdm
 
 # One traced step per model and input spec. Tracing MobileNet takes about 0.5 s, and the flow runs
 # the same extractor over three splits. The step holds the model weakly, so it dies with the model.
@@ -33,27 +34,49 @@ def inference_step(model, image_spec: tf.TensorSpec):
     return by_spec[key]
 
 
-def forward_pass(model, dataset: tf.data.Dataset, count: int) -> tuple[np.ndarray, np.ndarray]:
+def forward_pass(
+    model, dataset: tf.data.Dataset, count: int, label: str = "forward pass"
+) -> tuple[np.ndarray, np.ndarray]:
     """Run `model` in inference mode over `count` images of (images, labels) batches.
 
-    Outputs go straight into one preallocated array, so a pass holds its result once.
+    Outputs go straight into one preallocated array, so a pass holds its result once. On a
+    terminal, a pass that lasts shows a progress bar named `label`.
     """
     step = inference_step(model, dataset.element_spec[0])
     outputs, labels, filled = None, np.empty(count, np.int32), 0
-    for images, batch_labels in low_priority_batches(dataset):
-        batch = step(images).numpy()
-        if filled + len(batch) > count:
-            raise ValueError(f"the dataset yielded more than the {count} images expected")
-        if outputs is None:
-            outputs = np.empty((count, *batch.shape[1:]), batch.dtype)
-        outputs[filled : filled + len(batch)] = batch
-        labels[filled : filled + len(batch)] = batch_labels.numpy()
-        filled += len(batch)
+    with progress_bar(count, label) as bar:
+        for images, batch_labels in low_priority_batches(dataset):
+            batch = step(images).numpy()
+            if filled + len(batch) > count:
+                raise ValueError(f"the dataset yielded more than the {count} images expected")
+            if outputs is None:
+                outputs = np.empty((count, *batch.shape[1:]), batch.dtype)
+            outputs[filled : filled + len(batch)] = batch
+            labels[filled : filled + len(batch)] = batch_labels.numpy()
+            filled += len(batch)
+            bar.update(len(batch))
     if outputs is None:
         raise ValueError("the dataset yielded no batches")
     if filled != count:
         raise ValueError(f"the dataset yielded {filled} images, {count} expected")
     return outputs, labels
+
+
+def progress_bar(count: int, label: str) -> tqdm:
+    """A bar of `count` images on a terminal; none where stderr is not one (tests, CI, log files).
+
+    It appears only once a pass has lasted 2 s, so short passes leave no trace, and it is
+    erased when the pass ends.
+    """
+    return tqdm(
+        total=count,
+        desc=label,
+        unit="img",
+        leave=False,
+        delay=2,
+        file=sys.stderr,
+        disable=not sys.stderr.isatty(),
+    )
 
 
 def low_priority_batches(dataset: tf.data.Dataset) -> Iterator:

@@ -30,6 +30,7 @@ from tasks.registry import (
     promote_through_gate,
     record_decision,
 )
+from tasks.run_log import log_promotion
 from tasks.tracking import RunRef
 
 
@@ -61,7 +62,7 @@ def version_predictions(
     size = int(model.input_shape[1])
     frame = table.split("test")
     test = image_dataset(frame, table.classes, size, config.data.batch_size)
-    probabilities, labels = forward_pass(model, test, len(frame))
+    probabilities, labels = forward_pass(model, test, len(frame), f"v{version.version}: test")
     return HeldOutPredictions(probabilities, labels)
 
 
@@ -195,7 +196,8 @@ def threshold_decider(
 def promote_if_better(
     run: RunRef, challenger: ModelVersionRef, evaluation: Evaluation, table, loaded: LoadedConfig
 ) -> PromotionDecision:
-    """Check the challenger loads from the registry, apply the gate, promote if it passed."""
+    """Check the challenger loads from the registry, apply the gate, promote if it passed;
+    the decision goes to the run's log as the command prints it."""
     from tasks.tracking import tracking_uri
 
     config = loaded.config
@@ -206,9 +208,11 @@ def promote_if_better(
     if problem is not None:
         decision = PromotionDecision(False, problem, metric, score)
         record_decision(uri, challenger, run.run_id, decision)
-        return decision
-    if config.registry.gate == "threshold":
-        decide = threshold_decider(uri, score, table, config)
     else:
-        decide = paired_decider(uri, challenger, score, table, config)
-    return promote_through_gate(uri, challenger, run.run_id, metric, score, decide)
+        if config.registry.gate == "threshold":
+            decide = threshold_decider(uri, score, table, config)
+        else:
+            decide = paired_decider(uri, challenger, score, table, config)
+        decision = promote_through_gate(uri, challenger, run.run_id, metric, score, decide)
+    log_promotion(challenger, decision)
+    return decision

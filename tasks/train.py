@@ -25,6 +25,21 @@ class TrainingHistory:
         return len(self.epochs.get("loss", ()))
 
 
+class EpochLog(keras.callbacks.Callback):
+    """A line per epoch in the run's log (the Prefect UI's, in a run): stage, epoch, loss and
+    validation metrics, so a long stage shows where it is."""
+
+    def __init__(self, stage: str) -> None:
+        super().__init__()
+        self.stage = stage
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        from tasks.run_log import epoch_line, run_logger
+
+        line = epoch_line(self.stage, epoch + 1, self.params.get("epochs", epoch + 1), logs or {})
+        run_logger().info(line)
+
+
 def _compile(model, learning_rate: float) -> None:
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
@@ -40,12 +55,13 @@ def _fit(
     epochs: int,
     patience: int,
     learning_rate: float,
+    stage: str,
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
     **fit_args,
 ):
     """Compile afresh and fit with fresh callbacks, so no stage inherits another's state."""
     _compile(model, learning_rate)
-    callbacks = list(extra_callbacks)
+    callbacks = [*extra_callbacks, EpochLog(stage)]
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=patience, restore_best_weights=True
@@ -84,6 +100,7 @@ def train_head(
     patience: int,
     batch_size: int,
     seed: int,
+    stage: str,
 ) -> TrainingHistory:
     """Fit the new head on frozen-base features (arrays), keeping the best validation epoch."""
     keras.utils.set_random_seed(seed)
@@ -95,6 +112,7 @@ def train_head(
         epochs,
         patience,
         learning_rate,
+        stage,
         y=labels,
         batch_size=batch_size,
         shuffle=True,
@@ -102,7 +120,15 @@ def train_head(
 
 
 def fine_tune(
-    model, train, validation, *, epochs: int, learning_rate: float, patience: int, seed: int
+    model,
+    train,
+    validation,
+    *,
+    epochs: int,
+    learning_rate: float,
+    patience: int,
+    seed: int,
+    stage: str,
 ) -> TrainingHistory:
     """Fit the whole classifier on image batches after a stage has unfrozen more of the base.
 
@@ -112,7 +138,7 @@ def fine_tune(
     """
     keras.utils.set_random_seed(seed)
     # The dataset reshuffles itself each epoch; Keras cannot shuffle a tf.data pipeline.
-    return _fit(model, train, validation, epochs, patience, learning_rate, shuffle=False)
+    return _fit(model, train, validation, epochs, patience, learning_rate, stage, shuffle=False)
 
 
 class _MeasuredBatchNorm(keras.callbacks.Callback):
@@ -129,7 +155,16 @@ class _MeasuredBatchNorm(keras.callbacks.Callback):
 
 
 def fit_from_scratch(
-    model, train, validation, images, *, epochs: int, learning_rate: float, patience: int, seed: int
+    model,
+    train,
+    validation,
+    images,
+    *,
+    epochs: int,
+    learning_rate: float,
+    patience: int,
+    seed: int,
+    stage: str,
 ) -> TrainingHistory:
     """Fit a network whose every layer, BatchNorm included, trains from random weights.
 
@@ -149,6 +184,7 @@ def fit_from_scratch(
         epochs,
         patience,
         learning_rate,
+        stage,
         extra_callbacks=(_MeasuredBatchNorm(images),),
         shuffle=False,
     )

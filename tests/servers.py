@@ -103,7 +103,9 @@ def mlflow_server(base: Path) -> Iterator[str]:
 def prefect_server(base: Path) -> Iterator[str]:
     """`prefect server start` with its own PREFECT_HOME in `base`; yields its API URL."""
     port = free_port()
-    env = {**os.environ, "PREFECT_HOME": str(base / "prefect-server")}
+    api = f"http://127.0.0.1:{port}/api"
+    # As `make prefect-server` does: without it the server's UI would look for the API on 4200.
+    env = {**os.environ, "PREFECT_HOME": str(base / "prefect-server"), "PREFECT_UI_API_URL": api}
     env.pop("PREFECT_API_URL", None)
     server = start(
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
@@ -111,7 +113,6 @@ def prefect_server(base: Path) -> Iterator[str]:
         env,
     )
     try:
-        api = f"http://127.0.0.1:{port}/api"
         wait_healthy(f"{api}/health", server, base / "prefect.log")
         yield api
     finally:

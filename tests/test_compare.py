@@ -16,6 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conf import load_config
+from tasks.cells import cell_id
 from tasks.comparison import (
     LabelBudgetError,
     NoStrategiesError,
@@ -443,6 +444,48 @@ def test_best_strategy_is_registered_through_the_gate(compared) -> None:
     summary_tags = client.get_run(result.run_id).data.tags
     assert summary_tags["promotion.decision"] == "promoted"
     assert summary_tags["winner_reason"] == result.winner_reason
+
+
+@pytest.mark.slow
+def test_prefect_names_the_comparison_and_each_cell(compared) -> None:
+    """In the Prefect UI: which model on which data the comparison ran, and a task run per cell."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        TaskRunFilter,
+        TaskRunFilterName,
+    )
+
+    project, result = compared
+    cells = [
+        f"train-cell[{cell_id(strategy, budget, seed)}]"
+        for strategy, budget, seed in itertools.product(STRATEGIES, BUDGETS, SEEDS)
+    ]
+
+    async def read_back():
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["compare-strategies"]))
+            )
+            tasks = await client.read_task_runs(
+                task_run_filter=TaskRunFilter(name=TaskRunFilterName(any_=cells))
+            )
+        return runs, {task.name for task in tasks}
+
+    runs, task_names = asyncio.run(read_back())
+    config = str(project / "conf" / "test.yaml")
+    (run,) = [
+        run
+        for run in runs
+        if run.parameters["config_path"] == config
+        and run.parameters["overrides"] == ([] if HAVE_IMAGENET_WEIGHTS else ["base.weights=null"])
+    ]
+    short = result.data_version.removeprefix("files-")[:8]  # plain files: a fingerprint, no DVC
+    assert run.name == f"compare {result.model_name} @{short}"
+    assert {f"model:{result.model_name}", f"data:{short}"} <= set(run.tags)
+    assert {f"strategy:{strategy}" for strategy in STRATEGIES} <= set(run.tags)
+    assert task_names == set(cells)
 
 
 @pytest.mark.slow

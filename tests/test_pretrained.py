@@ -50,6 +50,7 @@ def head_accuracy(weights: str | None, table) -> float:
         patience=1,
         batch_size=32,
         seed=0,
+        stage="feature_extraction",
     )
     probabilities = np.asarray(classifier.head(test[0], training=False))
     return score_predictions(probabilities, test[1], table.classes).accuracy

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -55,8 +60,23 @@ def first_run(origin: Path, tmp_path_factory):
     from flows.train import train_classifier
 
     clone = fresh_clone(origin, tmp_path_factory.mktemp("run1") / "clone")
-    result = train_classifier(str(clone / "conf" / "test.yaml"), weights_override())
+    with run_logs_at_info():
+        result = train_classifier(str(clone / "conf" / "test.yaml"), weights_override())
     return clone, result
+
+
+@contextmanager
+def run_logs_at_info() -> Iterator[None]:
+    """Run logs at INFO, Prefect's default: the suite quiets Prefect to WARNING (conftest.py)."""
+    loggers = [logging.getLogger(name) for name in ("prefect.flow_runs", "prefect.task_runs")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def weights_override() -> list[str]:
@@ -201,11 +221,81 @@ def test_prefect_records_the_run_with_a_summary_artifact(first_run) -> None:
         async with get_client() as client:
             return await client.read_latest_artifacts()
 
-    import asyncio
-
     artifacts = [a for a in asyncio.run(artifact()) if a.key == "training-summary"]
     assert artifacts, "the flow published no training-summary artifact"
     assert result.run_id in artifacts[0].data
+
+
+def test_prefect_names_the_runs_and_logs_the_story(first_run) -> None:
+    """The Prefect UI tells what the command prints: which model on which data, each stage's
+    task runs, scores and epochs, and the gate's decision."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.logging.handlers import APILogHandler
+
+    from tasks.run_log import registration_line, stage_line
+
+    clone, result = first_run
+
+    async def read_back():
+        await APILogHandler.aflush()
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                flow_filter=FlowFilter(name=FlowFilterName(any_=["train-classifier"]))
+            )
+            (run,) = [
+                run
+                for run in runs
+                if run.parameters["config_path"] == str(clone / "conf" / "test.yaml")
+                and run.parameters["overrides"] == weights_override()
+            ]
+            task_runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+            )
+            logs: list = []
+            while page := await client.read_logs(
+                LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])),
+                limit=200,
+                offset=len(logs),
+            ):
+                logs += page
+        return run, {task.name for task in task_runs}, [log.message for log in logs]
+
+    run, task_names, messages = asyncio.run(read_back())
+    short = result.data_version[:8]
+    assert run.name == f"train fmnist-test @{short}"
+    assert {"model:fmnist-test", f"data:{short}", "strategy:fine_tune"} <= set(run.tags)
+
+    for stage in ("feature_extraction", "fine_tune_1", "fine_tune_2"):
+        assert f"log-stage[{stage}]" in task_names, sorted(task_names)
+    assert {
+        "extract-frozen-features[feature_extraction]",
+        "train-head[feature_extraction]",
+        "evaluate-head-on-features[feature_extraction]",
+        "fine-tune-stage[fine_tune_1]",
+        "evaluate-on-test-images[fine_tune_2]",
+    } <= task_names
+
+    for summary in result.stages:  # the lines `transferflow train` prints
+        assert f"Test scores: {stage_line(summary)}" in messages, messages
+    assert any(m.startswith("Test scores: fine_tune_2 ") and "macro-F1" in m for m in messages)
+    number = r"\d+\.\d{4}"
+    epoch_line = re.compile(
+        rf"fine_tune_1 epoch 1/2: loss {number}, accuracy {number}, val_loss {number}, "
+        rf"val_accuracy {number}"
+    )
+    assert any(epoch_line.fullmatch(m) for m in messages), messages
+    head_epochs = [m for m in messages if m.startswith("feature_extraction epoch ")]
+    assert len(head_epochs) == result.stages[0].epochs_run
+    assert f"Registered: {registration_line('fmnist-test', '1', True)}" in messages
+    assert f"Decision: {result.decision.reason}" in messages
 
 
 @needs_imagenet_weights  # without them the champion is at chance and nothing is worse than it

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import FeatureExtractionConfig
+from tasks.run_names import for_stage
 from tasks.stages.base import StageInputs, StageResult
 from tasks.train import TrainingHistory, train_head
 
@@ -34,21 +35,25 @@ class HeadOnFeatures:
         from tasks.evaluate import evaluate_on_features
         from tasks.features import extract_frozen_features
 
-        features = extract_frozen_features(
+        features = for_stage(extract_frozen_features, self.name)(
             inputs.classifier,
             inputs.table,
             inputs.loaded,
             inputs.data_version,
             inputs.feature_pool,
         )
-        history = train_new_head(inputs.classifier, features, inputs.loaded.config)
-        evaluation = evaluate_on_features(inputs.classifier, features["test"], inputs.table.classes)
+        history = for_stage(train_new_head, self.name)(
+            inputs.classifier, features, inputs.loaded.config, self.name
+        )
+        evaluation = for_stage(evaluate_on_features, self.name)(
+            inputs.classifier, features["test"], inputs.table.classes
+        )
         return StageResult(history, evaluation)
 
 
 @task(name="train-head", cache_policy=NO_CACHE)
-def train_new_head(classifier, features, config) -> TrainingHistory:
-    """The new head learns on the frozen base's cached features."""
+def train_new_head(classifier, features, config, stage: str) -> TrainingHistory:
+    """The new head learns on the frozen base's cached features (`stage` names its epoch lines)."""
     settings = config.feature_extraction
     validation = features["val"].load() if "val" in features else None
     return train_head(
@@ -60,4 +65,5 @@ def train_new_head(classifier, features, config) -> TrainingHistory:
         patience=settings.patience,
         batch_size=config.data.batch_size,
         seed=config.seed,
+        stage=stage,
     )

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import FineTuneStage
+from tasks.run_names import for_stage
 from tasks.stages.base import StageInputs, StageResult
 from tasks.train import TrainingHistory, fine_tune, image_splits
 
@@ -48,8 +49,12 @@ class FineTuneBlocks:
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_images
 
-        history = fine_tune_stage(inputs.classifier, inputs.table, self, inputs.loaded.config)
-        evaluation = evaluate_on_images(inputs.classifier.model, inputs.table, inputs.loaded.config)
+        history = for_stage(fine_tune_stage, self.name)(
+            inputs.classifier, inputs.table, self, inputs.loaded.config
+        )
+        evaluation = for_stage(evaluate_on_images, self.name)(
+            inputs.classifier.model, inputs.table, inputs.loaded.config
+        )
         return StageResult(history, evaluation)
 
 
@@ -68,4 +73,5 @@ def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> Trainin
         learning_rate=stage.learning_rate,
         patience=stage.patience,
         seed=config.seed,
+        stage=stage.name,
     )

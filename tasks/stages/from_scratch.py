@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.run_names import for_stage
 from tasks.stages.base import StageInputs, StageResult
 from tasks.train import TrainingHistory, fit_from_scratch, image_splits
 
@@ -41,8 +42,12 @@ class FromScratch:
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_images
 
-        history = train_from_scratch(inputs.classifier, inputs.table, self, inputs.loaded.config)
-        evaluation = evaluate_on_images(inputs.classifier.model, inputs.table, inputs.loaded.config)
+        history = for_stage(train_from_scratch, self.name)(
+            inputs.classifier, inputs.table, self, inputs.loaded.config
+        )
+        evaluation = for_stage(evaluate_on_images, self.name)(
+            inputs.classifier.model, inputs.table, inputs.loaded.config
+        )
         return StageResult(history, evaluation)
 
 
@@ -69,4 +74,5 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
         learning_rate=stage.learning_rate,
         patience=stage.patience,
         seed=config.seed,
+        stage=stage.name,
     )

@@ -27,6 +27,8 @@ from tasks.checkpoints import (
 )
 from tasks.evaluate import Evaluation
 from tasks.report import StageSummary
+from tasks.run_log import log_stage_scores
+from tasks.run_names import for_stage
 from tasks.stages.base import Stage, StageInputs
 from tasks.timeouts import retry_if_store_locked
 from tasks.tracking import (
@@ -74,8 +76,9 @@ def run_stages(
     if done:
         resume_classifier(run, done[-1], inputs.classifier)
         for stage, key, checkpoint in zip(stages, keys, done, strict=False):
+            log_resumed = for_stage(log_resumed_stage, stage.name)
             records.append(
-                log_resumed_stage(
+                log_resumed(
                     run,
                     stage.name,
                     stage.params(),
@@ -88,11 +91,13 @@ def run_stages(
             )
             summaries.append(StageSummary.of(stage.name, checkpoint.history, checkpoint.evaluation))
             histories.append(checkpoint.history)
+            log_stage_scores(summaries[-1], resumed_from=checkpoint.run_id)
         evaluation = done[-1].evaluation
     for stage, key in zip(stages[len(done) :], keys[len(done) :], strict=True):
         result = stage.train(inputs)
+        log_trained = for_stage(log_stage_run, stage.name)
         records.append(
-            log_stage_run(
+            log_trained(
                 run,
                 stage.name,
                 stage.params(),
@@ -105,6 +110,7 @@ def run_stages(
         )
         summaries.append(StageSummary.of(stage.name, result.history, result.evaluation))
         histories.append(result.history)
+        log_stage_scores(summaries[-1])
         evaluation = result.evaluation
     assert evaluation is not None
     return StagesOutcome(records, summaries, evaluation, done, histories)

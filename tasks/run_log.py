@@ -1,0 +1,70 @@
+"""A run's story as it happens: stage scores, epochs and the gate's decision, in the run's log.
+
+The lines are the ones the `transferflow` command prints at the end, so the Prefect UI's log of a
+flow run and the terminal tell the same story.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tasks.registry import ModelVersionRef, PromotionDecision
+    from tasks.report import StageSummary
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The Prefect logger of the task or flow run in progress (its lines reach the UI); outside
+    a run, this module's standard logger."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def stage_line(summary: StageSummary) -> str:
+    """One stage's test scores, effort and time, e.g. `fine_tune_1  accuracy 0.8123 ...`."""
+    return (
+        f"{summary.stage:<20} accuracy {summary.test_accuracy:.4f}  macro-F1 "
+        f"{summary.test_macro_f1:.4f}  ({summary.epochs_run} epochs, {summary.train_seconds:.0f} s)"
+    )
+
+
+def resumed_line(stage: str, run_id: str) -> str:
+    return f"{stage} from run {run_id} (already trained)"
+
+
+def registration_line(name: str, version: str, promoted: bool) -> str:
+    """Which version the run registered and whether the gate made it the champion."""
+    outcome = "now the champion" if promoted else "not promoted"
+    return f"{name} version {version}, alias 'challenger', {outcome}"
+
+
+def epoch_line(stage: str, epoch: int, epochs: int, logs: Mapping[str, float]) -> str:
+    """One epoch's Keras metrics, e.g. `fine_tune_1 epoch 2/4: loss 0.6931, accuracy ...`:
+    training before validation, each with its loss first (Keras gives them sorted by name)."""
+    shown = sorted(
+        logs, key=lambda name: (name.startswith("val_"), name.removeprefix("val_") != "loss", name)
+    )
+    metrics = ", ".join(f"{name} {float(logs[name]):.4f}" for name in shown)
+    return f"{stage} epoch {epoch}/{epochs}: {metrics}"
+
+
+def log_stage_scores(summary: StageSummary, resumed_from: str | None = None) -> None:
+    logger = run_logger()
+    if resumed_from is not None:
+        logger.info("Resumed: %s", resumed_line(summary.stage, resumed_from))
+    logger.info("Test scores: %s", stage_line(summary))
+
+
+def log_promotion(challenger: ModelVersionRef, decision: PromotionDecision) -> None:
+    logger = run_logger()
+    logger.info(
+        "Registered: %s", registration_line(challenger.name, challenger.version, decision.promote)
+    )
+    logger.info("Decision: %s", decision.reason)
