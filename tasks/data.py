@@ -248,18 +248,12 @@ def image_dataset(
 ) -> tf.data.Dataset:
     """Batches of (float32 RGB images in [0, 255] of image_size x image_size, int32 labels).
 
-    Files are read and decoded on the fly, so memory holds only a few batches. Only paths are
-    shuffled (a full shuffle is then cheap), reshuffled each epoch. Decoding to uint16 and dividing
-    by 257 keeps 8-bit pixels exact and scales 16-bit ones down instead of truncating them.
-    Shrinking is antialiased (averages large photos properly); enlarging is plain bilinear, which
-    gives the same pixels as antialiased resizing there at a quarter of the cost.
-
-    Parallelism is fixed (one decoder per core, two batches ahead) and tf.data's autotuner
-    is off: in TensorFlow 2.21 its optimisation thread can hold up the end of an iteration for as
-    long as its current period, which grows to 10 s. Any epoch or pass can end that way, and
-    on 2 cores one pass in three took twice as long because of it.
+    Files are read and decoded on the fly (tasks/image_decoding.py), so memory holds only a few
+    batches. Only paths are shuffled (a full shuffle is then cheap), reshuffled each epoch.
     """
     import tensorflow as tf  # imported here so listing or checking data does not load TensorFlow
+
+    from tasks.image_decoding import image_batches
 
     paths = tf.constant(frame["path"].tolist(), dtype=tf.string)
     labels = tf.constant(_label_ids(frame, tuple(classes)), dtype=tf.int32)
@@ -268,33 +262,7 @@ def image_dataset(
         dataset = dataset.shuffle(
             max(len(frame), 1), seed=shuffle_seed, reshuffle_each_iteration=True
         )
-
-    def decode(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        image = tf.io.decode_image(
-            tf.io.read_file(path), channels=3, dtype=tf.uint16, expand_animations=False
-        )
-        image = tf.cast(image, tf.float32) / 257.0
-        height, width = tf.shape(image)[0], tf.shape(image)[1]
-        shrinking = tf.logical_or(height > image_size, width > image_size)
-        # Antialiasing costs 4x the whole decode and changes nothing when enlarging, so it
-        # runs only when shrinking, where it matters.
-        image = tf.cond(
-            shrinking,
-            lambda: tf.clip_by_value(
-                tf.image.resize(image, (image_size, image_size), antialias=True), 0.0, 255.0
-            ),
-            lambda: tf.image.resize(image, (image_size, image_size)),
-        )
-        return tf.ensure_shape(image, (image_size, image_size, 3)), label
-
-    options = tf.data.Options()
-    options.autotune.enabled = False
-    return (
-        dataset.map(decode, num_parallel_calls=os.cpu_count() or 1)
-        .batch(batch_size)
-        .prefetch(2)
-        .with_options(options)
-    )
+    return image_batches(dataset, image_size, batch_size, files=True)
 
 
 def _tracked_output(repo_root: Path, dvc_file: str) -> dict:

@@ -1,13 +1,11 @@
-"""Batch prediction: a registered model, loaded as an MLflow pyfunc, labels a folder of images."""
+"""Batch prediction: a registered serving model, loaded as an MLflow pyfunc, labels a folder of images."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -22,14 +20,11 @@ from tasks.data import (
     EmptyDatasetError,
     UndecodableImagesError,
     find_undecodable_images,
-    image_dataset,
     images_under,
 )
 from tasks.registry import ModelVersionRef, registered_version
+from tasks.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
 from tasks.tracking import tracking_uri
-
-# image_dataset pairs every image with a label; images to predict all take this placeholder.
-_UNLABELLED = ""
 
 
 class ServingModelError(ExpectedError, ValueError):
@@ -38,12 +33,10 @@ class ServingModelError(ExpectedError, ValueError):
 
 @dataclass(frozen=True)
 class ServingModel:
-    """A model loaded as a pyfunc, with the version it came from and what its outputs mean."""
+    """A serving model (tasks/serving.py) loaded as a pyfunc, with the version it came from."""
 
     model_uri: str
     version: ModelVersionRef | None
-    classes: tuple[str, ...] | None
-    image_size: int
     pyfunc: Any
 
     def describe(self) -> str:
@@ -107,10 +100,10 @@ def resolve_version(uri: str, model_uri: str) -> ModelVersionRef | None:
 
 
 def load_serving_model(model_uri: str, uri: str) -> ServingModel:
-    """Load the model as a pyfunc, with its input size from its signature and its class names.
+    """Load the model as a pyfunc, after checking it takes image files.
 
-    An alias is resolved once and the version it names is loaded, so the class names and the
-    weights come from the same version even if the alias moves meanwhile.
+    An alias is resolved once and the version it names is loaded, so the whole run uses one
+    version even if the alias moves meanwhile.
     """
     import mlflow.pyfunc
 
@@ -120,54 +113,32 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     version = resolve_version(uri, model_uri)
     with using_tracking_uri(uri):  # models:/ URIs resolve against the tracking store's registry
         pyfunc = mlflow.pyfunc.load_model(version.uri if version else model_uri)
-    classes = None
-    if version is not None and version.tags.get("classes"):
-        classes = tuple(json.loads(version.tags["classes"]))
-    return ServingModel(model_uri, version, classes, _input_size(model_uri, pyfunc), pyfunc)
-
-
-def _input_size(model_uri: str, pyfunc) -> int:
     schema = pyfunc.metadata.get_input_schema()
-    shape = None
-    if schema is not None and schema.is_tensor_spec():
-        shape = tuple(schema.inputs[0].shape)
-    if shape is None or len(shape) != 4 or shape[3] != 3 or shape[1] != shape[2] or shape[1] < 1:
+    if schema is None or schema.input_names() != [IMAGE_COLUMN]:
         raise ServingModelError(
-            f"{model_uri} has no signature for square RGB images (batch, size, size, 3), got "
-            f"{shape}; log the model with a signature (the training flow does)"
+            f"{model_uri} does not take image files (its input is {schema}): it was registered "
+            "before the pipeline registered serving models. Train again (transferflow train) "
+            "to register one, and let the gate promote it."
         )
-    return int(shape[1])
+    return ServingModel(model_uri, version, pyfunc)
 
 
 def predict_images(model: ServingModel, paths: list[str], batch_size: int) -> pd.DataFrame:
-    """Each image's most probable class (its name when the version records them) and probability."""
-    import keras
+    """Each image's most probable class and its probability, as the served model answers them.
 
-    frame = pd.DataFrame({"path": paths, "label": _UNLABELLED})
-    batches = image_dataset(frame, (_UNLABELLED,), model.image_size, batch_size)
-    outputs = []
-    # The pyfunc calls Keras `predict`, which would draw a progress bar for every batch.
-    interactive = keras.config.is_interactive_logging_enabled()
-    keras.config.disable_interactive_logging()
-    try:
-        for images, _ in batches:
-            outputs.append(np.asarray(model.pyfunc.predict(images.numpy())))
-    finally:
-        if interactive:
-            keras.config.enable_interactive_logging()
-    probabilities = np.concatenate(outputs)
-    names = model.classes or tuple(str(i) for i in range(probabilities.shape[1]))
-    if len(names) != probabilities.shape[1]:
-        raise ServingModelError(
-            f"{model.describe()} outputs {probabilities.shape[1]} classes but its `classes` tag "
-            f"names {len(names)}: {', '.join(names)}"
-        )
-    best = probabilities.argmax(axis=1)
+    The files go to the model as they are, so it decodes them exactly as `mlflow models serve`
+    does for a request.
+    """
+    answers = []
+    for start in range(0, len(paths), batch_size):
+        files = [Path(path).read_bytes() for path in paths[start : start + batch_size]]
+        answers.append(model.pyfunc.predict(pd.DataFrame({IMAGE_COLUMN: files})))
+    answered = pd.concat(answers, ignore_index=True)
     return pd.DataFrame(
         {
             "path": paths,
-            "label": [names[i] for i in best],
-            "probability": probabilities[np.arange(len(best)), best],
+            "label": answered[LABEL_COLUMN],
+            "probability": answered[PROBABILITY_COLUMN],
         }
     )
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from prefect import task
@@ -68,39 +68,29 @@ def version_predictions(
 
 def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | None:
     """Why the version cannot serve, or None: loaded as a pyfunc from the registry, it must
-    predict a batch of real test images, one row of class probabilities per image."""
+    answer a request of real test image files as `mlflow models serve` would: one row per image,
+    with its label, probability and a column per class."""
     import mlflow.pyfunc
+    import pandas as pd
 
-    from tasks.data import image_dataset
+    from tasks.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
     from tasks.tracking import using_tracking_uri
 
-    frame = table.split("test").head(8)
-    images = next(iter(image_dataset(frame, table.classes, config.data.image_size, len(frame))))[0]
+    paths = table.split("test").head(8)["path"]
+    request = pd.DataFrame({IMAGE_COLUMN: [Path(path).read_bytes() for path in paths]})
     try:
-        with using_tracking_uri(uri), _no_progress_bar():
-            predicted = np.asarray(mlflow.pyfunc.load_model(version.uri).predict(images.numpy()))
+        with using_tracking_uri(uri):
+            answer = mlflow.pyfunc.load_model(version.uri).predict(request)
     except Exception as error:  # whatever stops serving stops the promotion
         return f"v{version.version} failed the load check ({type(error).__name__}: {error})"
-    if predicted.shape != (len(frame), len(table.classes)):
+    expected = [LABEL_COLUMN, PROBABILITY_COLUMN, *table.classes]
+    columns = list(getattr(answer, "columns", []))
+    if columns != expected or len(answer) != len(request):
         return (
-            f"v{version.version} failed the load check: it predicted shape {predicted.shape} for "
-            f"{len(frame)} images of {len(table.classes)} classes"
+            f"v{version.version} failed the load check: for {len(request)} images of "
+            f"{len(table.classes)} classes it answered {len(answer)} rows with columns {columns}"
         )
     return None
-
-
-@contextmanager
-def _no_progress_bar() -> Iterator[None]:
-    """Keras's predict, called by the pyfunc, would draw a progress bar amid the run's output."""
-    import keras
-
-    shown = keras.utils.is_interactive_logging_enabled()
-    keras.utils.disable_interactive_logging()
-    try:
-        yield
-    finally:
-        if shown:
-            keras.utils.enable_interactive_logging()
 
 
 def paired_decider(

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
@@ -211,12 +212,11 @@ def register_challenger(
 
 def load_keras_model(model_uri: str, uri: str):
     """A registered or logged model loaded back as Keras, to score it on fresh data."""
-    import mlflow.tensorflow
-
+    from tasks.serving import keras_model_of
     from tasks.tracking import using_tracking_uri
 
     with using_tracking_uri(uri):
-        return mlflow.tensorflow.load_model(model_uri)
+        return keras_model_of(model_uri)
 
 
 def record_decision(
@@ -544,7 +544,10 @@ def register_challenger_step(
     data_version: str,
     notes: dict[str, str] | None = None,
 ) -> ModelVersionRef:
-    """Register the final stage's model, recording what it was trained on (and `notes`)."""
+    """Register the final stage's model, packaged for serving (tasks/serving.py) on the stage's
+    run, recording what it was trained on (and `notes`)."""
+    from tasks.serving import log_serving_model
+
     config = loaded.config
     if record.model_uri is None:
         raise ValueError(f"stage {record.stage} logged no model to register")
@@ -565,9 +568,13 @@ def register_challenger_step(
         f"data version {data_version[:12]}: the model of the {record.stage} stage (run "
         f"{record.run_id}) of pipeline run {run.run_id}. {stage_note}"
     ).strip()
+    example = Path(table.split("test")["path"].iloc[0])
+    serving_uri = log_serving_model(
+        run.tracking_uri, record.run_id, record.model_uri, table.classes, example
+    )
     return register_challenger(
         run.tracking_uri,
-        record.model_uri,
+        serving_uri,
         config.registry.model_name,
         run.run_id,
         tags,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tests.serving_models import log_keras_model, register_serving_model, tiny_classifier
 
 CLASSES = ["boot", "coat", "shirt"]
 SIZE = 32
@@ -19,38 +19,19 @@ SIZE = 32
 
 @pytest.fixture
 def registered(server_uri: str, unique_name: str, tmp_path: Path):
-    """The pipeline's classifier, logged to the tracking server as a pyfunc and registered twice.
+    """The pipeline's classifier on the tracking server, registered twice and wrapped for serving
+    the second time, as the training flow registers it; v2 is the champion.
 
-    v1 is registered without class names, v2 with them, and v2 is the champion. The base is one
-    convolution: a randomly initialised MobileNet's features vanish (about 1e-17), so every image
-    would get exactly 1/3 and no assertion on labels could fail.
+    v1 is the plain tensorflow-flavor model that versions registered before serving models were.
     """
-    import keras
-    import mlflow
-    import mlflow.tensorflow
-    from mlflow import MlflowClient
-    from mlflow.models import infer_signature
-
-    from tasks.model import build_classifier
     from tasks.registry import promote_version, register_challenger
-    from tasks.tracking import ensure_experiment, model_requirements, using_tracking_uri
 
-    conv = keras.layers.Conv2D(
-        8, 3, activation="relu", kernel_initializer=keras.initializers.RandomNormal(0.0, 1.0, 0)
-    )
-    base = keras.Sequential([keras.Input((SIZE, SIZE, 3)), conv], name="tiny_base")
-    model = build_classifier(base, "MobileNet", len(CLASSES), "avg", 0.0, 0, seed=0).model
-    example = np.random.default_rng(0).uniform(0, 255, (2, SIZE, SIZE, 3)).astype(np.float32)
-    signature = infer_signature(example, np.asarray(model(example, training=False)))
-    experiment = ensure_experiment(server_uri, unique_name, tmp_path)
-    run_id = MlflowClient(server_uri).create_run(experiment).info.run_id
-    with using_tracking_uri(server_uri), mlflow.start_run(run_id=run_id):
-        info = mlflow.tensorflow.log_model(
-            model, name="model", signature=signature, pip_requirements=model_requirements()
-        )
-    classes = {"classes": json.dumps(CLASSES)}
-    register_challenger(server_uri, info.model_uri, unique_name, run_id, {})
-    register_challenger(server_uri, info.model_uri, unique_name, run_id, classes)
+    model = tiny_classifier(CLASSES, SIZE)
+    example = tmp_path / "example.png"
+    Image.new("RGB", (SIZE, SIZE), (90, 120, 30)).save(example)
+    run_id, keras_uri = log_keras_model(server_uri, unique_name, model, tmp_path)
+    register_challenger(server_uri, keras_uri, unique_name, run_id, {})
+    register_serving_model(server_uri, unique_name, model, CLASSES, example, tmp_path)
     promote_version(server_uri, unique_name, 2, "test")
     return model
 
@@ -93,8 +74,6 @@ def expected_predictions(model, paths: list[Path]) -> dict[str, tuple[int, float
 def test_predict_writes_a_class_name_and_probability_for_every_image(
     registered, unique_name: str, tmp_path: Path
 ) -> None:
-    from flows.predict import predict_folder
-
     paths = write_images(tmp_path / "images")
     output = tmp_path / "out" / "predictions.csv"
     done = CliRunner().invoke(
@@ -129,14 +108,13 @@ def test_predict_writes_a_class_name_and_probability_for_every_image(
     # Distinct outputs per image, so rows swapped or labels shifted would show.
     assert table["label"].nunique() > 1 and table["probability"].nunique() == len(table)
 
-    # A version without class names still predicts, labelling by class index.
-    result = predict_folder(
-        f"models:/{unique_name}/1", str(tmp_path / "images"), str(tmp_path / "by_index.csv")
+    # A version registered before serving models is refused, saying what to do.
+    done = CliRunner().invoke(
+        app,
+        ["predict", "--model", f"models:/{unique_name}/1", "--images", str(tmp_path / "images")],
     )
-    by_index = pd.read_csv(tmp_path / "by_index.csv", dtype={"label": str})
-    assert result.count == 6 and result.model.startswith(f"{unique_name} version 1")
-    assert set(by_index["label"]) <= {"0", "1", "2"}
-    assert list(by_index["label"]) == [str(CLASSES.index(label)) for label in table["label"]]
+    assert done.exit_code == 2
+    assert "does not take image files" in done.output and "transferflow train" in done.output
 
 
 def test_undecodable_images_are_all_named_before_any_model_is_loaded(

@@ -19,8 +19,9 @@ from tasks.config import LoadedConfig
 from tasks.data import load_image_table
 from tasks.evaluate import score_predictions
 from tasks.promotion import load_problem, promote_if_better, version_predictions
-from tasks.registry import CHAMPION, ModelVersionRef, aliased_version, register_challenger
-from tasks.tracking import RunRef, ensure_experiment, using_tracking_uri
+from tasks.registry import CHAMPION, ModelVersionRef, aliased_version
+from tasks.tracking import RunRef
+from tests.serving_models import register_serving_model
 
 CLASSES = ("dark", "light")
 SIZE = 32
@@ -50,18 +51,11 @@ def brightness_model(sign: float) -> keras.Model:
     return model
 
 
-def registered(uri: str, name: str, model: keras.Model) -> tuple[str, ModelVersionRef]:
-    """Log and register `model` in an experiment whose artifacts stay in the store's folder."""
-    import mlflow.tensorflow
-
+def registered(uri: str, name: str, model: keras.Model, table) -> tuple[str, ModelVersionRef]:
+    """Log, wrap for serving and register `model` in an experiment kept in the store's folder."""
     folder = Path(urlparse(uri).path).parent
-    experiment = ensure_experiment(uri, "promotion-test", folder)
-    with using_tracking_uri(uri), mlflow.start_run(experiment_id=experiment) as run:
-        info = mlflow.tensorflow.log_model(model, name="model")
-    version = register_challenger(
-        uri, info.model_uri, name, run.info.run_id, {"classes": json.dumps(list(CLASSES))}
-    )
-    return run.info.run_id, version
+    example = Path(table.split("test")["path"].iloc[0])
+    return register_serving_model(uri, name, model, list(CLASSES), example, folder)
 
 
 def loaded_config(tmp_path: Path, name: str, **registry) -> LoadedConfig:
@@ -81,7 +75,7 @@ def promote(uri, run_id, version, table, loaded):
 
 def test_a_challenger_that_cannot_be_loaded_is_never_promoted(mlflow_uri, table, tmp_path) -> None:
     loaded = loaded_config(tmp_path, "load-check")
-    run_id, version = registered(mlflow_uri, "load-check", brightness_model(1.0))
+    run_id, version = registered(mlflow_uri, "load-check", brightness_model(1.0), table)
     assert load_problem(mlflow_uri, version, table, loaded.config) is None
     evaluation = score_predictions(np.tile([0.1, 0.9], (12, 1)), np.ones(12, dtype=int), CLASSES)
     # The model's files go missing from the artifact store after registration.
@@ -103,9 +97,9 @@ def test_the_paired_gate_judges_an_equivalent_retrain_by_its_mode(
 ) -> None:
     name = f"paired-{mode}"
     loaded = loaded_config(tmp_path, name, gate=mode)
-    first_run, first = registered(mlflow_uri, name, brightness_model(1.0))
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0), table)
     assert promote(mlflow_uri, first_run, first, table, loaded).promote  # no champion yet
-    run_id, again = registered(mlflow_uri, name, brightness_model(1.0))
+    run_id, again = registered(mlflow_uri, name, brightness_model(1.0), table)
 
     decision = promote(mlflow_uri, run_id, again, table, loaded)
     assert decision.promote is promoted
@@ -125,9 +119,9 @@ def test_the_paired_gate_rejects_a_challenger_that_gets_a_class_wrong(
 ) -> None:
     name = "paired-regression"
     loaded = loaded_config(tmp_path, name, gate="non_inferiority")
-    first_run, first = registered(mlflow_uri, name, brightness_model(1.0))
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0), table)
     assert promote(mlflow_uri, first_run, first, table, loaded).promote
-    run_id, flipped = registered(mlflow_uri, name, brightness_model(-1.0))
+    run_id, flipped = registered(mlflow_uri, name, brightness_model(-1.0), table)
 
     decision = promote(mlflow_uri, run_id, flipped, table, loaded)
     assert not decision.promote
@@ -140,9 +134,9 @@ def test_the_threshold_gate_rejects_an_equivalent_retrain_short_of_min_improveme
 ) -> None:
     name = "threshold"
     loaded = loaded_config(tmp_path, name, gate="threshold", min_improvement=0.05)
-    first_run, first = registered(mlflow_uri, name, brightness_model(1.0))
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0), table)
     assert promote(mlflow_uri, first_run, first, table, loaded).promote
-    run_id, again = registered(mlflow_uri, name, brightness_model(1.0))
+    run_id, again = registered(mlflow_uri, name, brightness_model(1.0), table)
 
     decision = promote(mlflow_uri, run_id, again, table, loaded)
     assert not decision.promote and decision.report is None
@@ -157,8 +151,8 @@ def test_the_paired_gate_scores_the_challenger_only_against_a_champion_and_once(
 ) -> None:
     name = "paired-lazy"
     loaded = loaded_config(tmp_path, name, gate="non_inferiority")
-    _, first = registered(mlflow_uri, name, brightness_model(1.0))
-    _, second = registered(mlflow_uri, name, brightness_model(1.0))
+    _, first = registered(mlflow_uri, name, brightness_model(1.0), table)
+    _, second = registered(mlflow_uri, name, brightness_model(1.0), table)
     scored: list[str] = []
 
     def counted(uri, version, table, config):

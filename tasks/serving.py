@@ -1,0 +1,127 @@
+"""Package a trained classifier for serving: an MLflow pyfunc that takes image files and names classes.
+
+`mlflow models serve -m models:/NAME@champion` then answers each image with its label, the
+label's probability and every class's probability (docs/serving.md). The Keras model stays
+inside, loadable with `keras_model_of`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from tasks.serving_model import (
+    CLASSES_ARTIFACT,
+    IMAGE_COLUMN,
+    KERAS_MODEL_ARTIFACT,
+    LABEL_COLUMN,
+    PROBABILITY_COLUMN,
+)
+
+SERVING_MODEL_NAME = "serving_model"
+# What the serving model imports from the project: shipped with it as its code.
+_SHIPPED_MODULES = ("__init__.py", "image_decoding.py", "inference.py", "serving_model.py")
+
+
+class ClassNameClashError(ValueError):
+    """A class is named like one of the serving model's own output columns."""
+
+
+def serving_signature(classes: Sequence[str]):
+    """Image file bytes in (base64 in JSON); label, probability and one column per class out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, Schema, TensorSpec
+
+    outputs: list[ColSpec | TensorSpec] = [
+        ColSpec(DataType.string, LABEL_COLUMN),
+        ColSpec(DataType.double, PROBABILITY_COLUMN),
+        *(ColSpec(DataType.double, name) for name in classes),
+    ]
+    return ModelSignature(Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]), Schema(outputs))
+
+
+def log_serving_model(
+    uri: str, run_id: str, keras_model_uri: str, classes: Sequence[str], example_image: Path
+) -> str:
+    """Log the Keras model at `keras_model_uri` wrapped for serving, on run `run_id`; its URI.
+
+    `example_image` (one real image file) becomes the input example that the MLflow UI and
+    `serving_input_example.json` show; MLflow checks it by scoring it once with the model.
+    """
+    import mlflow.pyfunc
+    from mlflow import MlflowClient
+    from mlflow.models import Model
+
+    from tasks.serving_model import ImageClassifier
+    from tasks.tracking import model_requirements, using_tracking_uri
+
+    clash = {LABEL_COLUMN, PROBABILITY_COLUMN} & set(classes)
+    if clash:
+        raise ClassNameClashError(
+            f"a class is named {', '.join(sorted(clash))}, like a column the serving model "
+            "answers with; rename that class folder"
+        )
+    with tempfile.TemporaryDirectory(prefix="serving-model-") as folder:
+        staging = Path(folder)
+        (staging / "classes.json").write_text(json.dumps(list(classes)))
+        example = pd.DataFrame({IMAGE_COLUMN: [example_image.read_bytes()]})
+        # models:/ URIs resolve against the tracking store's registry. The logged model is
+        # made in the run's experiment and logged by id: Model.log alone would put it in the
+        # default experiment, and re-opening a finished run with start_run would mark it
+        # running again and move its end time.
+        with using_tracking_uri(uri):
+            keras_model = mlflow.artifacts.download_artifacts(
+                artifact_uri=keras_model_uri, dst_path=str(staging / "keras")
+            )
+            client = MlflowClient(uri)
+            experiment_id = client.get_run(run_id).info.experiment_id
+            logged = client.create_logged_model(
+                experiment_id, SERVING_MODEL_NAME, source_run_id=run_id
+            )
+            info = Model.log(
+                None,  # artifact_path, deprecated for `name`
+                flavor=mlflow.pyfunc,
+                name=SERVING_MODEL_NAME,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=ImageClassifier(),
+                artifacts={
+                    KERAS_MODEL_ARTIFACT: keras_model,
+                    CLASSES_ARTIFACT: str(staging / "classes.json"),
+                },
+                code_paths=[str(_shipped_code(staging))],
+                signature=serving_signature(classes),
+                input_example=example,
+                pip_requirements=model_requirements(),
+            )
+    return info.model_uri
+
+
+def _shipped_code(staging: Path) -> Path:
+    """A `tasks` package holding only the modules the serving model imports."""
+    package = staging / "code" / "tasks"
+    package.mkdir(parents=True)
+    here = Path(__file__).parent
+    for module in _SHIPPED_MODULES:
+        shutil.copy(here / module, package / module)
+    return package
+
+
+def keras_model_of(model_uri: str):
+    """The Keras classifier inside a serving model, or a model logged with the tensorflow flavor.
+
+    Versions registered before serving models existed are plain tensorflow-flavor models. Call
+    with the tracking URI set (`using_tracking_uri`).
+    """
+    import mlflow.pyfunc
+    import mlflow.tensorflow
+    from mlflow.models import get_model_info
+
+    if "tensorflow" in get_model_info(model_uri).flavors:
+        return mlflow.tensorflow.load_model(model_uri)
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().keras_model
