@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 
@@ -51,7 +52,7 @@ def log_serving_model(
     """Log the Keras model at `keras_model_uri` wrapped for serving, on run `run_id`; its URI.
 
     `example_image` (one real image file) becomes the input example that the MLflow UI and
-    `serving_input_example.json` show; MLflow checks it by scoring it once with the model.
+    `serving_input_example.json` show.
     """
     import mlflow.pyfunc
     from mlflow import MlflowClient
@@ -85,7 +86,8 @@ def log_serving_model(
             )
             info = Model.log(
                 None,  # artifact_path, deprecated for `name`
-                flavor=mlflow.pyfunc,
+                flavor=_PYFUNC_WITHOUT_EXAMPLE_CHECK,
+                validate_serving_input=False,
                 name=SERVING_MODEL_NAME,
                 run_id=run_id,
                 model_id=logged.model_id,
@@ -100,6 +102,19 @@ def log_serving_model(
                 pip_requirements=model_requirements(),
             )
     return info.model_uri
+
+
+def _save_pyfunc(*, validate_serving_input: bool, **kwargs) -> None:
+    import mlflow.pyfunc
+
+    mlflow.pyfunc.save_model(**kwargs)
+
+
+# mlflow.pyfunc as Model.log's flavor, minus its check of the input example: Model.log would load
+# the saved model back and score the example, most of the time a log takes, and the gate's load
+# check does the same from the registry right after. Model.log reads `validate_serving_input`
+# from the flavor's arguments (the transformers flavor passes it); pyfunc.save_model refuses it.
+_PYFUNC_WITHOUT_EXAMPLE_CHECK = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
 
 
 def _shipped_code(staging: Path) -> Path:

@@ -7,10 +7,12 @@ import json
 import os
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow import MlflowClient
 from PIL import Image
 
 from tasks.data import image_dataset
@@ -105,6 +107,11 @@ def test_mlflow_models_serve_answers_a_png_with_its_class_name_as_predict_does(
     images, _ = next(iter(image_dataset(frame, ["x"], SIZE, 1)))
     expected = np.asarray(model(images, training=False))[0]
     assert [answer[cls] for cls in CLASSES] == pytest.approx(expected.tolist(), abs=1e-5)
+    # The version shows clients a request to copy: this very PNG, in the format sent above.
+    stored = MlflowClient(mlflow_uri).get_model_version_download_uri(model_name, version.version)
+    example = json.loads((Path(urlparse(stored).path) / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == ["image"]
+    assert base64.b64decode(example["dataframe_split"]["data"][0][0]) == png.read_bytes()
     # The registered version still gives Keras users their Keras model.
     keras_model = load_keras_model(version.uri, mlflow_uri)
     np.testing.assert_allclose(keras_model(images, training=False)[0], expected, atol=1e-6)

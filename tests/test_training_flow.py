@@ -12,9 +12,11 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
+from PIL import Image
 
 from tasks.tracking import using_tracking_uri
 from tests.conftest import HAVE_IMAGENET_WEIGHTS, needs_imagenet_weights
@@ -183,19 +185,34 @@ def test_mlflow_ui_shows_who_ran_what_on_which_data(first_run) -> None:
     assert "champion" in client.get_registered_model(result.model_name).description
 
 
-def test_stage_model_loads_back_as_pyfunc_and_predicts(first_run) -> None:
+def test_the_champion_serves_image_files_and_its_stage_model_raw_pixels(
+    first_run, tmp_path: Path
+) -> None:
     _, result = first_run
+    client = MlflowClient(result.tracking_uri)
+    champion = client.get_model_version_by_alias(result.model_name, "champion")
+    stage_model_uri = client.get_run(champion.run_id).data.tags["model_uri"]
     with using_tracking_uri(result.tracking_uri):
-        model = mlflow.pyfunc.load_model(f"models:/{result.model_name}@champion")
-    images = np.random.default_rng(0).uniform(0, 255, (3, 96, 96, 3)).astype(np.float32)
-    probabilities = np.asarray(model.predict(images))
-    assert probabilities.shape == (3, 10)
-    assert np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
-    # The signature tells serving what to send: batches of 96 x 96 RGB float32 images.
-    (tensor,) = model.metadata.get_input_schema().inputs
+        served = mlflow.pyfunc.load_model(f"models:/{result.model_name}@champion")
+        stage_model = mlflow.pyfunc.load_model(stage_model_uri)
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 96, 96, 3), dtype=np.uint8)
+    files = []
+    for index, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / f"{index}.png")
+        files.append((tmp_path / f"{index}.png").read_bytes())
+
+    answer = served.predict(pd.DataFrame({"image": files}))
+    classes = json.loads(champion.tags["classes"])
+    assert list(answer.columns) == ["label", "probability", *classes]
+    assert np.allclose(answer[classes].sum(axis=1), 1.0, atol=1e-4)
+    assert set(answer["label"]) <= set(classes)
+    # The final stage's own model takes the decoded pixels, as its signature says, and agrees.
+    probabilities = np.asarray(stage_model.predict(pixels.astype(np.float32)))
+    np.testing.assert_allclose(probabilities, answer[classes].to_numpy(), atol=1e-4)
+    (tensor,) = stage_model.metadata.get_input_schema().inputs
     assert tensor.shape == (-1, 96, 96, 3) and tensor.type == np.dtype("float32")
     with pytest.raises(mlflow.exceptions.MlflowException, match="shape"):
-        model.predict(images[:, :64, :64])
+        stage_model.predict(pixels[:, :64, :64].astype(np.float32))
 
 
 def test_first_model_becomes_champion_and_report_is_written(first_run) -> None:
