@@ -58,9 +58,11 @@ class ImageClassifier(PythonModel):
         try:
             probabilities, _ = forward_pass(self.keras_model, batches, len(contents))
         except tf.errors.InvalidArgumentError as error:
+            # TensorFlow prefixes the reason with the name of the graph node that failed.
+            reason = error.message.rsplit("}}", 1)[-1].strip().splitlines()[0]
             raise UndecodableImageError(
-                f"an image in the request cannot be decoded; send PNG, JPEG, GIF or BMP file "
-                f"bytes, base64-encoded in JSON ({error.message.splitlines()[0]})"
+                f"an image in the request cannot be decoded ({reason}); send PNG, JPEG, GIF or "
+                "BMP file bytes, base64-encoded in JSON"
             ) from None
         return probability_frame(probabilities, self.classes)
 
