@@ -57,6 +57,7 @@ def log_serving_model(
     import mlflow.pyfunc
     from mlflow import MlflowClient
     from mlflow.models import Model
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
     from tasks.serving_model import ImageClassifier
     from tasks.tracking import model_requirements, using_tracking_uri
@@ -81,8 +82,13 @@ def log_serving_model(
             )
             client = MlflowClient(uri)
             experiment_id = client.get_run(run_id).info.experiment_id
+            note = (
+                f"The Keras model {keras_model_uri} wrapped for `mlflow models serve`: image "
+                f"files in (column `{IMAGE_COLUMN}`); `{LABEL_COLUMN}`, `{PROBABILITY_COLUMN}` "
+                "and one column per class out (docs/serving.md)."
+            )
             logged = client.create_logged_model(
-                experiment_id, SERVING_MODEL_NAME, source_run_id=run_id
+                experiment_id, SERVING_MODEL_NAME, run_id, tags={MLFLOW_RUN_NOTE: note}
             )
             info = Model.log(
                 None,  # artifact_path, deprecated for `name`
