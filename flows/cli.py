@@ -350,7 +350,7 @@ def rollback(
 def _registry_action(action, config: str):
     """Run a promotion or rollback on MLFLOW_TRACKING_URI, else the project's store."""
     from conf import project_root
-    from tasks.tracking import check_tracking_server, tracking_uri
+    from tasks.tracking_server import check_tracking_server, tracking_uri
 
     uri = tracking_uri(project_root(config))
     check_tracking_server(uri)
@@ -379,7 +379,7 @@ def predict(
     """Label every image in a folder with a registered model; write path,label,probability."""
     from conf import load_config, project_root
     from flows.predict import predict_folder
-    from tasks.tracking import tracking_uri
+    from tasks.tracking_server import tracking_uri
 
     if model is None:
         model = f"models:/{load_config(config).registry.model_name}@champion"

@@ -27,8 +27,8 @@ from tasks.comparison import (
 )
 from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
-from tasks.promotion import promote_if_better
-from tasks.registry import PromotionDecision, register_challenger_step
+from tasks.promotion import promote_if_better, register_challenger_step
+from tasks.registry import PromotionDecision
 from tasks.run_names import label_flow_run
 from tasks.tracking import RunRef, close_run_after_failure
 

@@ -9,8 +9,8 @@ from prefect import flow
 from tasks.config import check_training_inputs, load_pipeline_config
 from tasks.data import load_images, pull_data_version
 from tasks.model import build_classifier_for
-from tasks.promotion import promote_if_better
-from tasks.registry import PromotionDecision, register_challenger_step
+from tasks.promotion import promote_if_better, register_challenger_step
+from tasks.registry import PromotionDecision
 from tasks.report import StageSummary, publish_report
 from tasks.run_names import label_flow_run
 from tasks.stages.base import StageInputs

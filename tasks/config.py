@@ -17,7 +17,7 @@ from tasks.model import (
     resolve_weights,
 )
 from tasks.timeouts import bound_mlflow_calls
-from tasks.tracking import check_tracking_server, tracking_uri
+from tasks.tracking_server import check_tracking_server, tracking_uri
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from tasks.registry import (
     aliased_version,
     config_fingerprint,
 )
-from tasks.tracking import tracking_uri
+from tasks.tracking_server import tracking_uri
 
 
 class GitPullError(ExpectedError, RuntimeError):

@@ -24,7 +24,7 @@ from tasks.data import (
 )
 from tasks.registry import ModelVersionRef, registered_version
 from tasks.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
-from tasks.tracking import tracking_uri
+from tasks.tracking_server import tracking_uri
 
 
 class ServingModelError(ExpectedError, ValueError):
@@ -107,7 +107,8 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     """
     import mlflow.pyfunc
 
-    from tasks.tracking import check_tracking_server, using_tracking_uri
+    from tasks.tracking import using_tracking_uri
+    from tasks.tracking_server import check_tracking_server
 
     check_tracking_server(uri)
     version = resolve_version(uri, model_uri)

@@ -15,8 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from mlflow import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
 from conf.schema import RegistryConfig
 from tasks.config import LoadedConfig
@@ -25,13 +28,16 @@ from tasks.gate import PairedPredictions, decide_paired
 from tasks.registry import (
     ModelVersionRef,
     PromotionDecision,
+    config_fingerprint,
     decide_promotion,
     load_keras_model,
     promote_through_gate,
     record_decision,
+    register_challenger,
 )
 from tasks.run_log import log_promotion
-from tasks.tracking import RunRef
+from tasks.timeouts import retry_if_store_locked
+from tasks.tracking import RunRef, StageRecord
 
 
 @dataclass(frozen=True)
@@ -182,13 +188,70 @@ def threshold_decider(
     return decide
 
 
+# MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
+_BACKOFF = exponential_backoff(backoff_factor=2)
+
+
+@task(
+    name="register-challenger",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
+def register_challenger_step(
+    run: RunRef,
+    record: StageRecord,
+    table,
+    loaded: LoadedConfig,
+    data_version: str,
+    notes: dict[str, str] | None = None,
+) -> ModelVersionRef:
+    """Register the final stage's model, packaged for serving (tasks/serving.py) on the stage's
+    run, recording what it was trained on (and `notes`)."""
+    from tasks.serving import log_serving_model
+
+    config = loaded.config
+    if record.model_uri is None:
+        raise ValueError(f"stage {record.stage} logged no model to register")
+    tags = {
+        "data_version": data_version,
+        "config_sha256": config_fingerprint(loaded),
+        "architecture": config.base.architecture,
+        "image_size": str(config.data.image_size),
+        "stage": record.stage,
+        "classes": json.dumps(list(table.classes)),
+        **(notes or {}),
+    }
+    stage_note = (
+        MlflowClient(run.tracking_uri).get_run(record.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
+    )
+    description = (
+        f"{config.base.architecture} at {config.data.image_size} px, {len(table.classes)} classes, "
+        f"data version {data_version[:12]}: the model of the {record.stage} stage (run "
+        f"{record.run_id}) of pipeline run {run.run_id}. {stage_note}"
+    ).strip()
+    example = Path(table.split("test")["path"].iloc[0])
+    serving_uri = log_serving_model(
+        run.tracking_uri, record.run_id, record.model_uri, table.classes, example
+    )
+    return register_challenger(
+        run.tracking_uri,
+        serving_uri,
+        config.registry.model_name,
+        run.run_id,
+        tags,
+        description=description,
+    )
+
+
 @task(name="promote-if-better", cache_policy=NO_CACHE)
 def promote_if_better(
     run: RunRef, challenger: ModelVersionRef, evaluation: Evaluation, table, loaded: LoadedConfig
 ) -> PromotionDecision:
     """Check the challenger loads from the registry, apply the gate, promote if it passed;
     the decision goes to the run's log as the command prints it."""
-    from tasks.tracking import tracking_uri
+    from tasks.tracking_server import tracking_uri
 
     config = loaded.config
     metric = config.evaluation.primary_metric

@@ -16,25 +16,18 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
 from tasks.credentials import redact_url
-from tasks.gate import GateReport
-from tasks.timeouts import retry_if_store_locked
 
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
     from tasks.config import LoadedConfig
-    from tasks.tracking import RunRef, StageRecord
+    from tasks.gate import GateReport
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -506,12 +499,6 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds")
 
 
-# --- Prefect steps -------------------------------------------------------------------------------
-
-# MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
-_BACKOFF = exponential_backoff(backoff_factor=2)
-
-
 def config_fingerprint(loaded: LoadedConfig) -> str:
     """sha256 of the resolved training config, to tell later whether a retrain would differ."""
     # Whether stages may be resumed, how often a run beats, whether undecodable images fail
@@ -527,56 +514,3 @@ def config_fingerprint(loaded: LoadedConfig) -> str:
         },
     )
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
-
-
-@task(
-    name="register-challenger",
-    cache_policy=NO_CACHE,
-    retries=3,
-    retry_delay_seconds=_BACKOFF,
-    retry_condition_fn=retry_if_store_locked,
-)
-def register_challenger_step(
-    run: RunRef,
-    record: StageRecord,
-    table,
-    loaded: LoadedConfig,
-    data_version: str,
-    notes: dict[str, str] | None = None,
-) -> ModelVersionRef:
-    """Register the final stage's model, packaged for serving (tasks/serving.py) on the stage's
-    run, recording what it was trained on (and `notes`)."""
-    from tasks.serving import log_serving_model
-
-    config = loaded.config
-    if record.model_uri is None:
-        raise ValueError(f"stage {record.stage} logged no model to register")
-    tags = {
-        "data_version": data_version,
-        "config_sha256": config_fingerprint(loaded),
-        "architecture": config.base.architecture,
-        "image_size": str(config.data.image_size),
-        "stage": record.stage,
-        "classes": json.dumps(list(table.classes)),
-        **(notes or {}),
-    }
-    stage_note = (
-        MlflowClient(run.tracking_uri).get_run(record.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
-    )
-    description = (
-        f"{config.base.architecture} at {config.data.image_size} px, {len(table.classes)} classes, "
-        f"data version {data_version[:12]}: the model of the {record.stage} stage (run "
-        f"{record.run_id}) of pipeline run {run.run_id}. {stage_note}"
-    ).strip()
-    example = Path(table.split("test")["path"].iloc[0])
-    serving_uri = log_serving_model(
-        run.tracking_uri, record.run_id, record.model_uri, table.classes, example
-    )
-    return register_challenger(
-        run.tracking_uri,
-        serving_uri,
-        config.registry.model_name,
-        run.run_id,
-        tags,
-        description=description,
-    )

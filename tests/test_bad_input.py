@@ -18,7 +18,7 @@ from conf import ConfigError
 from tasks.data import DataNotFoundError, DvcPullError, EmptyDatasetError, UndecodableImagesError
 from tasks.features import CacheDirError
 from tasks.model import UnfreezeTooDeepError, UnknownArchitectureError, WeightsNotFoundError
-from tasks.tracking import TrackingServerUnreachableError
+from tasks.tracking_server import TrackingServerUnreachableError
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow

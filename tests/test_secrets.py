@@ -98,7 +98,7 @@ def test_mlflow_client_gets_the_moved_credentials_for_the_clean_uri(
     """The clean URI the project hands around still gets MLflow's client the user and password."""
     from mlflow.utils.credentials import get_default_host_creds
 
-    from tasks.tracking import tracking_uri
+    from tasks.tracking_server import tracking_uri
 
     for name in _CREDENTIAL_VARIABLES:
         monkeypatch.setenv(name, "")  # not delenv: then monkeypatch unsets what the move sets

@@ -7,7 +7,8 @@ import os
 import mlflow
 import pytest
 
-from tasks.tracking import flatten, tracking_uri, using_tracking_uri
+from tasks.tracking import flatten, using_tracking_uri
+from tasks.tracking_server import tracking_uri
 
 
 def test_fluent_block_leaves_no_tracking_uri_behind(tmp_path, monkeypatch) -> None:
