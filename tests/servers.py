@@ -66,6 +66,28 @@ def fresh_name(label: str) -> str:
     return f"{re.sub(r'[^A-Za-z0-9]+', '-', label)[:60]}-{uuid.uuid4().hex[:8]}"
 
 
+def mlflow_server_command(
+    backend_store_uri: str, artifacts_destination: str, port: int
+) -> list[str]:
+    """`mlflow server` as a team runs it (deploy/compose.yaml): a database backend, and the
+    artifacts proxied by the server, so clients need its URL and nothing else."""
+    return [
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--artifacts-destination",
+        artifacts_destination,
+        "--serve-artifacts",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+
+
 @contextmanager
 def mlflow_server(base: Path) -> Iterator[str]:
     """`mlflow server` with a SQLite backend and proxied artifacts in `base`; yields its URL."""
@@ -74,21 +96,11 @@ def mlflow_server(base: Path) -> Iterator[str]:
     # two cores they slowed every request from ~15 ms to ~200 ms. The pipeline never submits a job.
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    command = mlflow_server_command(
+        f"sqlite:///{base / 'mlflow.db'}", str(base / "mlartifacts"), port
+    )
     server = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{base / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(base / "mlartifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
+        [str(BIN / command[0]), *command[1:]],
         base / "mlflow.log",
         env,
     )

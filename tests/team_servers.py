@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.servers import BIN, free_port, start, stop, tail, wait_healthy
+from tests.servers import BIN, free_port, mlflow_server_command, start, stop, tail, wait_healthy
 
 # moto accepts any key; these only have to reach the places a team's real keys would.
 S3_REGION = "us-east-1"
@@ -160,28 +160,6 @@ def s3_server(log_dir: Path, buckets: list[str], secret_access_key: str) -> Iter
         yield endpoint
     finally:
         stop(server)
-
-
-def mlflow_server_command(
-    backend_store_uri: str, artifacts_destination: str, port: int
-) -> list[str]:
-    """`mlflow server` as a team runs it: a database backend, and artifacts proxied to S3, so
-    clients need the server's URL and nothing else."""
-    return [
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        backend_store_uri,
-        "--artifacts-destination",
-        artifacts_destination,
-        "--serve-artifacts",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
 
 
 @contextmanager

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.team_servers import mlflow_server_command
+from tests.servers import mlflow_server_command
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
