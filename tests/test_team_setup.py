@@ -43,7 +43,9 @@ pytestmark = [
 BUCKET = "team-bucket"
 # A secret that must reach S3 and nowhere else: no output, MLflow record or Prefect artifact.
 SECRET = f"team-secret-{uuid.uuid4().hex}"
-STRATEGIES = ["feature_extraction", "fine_tune_1"]
+# Two cells that share no stage, so both are ready at once and each worker takes one (a cell
+# that resumes another's stage waits for it, and the first worker to finish would take it too).
+STRATEGIES = ["from_scratch", "feature_extraction"]
 CONFIG = {
     "extends": "compare.yaml",
     "data": {"image_size": 32, "batch_size": 32},
@@ -53,8 +55,8 @@ CONFIG = {
         "seeds": [1],
         "workers": 2,
         "strategies": [
+            {"name": "from_scratch", "from_scratch": True},
             {"name": "feature_extraction", "fine_tune": {"stages": []}},
-            {"name": "fine_tune_1", "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 1}]}},
         ],
     },
     "registry": {"model_name": "team-classifier", "min_value": 0.0},
