@@ -256,6 +256,52 @@ print(int(status["VmHWM"].split()[0]) / 1024)
     return min(peaks)
 
 
+def finetune_seconds(loaded, work: Path) -> dict[str, float]:
+    """11. The demo's fine-tuning stages with their test evaluations, timed three ways on the same
+    classifier state: through the whole model, through the activation cache while it fills
+    (cold), and through the filled cache (warm)."""
+    from dataclasses import replace
+
+    import keras
+    from prefect import flow
+
+    from tasks.data import load_image_table
+    from tasks.model import build_classifier_for
+    from tasks.stages.base import StageInputs
+    from tasks.stages.fine_tune import FineTuneBlocks
+    from tasks.stages.plan import transfer_stages
+
+    config = loaded.config
+    table = load_image_table(loaded.path(config.data.path), 0.1, 0.2, config.seed)
+    cache = work / "finetune-cache"
+
+    @flow(name="bench-fine-tuning")
+    def stages_timed(budget_mb: float) -> float:
+        tree = config.model_copy(
+            update={
+                "fine_tune": config.fine_tune.model_copy(update={"activation_cache_mb": budget_mb}),
+                "feature_extraction": config.feature_extraction.model_copy(
+                    update={"cache_dir": str(cache)}
+                ),
+            }
+        )
+        setting = replace(loaded, config=tree)
+        keras.utils.set_random_seed(config.seed)
+        classifier = build_classifier_for.fn(setting, len(table.classes))
+        inputs = StageInputs(classifier, table, setting, data_version="bench")
+        started = time.perf_counter()
+        for stage in transfer_stages(tree):
+            if isinstance(stage, FineTuneBlocks):
+                stage.train(inputs)
+        return time.perf_counter() - started
+
+    full = stages_timed(0)
+    cold = stages_timed(config.fine_tune.activation_cache_mb or 2048)
+    warm = stages_timed(config.fine_tune.activation_cache_mb or 2048)
+    stored = sum(f.stat().st_size for f in cache.rglob("*.npy"))
+    return {"full": full, "cold": cold, "warm": warm, "cache_mb": stored / 1e6}
+
+
 def measure_training(args, loaded, overrides, work: Path, figures: dict[str, float]) -> None:
     """1, 2, 3, 5 and 6: the forward-pass limit, extraction, the training flow, memory, tracking."""
     from tasks.model import build_classifier_for
@@ -315,6 +361,21 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
         f"into an empty checkout {pull:.1f} s for {files:,} files"
     )
 
+    timed = finetune_seconds(loaded, work)
+    figures |= {
+        "finetune_full_s": timed["full"],
+        "finetune_cached_cold_s": timed["cold"],
+        "finetune_cached_warm_s": timed["warm"],
+        "finetune_cached_vs_full": timed["cold"] / timed["full"],
+        "finetune_cached_warm_vs_full": timed["warm"] / timed["full"],
+    }
+    say(
+        f"11. fine-tuning stages with their test evaluations: whole model {timed['full']:.1f} s;"
+        f" through the activation cache {timed['cold']:.1f} s while it fills"
+        f" ({timed['cold'] / timed['full']:.2f} x), {timed['warm']:.1f} s once filled"
+        f" ({timed['warm'] / timed['full']:.2f} x); cache {timed['cache_mb']:,.0f} MB on disk"
+    )
+
     if not args.skip_rss:
         small, large = peak_rss(1000, work, size), peak_rss(6000, work, size)
         figures |= {"rss_mb_small": small, "rss_mb_large": large}
@@ -336,6 +397,9 @@ def main() -> None:
     parser.add_argument(
         "--only-grid", action="store_true", help="measure only resume, workers and grid (8-10)"
     )
+    parser.add_argument(
+        "--only-finetune", action="store_true", help="measure only fine-tuning's cache (11)"
+    )
     args = parser.parse_args()
 
     from tasks.config import load_and_check
@@ -353,6 +417,13 @@ def main() -> None:
     figures: dict[str, float] = {}
     say(f"benchmark on {os.cpu_count()} cores, {size} px, config {args.config}")
 
+    if args.only_finetune:
+        timed = finetune_seconds(loaded, work)
+        say(
+            f"11. {timed}: cold/full {timed['cold'] / timed['full']:.3f}, warm/full {timed['warm'] / timed['full']:.3f}"
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return
     if not args.only_grid:
         if not args.only_compare:
             measure_training(args, loaded, overrides, work, figures)

@@ -131,6 +131,23 @@ class FineTuneStage(Section):
         return value
 
 
+class AugmentationConfig(Section):
+    """Random changes to each training image before the base, a new draw every epoch."""
+
+    flip: bool = Field(False, description="Mirror images left to right at random.")
+    rotation: float = Field(
+        0.0, ge=0.0, le=0.5, description="Largest rotation, as a fraction of a full turn."
+    )
+    zoom: float = Field(0.0, ge=0.0, lt=1.0, description="Largest zoom in or out, as a fraction.")
+    translation: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Largest shift, as a fraction of the image's side."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.rotation > 0 or self.zoom > 0 or self.translation > 0
+
+
 class FineTuneConfig(Section):
     """Staged unfreezing after feature extraction; an empty list means none."""
 
@@ -139,6 +156,18 @@ class FineTuneConfig(Section):
     )
     patience: int = Field(2, ge=1, description="Early-stopping patience of every stage.")
     stages: list[FineTuneStage] = Field(default_factory=list)
+    augmentation: AugmentationConfig = Field(
+        default_factory=AugmentationConfig,
+        description="Applied in fine-tuning stages and in training from scratch, never to the "
+        "head's cached features; a stage that augments trains through the whole model.",
+    )
+    activation_cache_mb: float = Field(
+        2048,
+        ge=0,
+        description="A stage trains through the frozen trunk's output, cached once per image at "
+        "the cut, when that output for every image fits in this many MB; above it, or at 0, "
+        "it trains through the whole model.",
+    )
 
     @model_validator(mode="after")
     def _each_stage_unfreezes_more(self) -> FineTuneConfig:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 import pandas as pd
@@ -22,6 +22,10 @@ from conf import ExpectedError
 from tasks.inference import forward_pass
 
 log = logging.getLogger(__name__)
+
+
+class CacheKey(Protocol):
+    def digest(self, frame: pd.DataFrame) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,14 @@ class FeatureKey:
     pooling: str
 
     def digest(self, frame: pd.DataFrame) -> str:
-        """The cache key of one split: the key fields plus exactly which images, in which order."""
-        content = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        content.update("\n".join(frame["path"]).encode())
-        return content.hexdigest()[:32]
+        return split_digest(asdict(self), frame)
+
+
+def split_digest(fields: dict, frame: pd.DataFrame) -> str:
+    """The cache key of one split: a key's fields plus exactly which images, in which order."""
+    content = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    content.update("\n".join(frame["path"]).encode())
+    return content.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -208,9 +216,10 @@ def cached_features(
     feature_extractor,
     dataset,
     frame: pd.DataFrame,
-    key: FeatureKey,
+    key: CacheKey,
     cache_dir: Path | None,
     label: str = "frozen features",
+    dtype: type = np.float32,
 ) -> CachedFeatures:
     """Features of `frame`'s images from the cache, or computed with one forward pass and stored.
 
@@ -237,7 +246,7 @@ def cached_features(
             problem,
         )
     features, labels = forward_pass(feature_extractor, dataset, len(frame), label)
-    _store(entry, np.asarray(features, dtype=np.float32), labels)
+    _store(entry, np.asarray(features, dtype=dtype), labels)
     return CachedFeatures(entry.features, entry.labels, reused=False)
 
 
@@ -282,10 +291,13 @@ def extract_frozen_features(
         cached = cached_features(
             classifier.feature_extractor, dataset, source, key, cache_dir, f"features: {split}"
         )
-        if source is not frame:
-            rows = pd.Index(source["path"]).get_indexer(frame["path"])
-            if (rows < 0).any():
-                raise ValueError("the training pool must hold every training image of the table")
-            cached = replace(cached, rows=rows)
-        features[split] = cached
+        features[split] = cached if source is frame else picked_rows(cached, source, frame)
     return features
+
+
+def picked_rows(cached: CachedFeatures, pool: pd.DataFrame, frame: pd.DataFrame) -> CachedFeatures:
+    """`frame`'s rows of an entry cached for `pool`, a superset of its images."""
+    rows = pd.Index(pool["path"]).get_indexer(frame["path"])
+    if (rows < 0).any():
+        raise ValueError("the training pool must hold every training image of the table")
+    return replace(cached, rows=rows)

@@ -192,13 +192,32 @@ def fit_from_scratch(
     return history
 
 
-def image_splits(table, config):
-    """The shuffled training images and the validation images (None when there are none)."""
+def augmentation_layers(settings, seed: int) -> keras.Sequential | None:
+    """Keras's random preprocessing layers for `settings` (an AugmentationConfig), or None."""
+    if not settings.enabled:
+        return None
+    layers: list[keras.layers.Layer] = []
+    if settings.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if settings.rotation:
+        layers.append(keras.layers.RandomRotation(settings.rotation, seed=seed + 1))
+    if settings.zoom:
+        layers.append(keras.layers.RandomZoom(settings.zoom, seed=seed + 2))
+    if settings.translation:
+        shift = settings.translation
+        layers.append(keras.layers.RandomTranslation(shift, shift, seed=seed + 3))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def image_splits(table, config, augmentation=None):
+    """The shuffled training images, augmented when `augmentation` (an AugmentationConfig) is on,
+    and the validation images (None when there are none)."""
     from tasks.data import image_dataset
 
     size, batch = config.data.image_size, config.data.batch_size
+    augment = augmentation_layers(augmentation, config.seed) if augmentation else None
     train = image_dataset(
-        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed
+        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed, augment=augment
     )
     val_frame = table.split("val")
     validation = None if val_frame.empty else image_dataset(val_frame, table.classes, size, batch)

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import FineTuneStage
+from conf.schema import AugmentationConfig, FineTuneStage
 from tasks.run_names import for_stage
-from tasks.stages.base import StageInputs, StageResult
+from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
 from tasks.train import TrainingHistory, fine_tune, image_splits
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,7 @@ class FineTuneBlocks:
     learning_rate: float
     patience: int
     name: str
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def lineage(self) -> dict[str, Any]:
         return {
@@ -33,10 +37,11 @@ class FineTuneBlocks:
             **self.settings.model_dump(mode="json"),
             "resolved_learning_rate": self.learning_rate,
             "patience": self.patience,
+            **augmentation_lineage(self.augmentation),
         }
 
     def params(self) -> dict[str, Any]:
-        return self.settings.model_dump(mode="json")
+        return {**self.settings.model_dump(mode="json"), **augmentation_lineage(self.augmentation)}
 
     def describe(self) -> str:
         blocks = self.settings.unfreeze_blocks
@@ -49,6 +54,9 @@ class FineTuneBlocks:
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_images
 
+        through_cache = for_stage(fine_tune_stage_on_activations, self.name)(inputs, self)
+        if through_cache is not None:
+            return through_cache
         history = for_stage(fine_tune_stage, self.name)(
             inputs.classifier, inputs.table, self, inputs.loaded.config
         )
@@ -58,13 +66,88 @@ class FineTuneBlocks:
         return StageResult(history, evaluation)
 
 
+@task(name="fine-tune-stage-on-activations", cache_policy=NO_CACHE)
+def fine_tune_stage_on_activations(
+    inputs: StageInputs, stage: FineTuneBlocks
+) -> StageResult | None:
+    """The stage trained and evaluated through the activation cache at its cut, or None (and
+    the reason logged) when the whole model must run: no single cut, or over the budget."""
+    from tasks.activations import activation_dataset, cached_activations, split_at_cut
+    from tasks.evaluate import evaluate_model
+    from tasks.model import unfreeze_top_blocks
+
+    config = inputs.loaded.config
+    budget = config.fine_tune.activation_cache_mb
+    if budget == 0:
+        return None
+    if stage.augmentation.enabled:
+        log.info(
+            "%s: trains through the whole model (no activation cache: augmentation changes the "
+            "images the frozen blocks see every epoch)",
+            stage.name,
+        )
+        return None
+    unfreeze_top_blocks(inputs.classifier.base, stage.settings.unfreeze_blocks)
+    cut = split_at_cut(inputs.classifier)
+    if isinstance(cut, str):
+        log.info("%s: trains through the whole model (no activation cache: %s)", stage.name, cut)
+        return None
+    pool = inputs.feature_pool if inputs.feature_pool is not None else inputs.table.split("train")
+    images = len(pool) + len(inputs.table.split("val")) + len(inputs.table.split("test"))
+    size_mb = cut.bytes_per_image() * images / 1e6
+    shape = "x".join(str(d) for d in cut.trunk.output.shape[1:])
+    if size_mb > budget:
+        log.info(
+            "%s: trains through the whole model: the activations at %s (%s, %d bytes an image) "
+            "would take %.1f MB for %d images, over fine_tune.activation_cache_mb (%g)",
+            stage.name,
+            cut.cut,
+            shape,
+            cut.bytes_per_image(),
+            size_mb,
+            images,
+            budget,
+        )
+        return None
+    cached = cached_activations(
+        cut, inputs.table, inputs.loaded, inputs.data_version, inputs.feature_pool
+    )
+    log.info(
+        "%s: trains through the activation cache at %s (%s, %d bytes an image, %.1f MB for %d "
+        "images, %s)",
+        stage.name,
+        cut.cut,
+        shape,
+        cut.bytes_per_image(),
+        size_mb,
+        images,
+        "reused" if all(entry.reused for entry in cached.values()) else "computed",
+    )
+    batch = config.data.batch_size
+    train, _ = activation_dataset(cached["train"], batch, shuffle_seed=config.seed)
+    validation = activation_dataset(cached["val"], batch)[0] if "val" in cached else None
+    history = fine_tune(
+        cut.top,
+        train,
+        validation,
+        epochs=stage.settings.epochs,
+        learning_rate=stage.learning_rate,
+        patience=stage.patience,
+        seed=config.seed,
+        stage=stage.name,
+    )
+    test, count = activation_dataset(cached["test"], batch)
+    evaluation = evaluate_model(cut.top, test, count, inputs.table.classes)
+    return StageResult(history, evaluation)
+
+
 @task(name="fine-tune-stage", cache_policy=NO_CACHE)
 def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> TrainingHistory:
     """Unfreeze the top blocks the stage names, then fine-tune the whole model at a lower rate."""
     from tasks.model import unfreeze_top_blocks
 
     unfreeze_top_blocks(classifier.base, stage.settings.unfreeze_blocks)
-    train, validation = image_splits(table, config)
+    train, validation = image_splits(table, config, stage.augmentation)
     return fine_tune(
         classifier.model,
         train,

@@ -1,0 +1,167 @@
+"""Fine-tuning at the cost of what is unfrozen: the frozen trunk's output, cached at the cut.
+
+A stage that unfreezes the top N blocks leaves everything below them frozen and in inference
+mode (BatchNorm frozen, no dropout below the cut), so the tensor entering the first unfrozen
+block is a fixed function of the image. It is computed once per image, cached on disk like the
+frozen features, and the stage trains and is evaluated through the unfrozen blocks and the head
+alone. The layers are the classifier's own, so training the top trains the classifier.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import pandas as pd
+
+from tasks.features import (
+    CachedFeatures,
+    cached_features,
+    picked_rows,
+    split_digest,
+    weights_fingerprint,
+)
+
+log = logging.getLogger(__name__)
+
+# float32: the cached tensors are exactly what the whole model computes at that point, so a stage
+# trained through the cache matches one trained through the whole model (tests/test_activations).
+CACHE_DTYPE = np.float32
+
+
+@dataclass(frozen=True)
+class CutModels:
+    """A classifier split where its frozen part ends.
+
+    `trunk` maps pixels to the tensor entering the first unfrozen block; `top` maps that tensor
+    to class probabilities through the unfrozen blocks, pooling and head, sharing their layers
+    (and so their weights) with the classifier.
+    """
+
+    trunk: keras.Model
+    top: keras.Model
+    cut: str  # the name of the layer whose output is cached
+
+    def bytes_per_image(self) -> int:
+        return int(np.prod(self.trunk.output.shape[1:])) * np.dtype(CACHE_DTYPE).itemsize
+
+
+@dataclass(frozen=True)
+class ActivationKey:
+    """Everything the trunk's output depends on: what the frozen features depend on, but the
+    pooling, plus where the trunk ends."""
+
+    data_version: str
+    architecture: str
+    options: str
+    weights_sha256: str
+    image_size: int
+    cut: str
+    dtype: str
+
+    def digest(self, frame: pd.DataFrame) -> str:
+        return split_digest(asdict(self), frame)
+
+
+def split_at_cut(classifier) -> CutModels | str:
+    """The classifier split below its first trainable base layer, or why it cannot be.
+
+    The top part is every base layer that trains or computes from a layer that trains; the
+    tensors it reads from the rest are what the frozen trunk hands it. Bases are divided into
+    blocks where one tensor crosses from one block to the next, so that is one tensor.
+    """
+    base = classifier.base
+    trainable = {layer.name for layer in base.layers if layer.trainable and layer.weights}
+    if not trainable:
+        return "no base layer is trainable"
+    top_part: set[str] = set()
+    crossing: dict[int, keras.KerasTensor] = {}
+    for operation in base.operations:  # topological order
+        inputs = [t for node in operation._inbound_nodes for t in node.input_tensors]
+        producers = {t._keras_history.operation.name for t in inputs}
+        if operation.name in trainable or producers & top_part:
+            top_part.add(operation.name)
+            for tensor in inputs:
+                if tensor._keras_history.operation.name not in top_part:
+                    crossing[id(tensor)] = tensor
+    if len(crossing) != 1:
+        return f"{len(crossing)} tensors cross from the frozen layers to the trainable ones"
+    (cut,) = crossing.values()
+    if cut._keras_history.operation is base.layers[0]:
+        return "the whole base is trainable: nothing below it is frozen"
+    pixels = classifier.model.input
+    preprocess = classifier.model.layers[1]
+    trunk_base = keras.Model(base.input, cut, name="frozen_trunk")
+    trunk = keras.Model(pixels, trunk_base(preprocess(pixels), training=False), name="trunk")
+    top_base = keras.Model(cut, base.output, name="unfrozen_top")
+    entering = keras.Input(cut.shape[1:], dtype=cut.dtype, name="trunk_output")
+    pooled = classifier.feature_extractor.layers[-1](top_base(entering, training=False))
+    top = keras.Model(entering, classifier.head(pooled), name="top")
+    return CutModels(trunk=trunk, top=top, cut=cut._keras_history.operation.name)
+
+
+def cached_activations(
+    cut: CutModels, table, loaded, data_version: str, train_pool: pd.DataFrame | None
+) -> dict[str, CachedFeatures]:
+    """Each split's trunk output, from the cache or computed with one pass through the trunk.
+
+    With `train_pool` (a comparison's), the pool's training images are one entry shared by its
+    budgets and seeds, as for the frozen features.
+    """
+    from tasks.data import image_dataset
+
+    config = loaded.config
+    key = ActivationKey(
+        data_version=data_version,
+        architecture=config.base.architecture,
+        options=json.dumps(config.base.options, sort_keys=True),
+        weights_sha256=weights_fingerprint(cut.trunk),
+        image_size=config.data.image_size,
+        cut=cut.cut,
+        dtype=np.dtype(CACHE_DTYPE).name,
+    )
+    root = _cache_root(loaded)
+    cached = {}
+    for split in ("train", "val", "test"):
+        frame = table.split(split)
+        if frame.empty:
+            continue
+        source = train_pool if split == "train" and train_pool is not None else frame
+        dataset = image_dataset(
+            source, table.classes, config.data.image_size, config.data.batch_size
+        )
+        entry = cached_features(
+            cut.trunk, dataset, source, key, root, f"activations: {split}", CACHE_DTYPE
+        )
+        cached[split] = entry if source is frame else picked_rows(entry, source, frame)
+    return cached
+
+
+def _cache_root(loaded) -> Path | None:
+    folder = loaded.config.feature_extraction.cache_dir
+    return loaded.path(folder) / "activations" if folder else None
+
+
+def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: int | None = None):
+    """(trunk output, label) batches, shuffled the way the image batches would be.
+
+    `tasks.data.image_dataset` shuffles one element per image with the same buffer and seed,
+    so both paths see the images in the same order in every epoch.
+    """
+    import tensorflow as tf
+
+    activations, labels = cached.load()
+    dataset = tf.data.Dataset.from_tensor_slices((activations, labels.astype(np.int32)))
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(
+            max(len(labels), 1), seed=shuffle_seed, reshuffle_each_iteration=True
+        )
+    return dataset.batch(batch_size).prefetch(2), len(labels)
+
+
+def cache_megabytes(cut: CutModels, images: int) -> float:
+    return cut.bytes_per_image() * images / 1e6

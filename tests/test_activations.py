@@ -1,0 +1,65 @@
+"""Fine-tuning through the activation cache: the same stage as through the whole model, cheaper."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from tasks.model import build_base, build_classifier
+from tests.tiny_stages import SIZE, setting, train_stage
+
+
+@pytest.mark.parametrize("architecture", ["MobileNet", "MobileNetV2"])
+def test_a_stage_through_the_cache_ends_where_the_whole_model_does(
+    tmp_path: Path, tiny_table, architecture: str, caplog
+) -> None:
+    """MobileNet is one chain of blocks; MobileNetV2's blocks hold skip connections."""
+    whole_model, whole = train_stage(
+        setting(tmp_path, architecture, activation_cache_mb=0), tiny_table, architecture
+    )
+    with caplog.at_level(logging.INFO, logger="tasks.stages.fine_tune"):
+        cached_model, cached = train_stage(
+            setting(tmp_path, architecture), tiny_table, architecture
+        )
+    assert "trains through the activation cache at" in caplog.text
+    differences = [
+        float(np.max(np.abs(a.numpy() - b.numpy())))
+        for a, b in zip(whole_model.model.weights, cached_model.model.weights, strict=True)
+    ]
+    print(f"{architecture}: largest weight difference {max(differences):.2e}")
+    assert max(differences) < 1e-4
+    keras.utils.set_random_seed(3)  # as train_stage: the weights both runs started from
+    untrained = build_classifier(
+        build_base(architecture, None, SIZE, {}),
+        architecture,
+        len(tiny_table.classes),
+        "avg",
+        0.2,
+        0,
+        3,
+    )
+    moved = [
+        float(np.max(np.abs(a.numpy() - b.numpy())))
+        for a, b in zip(untrained.model.weights, cached_model.model.weights, strict=True)
+    ]
+    assert max(moved) > 1e-3  # the stage trained
+    assert cached.history.epochs["loss"] == pytest.approx(whole.history.epochs["loss"], rel=1e-4)
+    assert cached.history.trainable_params == whole.history.trainable_params
+    assert cached.evaluation.accuracy == whole.evaluation.accuracy
+    assert cached.evaluation.loss == pytest.approx(whole.evaluation.loss, rel=1e-4)
+
+
+def test_over_the_budget_the_stage_trains_through_the_whole_model_and_says_so(
+    tmp_path: Path, tiny_table, caplog
+) -> None:
+    with caplog.at_level(logging.INFO, logger="tasks.stages.fine_tune"):
+        train_stage(
+            setting(tmp_path, "MobileNet", activation_cache_mb=0.01), tiny_table, "MobileNet"
+        )
+    assert "trains through the whole model: the activations at" in caplog.text
+    assert "over fine_tune.activation_cache_mb (0.01)" in caplog.text
+    assert not (tmp_path / "cache" / "activations").exists()
