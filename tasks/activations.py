@@ -149,18 +149,30 @@ def _cache_root(loaded) -> Path | None:
 def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: int | None = None):
     """(trunk output, label) batches, shuffled the way the image batches would be.
 
-    `tasks.data.image_dataset` shuffles one element per image with the same buffer and seed,
-    so both paths see the images in the same order in every epoch.
+    `tasks.data.image_dataset` shuffles one element per image with the same buffer and seed, so
+    both paths see the images in the same order in every epoch. Only indices go through tf.data:
+    each batch is gathered from the array in memory, which is never copied into a tensor whole.
     """
     import tensorflow as tf
 
     activations, labels = cached.load()
-    dataset = tf.data.Dataset.from_tensor_slices((activations, labels.astype(np.int32)))
+    labels = labels.astype(np.int32)
+    indices = tf.data.Dataset.range(len(labels))
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(
+        indices = indices.shuffle(
             max(len(labels), 1), seed=shuffle_seed, reshuffle_each_iteration=True
         )
-    return dataset.batch(batch_size).prefetch(2), len(labels)
+
+    def gather(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return activations[batch], labels[batch]
+
+    shape = (None, *activations.shape[1:])
+
+    def lookup(batch):
+        found, found_labels = tf.numpy_function(gather, [batch], (tf.float32, tf.int32))
+        return tf.ensure_shape(found, shape), tf.ensure_shape(found_labels, (None,))
+
+    return indices.batch(batch_size).map(lookup).prefetch(2), len(labels)
 
 
 def cache_megabytes(cut: CutModels, images: int) -> float:
