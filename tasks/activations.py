@@ -17,6 +17,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
+from keras.src.ops.function import make_node_key
 
 from tasks.features import (
     CachedFeatures,
@@ -81,7 +82,13 @@ def split_at_cut(classifier) -> CutModels | str:
     top_part: set[str] = set()
     crossing: dict[int, keras.KerasTensor] = {}
     for operation in base.operations:  # topological order
-        inputs = [t for node in operation._inbound_nodes for t in node.input_tensors]
+        # Only the base's own call of each layer: every split adds calls of the same layers.
+        inputs = [
+            t
+            for index, node in enumerate(operation._inbound_nodes)
+            if make_node_key(operation, index) in base._nodes
+            for t in node.input_tensors
+        ]
         producers = {t._keras_history.operation.name for t in inputs}
         if operation.name in trainable or producers & top_part:
             top_part.add(operation.name)

@@ -22,7 +22,10 @@ def setting(tmp_path: Path, architecture: str, **fine_tune) -> LoadedConfig:
             "data": {"image_size": SIZE, "batch_size": 8, "dvc_file": None},
             "base": {"architecture": architecture, "weights": None, "options": {}},
             "fine_tune": {
-                "stages": [{"unfreeze_blocks": 2, "epochs": 2, "learning_rate": 1e-3}],
+                "stages": [
+                    {"unfreeze_blocks": 2, "epochs": 2, "learning_rate": 1e-3},
+                    {"unfreeze_blocks": 3, "epochs": 1, "learning_rate": 1e-4},
+                ],
                 **fine_tune,
             },
             "feature_extraction": {"cache_dir": str(tmp_path / "cache")},
@@ -32,12 +35,13 @@ def setting(tmp_path: Path, architecture: str, **fine_tune) -> LoadedConfig:
 
 
 def train_stage(loaded: LoadedConfig, table, architecture: str):
-    """The config's first fine-tuning stage on a freshly built classifier: same seed, same
-    starting weights every time."""
+    """The config's fine-tuning stages, in order, on a freshly built classifier: same seed, same
+    starting weights every time. Returns the classifier and the last stage's result."""
     keras.utils.set_random_seed(loaded.config.seed)
     base = build_base(architecture, None, SIZE, {})
     classifier = build_classifier(base, architecture, len(table.classes), "avg", 0.2, 0, 3)
     inputs = StageInputs(classifier, table, loaded, data_version="v1")
-    (stage,) = [s for s in transfer_stages(loaded.config) if s.name == "fine_tune_1"]
-    result = stage.train(inputs)
+    result = None
+    for stage in transfer_stages(loaded.config)[1:]:
+        result = stage.train(inputs)
     return classifier, result
