@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -21,11 +20,13 @@ from keras.src.ops.function import make_node_key
 
 from tasks.features import (
     CachedFeatures,
-    cached_features,
+    Wanted,
+    cached_outputs,
     picked_rows,
     split_digest,
     weights_fingerprint,
 )
+from tasks.model import unfrozen_layer_names
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +47,13 @@ class CutModels:
     trunk: keras.Model
     top: keras.Model
     cut: str  # the name of the layer whose output is cached
+    tensor: keras.KerasTensor  # that output, in the base's own graph
 
     def bytes_per_image(self) -> int:
         return int(np.prod(self.trunk.output.shape[1:])) * np.dtype(CACHE_DTYPE).itemsize
+
+    def shape(self) -> str:
+        return "x".join(str(d) for d in self.trunk.output.shape[1:])
 
 
 @dataclass(frozen=True)
@@ -68,15 +73,21 @@ class ActivationKey:
         return split_digest(asdict(self), frame)
 
 
-def split_at_cut(classifier) -> CutModels | str:
+def split_at_cut(classifier, trainable_layers: set[str] | None = None) -> CutModels | str:
     """The classifier split below its first trainable base layer, or why it cannot be.
 
+    `trainable_layers` names the base layers that will train (default: those trainable now).
     The top part is every base layer that trains or computes from a layer that trains; the
     tensors it reads from the rest are what the frozen trunk hands it. Bases are divided into
     blocks where one tensor crosses from one block to the next, so that is one tensor.
     """
     base = classifier.base
-    trainable = {layer.name for layer in base.layers if layer.trainable and layer.weights}
+    names = (
+        {layer.name for layer in base.layers if layer.trainable}
+        if trainable_layers is None
+        else trainable_layers
+    )
+    trainable = {layer.name for layer in base.layers if layer.name in names and layer.weights}
     if not trainable:
         return "no base layer is trainable"
     top_part: set[str] = set()
@@ -108,7 +119,82 @@ def split_at_cut(classifier) -> CutModels | str:
     entering = keras.Input(cut.shape[1:], dtype=cut.dtype, name="trunk_output")
     pooled = classifier.feature_extractor.layers[-1](top_base(entering, training=False))
     top = keras.Model(entering, classifier.head(pooled), name="top")
-    return CutModels(trunk=trunk, top=top, cut=cut._keras_history.operation.name)
+    return CutModels(trunk=trunk, top=top, cut=cut._keras_history.operation.name, tensor=cut)
+
+
+def images_to_cache(table, train_pool: pd.DataFrame | None) -> int:
+    """How many images a stage's activations cover: the training pool (a comparison's) or the
+    training split, plus the validation and test splits."""
+    train = train_pool if train_pool is not None else table.split("train")
+    return len(train) + len(table.split("val")) + len(table.split("test"))
+
+
+def cut_for_stage(classifier, stage, config, images: int) -> CutModels | str:
+    """Where `stage` (a FineTuneBlocks) trains through the activation cache, or why it trains
+    through the whole model instead."""
+    budget = config.fine_tune.activation_cache_mb
+    if budget == 0:
+        return "fine_tune.activation_cache_mb is 0"
+    if stage.augmentation.enabled:
+        return "augmentation changes the images the frozen blocks see every epoch"
+    names = unfrozen_layer_names(classifier.base, stage.settings.unfreeze_blocks)
+    cut = split_at_cut(classifier, names)
+    if isinstance(cut, str):
+        return cut
+    size_mb = cut.bytes_per_image() * images / 1e6
+    if size_mb > budget:
+        return (
+            f"its activations at {cut.cut} ({cut.shape()}, {cut.bytes_per_image()} bytes an "
+            f"image) would take {size_mb:.1f} MB for {images} images, over "
+            f"fine_tune.activation_cache_mb ({budget:g})"
+        )
+    return cut
+
+
+def cuts_ahead(classifier, loaded, table, train_pool: pd.DataFrame | None) -> list[CutModels]:
+    """The cuts of the config's fine-tuning stages that will train through the cache.
+
+    The feature pass computes them with the features: it runs the whole base anyway, so they
+    cost only their writing, where each stage would otherwise run its trunk over every image.
+    """
+    from tasks.stages.fine_tune import FineTuneBlocks
+    from tasks.stages.plan import transfer_stages
+
+    images = images_to_cache(table, train_pool)
+    cuts: dict[str, CutModels] = {}
+    for stage in transfer_stages(loaded.config):
+        if isinstance(stage, FineTuneBlocks):
+            cut = cut_for_stage(classifier, stage, loaded.config, images)
+            if not isinstance(cut, str):
+                cuts.setdefault(cut.cut, cut)
+    return list(cuts.values())
+
+
+def features_and_cuts(classifier, cuts: list[CutModels]) -> keras.Model:
+    """One model from pixels to the pooled features and then each cut's tensor, so a single
+    forward pass fills the feature cache and the activation caches together."""
+    base = classifier.base
+    inner = keras.Model(base.input, [base.output, *(cut.tensor for cut in cuts)], name="base_cuts")
+    pixels = classifier.model.input
+    outputs = inner(classifier.model.layers[1](pixels), training=False)
+    pooled = classifier.feature_extractor.layers[-1](outputs[0])
+    return keras.Model(pixels, [pooled, *outputs[1:]], name="features_and_cuts")
+
+
+def activation_key(cut: CutModels, loaded, data_version: str) -> Wanted:
+    """What the cache stores a cut's activations under, and where."""
+    config = loaded.config
+    key = ActivationKey(
+        data_version=data_version,
+        architecture=config.base.architecture,
+        options=json.dumps(config.base.options, sort_keys=True),
+        weights_sha256=weights_fingerprint(cut.trunk),
+        image_size=config.data.image_size,
+        cut=cut.cut,
+        dtype=np.dtype(CACHE_DTYPE).name,
+    )
+    folder = config.feature_extraction.cache_dir
+    return Wanted(key, loaded.path(folder) / "activations" if folder else None, CACHE_DTYPE)
 
 
 def cached_activations(
@@ -122,16 +208,7 @@ def cached_activations(
     from tasks.data import image_dataset
 
     config = loaded.config
-    key = ActivationKey(
-        data_version=data_version,
-        architecture=config.base.architecture,
-        options=json.dumps(config.base.options, sort_keys=True),
-        weights_sha256=weights_fingerprint(cut.trunk),
-        image_size=config.data.image_size,
-        cut=cut.cut,
-        dtype=np.dtype(CACHE_DTYPE).name,
-    )
-    root = _cache_root(loaded)
+    wanted = activation_key(cut, loaded, data_version)
     cached = {}
     for split in ("train", "val", "test"):
         frame = table.split(split)
@@ -141,16 +218,9 @@ def cached_activations(
         dataset = image_dataset(
             source, table.classes, config.data.image_size, config.data.batch_size
         )
-        entry = cached_features(
-            cut.trunk, dataset, source, key, root, f"activations: {split}", CACHE_DTYPE
-        )
+        (entry,) = cached_outputs(cut.trunk, dataset, source, [wanted], f"activations: {split}")
         cached[split] = entry if source is frame else picked_rows(entry, source, frame)
     return cached
-
-
-def _cache_root(loaded) -> Path | None:
-    folder = loaded.config.feature_extraction.cache_dir
-    return loaded.path(folder) / "activations" if folder else None
 
 
 def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: int | None = None):
@@ -162,7 +232,7 @@ def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: in
     """
     import tensorflow as tf
 
-    activations, labels = cached.load()
+    activations, labels = cached.load(mmap=True)
     labels = labels.astype(np.int32)
     indices = tf.data.Dataset.range(len(labels))
     if shuffle_seed is not None:
@@ -180,7 +250,3 @@ def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: in
         return tf.ensure_shape(found, shape), tf.ensure_shape(found_labels, (None,))
 
     return indices.batch(batch_size).map(lookup).prefetch(2), len(labels)
-
-
-def cache_megabytes(cut: CutModels, images: int) -> float:
-    return cut.bytes_per_image() * images / 1e6

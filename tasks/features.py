@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -19,7 +20,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf import ExpectedError
-from tasks.inference import forward_pass
+from tasks.inference import forward_batches
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,10 @@ class CachedFeatures:
     reused: bool
     rows: np.ndarray | None = None
 
-    def load(self) -> tuple[np.ndarray, np.ndarray]:
-        features, labels = np.load(self.features), np.load(self.labels)
+    def load(self, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Both arrays; `mmap`: the features mapped from the file, not read into memory."""
+        features = np.load(self.features, mmap_mode="r" if mmap else None)
+        labels = np.load(self.labels)
         if self.rows is None:
             return features, labels
         return features[self.rows], labels[self.rows]
@@ -157,16 +160,17 @@ def _file_record(path: Path) -> dict[str, int | str]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _store(entry: _Entry, features: np.ndarray, labels: np.ndarray) -> None:
-    """Write both arrays and then their record, each by renaming a whole file into place.
+def _store(entry: _Entry, features: Path, labels: np.ndarray) -> None:
+    """Put the features' finished temporary file, the labels and then their record in place.
 
     Concurrent runs may compute the same split; each writes temporary files of its own and renames
     them, so readers see whole files or none, and the record, renamed last, vouches for whole arrays.
     """
-    written: dict[Path, Path] = {}  # where each file goes -> the temporary file holding it
+    written: dict[Path, Path] = {entry.features: features}  # where each file goes -> its temp
     try:
-        for path, array in ((entry.labels, labels), (entry.features, features)):
-            written[path] = _write_temporary(path.parent, ".npy", partial(np.save, arr=array))
+        written[entry.labels] = _write_temporary(
+            entry.labels.parent, ".npy", partial(np.save, arr=labels)
+        )
         record = json.dumps({path.name: _file_record(temp) for path, temp in written.items()})
         written[entry.record] = _write_temporary(
             entry.record.parent, ".json", lambda handle: handle.write(record.encode())
@@ -175,8 +179,8 @@ def _store(entry: _Entry, features: np.ndarray, labels: np.ndarray) -> None:
         for temp in written.values():
             temp.unlink(missing_ok=True)
         raise
-    for path, temp in written.items():  # the record last
-        os.replace(temp, path)
+    for path in (entry.labels, entry.features, entry.record):  # the record last
+        os.replace(written[path], path)
 
 
 def _damage(entry: _Entry) -> tuple[Path, str] | None:
@@ -212,6 +216,16 @@ def _damage(entry: _Entry) -> tuple[Path, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """One output of a forward pass to cache: its key, the folder of its entries (None: a
+    temporary one, nothing reused) and the dtype it is stored in."""
+
+    key: CacheKey
+    root: Path | None
+    dtype: type = np.float32
+
+
 def cached_features(
     feature_extractor,
     dataset,
@@ -219,35 +233,107 @@ def cached_features(
     key: CacheKey,
     cache_dir: Path | None,
     label: str = "frozen features",
-    dtype: type = np.float32,
 ) -> CachedFeatures:
-    """Features of `frame`'s images from the cache, or computed with one forward pass and stored.
+    """Features of `frame`'s images from the cache, or computed with one forward pass and stored."""
+    (cached,) = cached_outputs(feature_extractor, dataset, frame, [Wanted(key, cache_dir)], label)
+    return cached
+
+
+def cached_outputs(
+    model, dataset, frame: pd.DataFrame, wanted: Sequence[Wanted], label: str
+) -> list[CachedFeatures]:
+    """Each output of `model` (one per `wanted`) for `frame`'s images: from the cache, or all the
+    missing ones computed together in one forward pass and stored.
 
     An entry is `<digest>.features.npy`, `<digest>.labels.npy` and `<digest>.json`, the record of
     both arrays' sizes and sha256, written last. An entry that does not match its record (a
     truncated or altered file, a missing record) is never fatal: a warning names the bad file
     and the entry is computed again and renamed over it. Nothing is deleted first: another run
-    may be writing the same entry, and its files must not vanish under it. `label` names the
-    pass's progress bar on a terminal.
+    may be writing the same entry, and its files must not vanish under it. Batches are written
+    to disk as they come, so the pass holds a few batches whatever the number of images. `label`
+    names the pass's progress bar on a terminal.
     """
-    digest = key.digest(frame)
-    root = cache_dir if cache_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
-    root.mkdir(parents=True, exist_ok=True)
-    entry = _Entry.at(root, digest)
-    if cache_dir is not None and any(path.exists() for path in entry.files()):
-        damage = _damage(entry)
-        if damage is None:
-            return CachedFeatures(entry.features, entry.labels, reused=True)
-        path, problem = damage
-        log.warning(
-            "Feature cache file %s is %s; recomputing this split's features and replacing the "
-            "cache entry.",
-            path,
-            problem,
+    entries, found = [], []
+    for item in wanted:
+        root = item.root if item.root is not None else Path(tempfile.mkdtemp(prefix="features-"))
+        root.mkdir(parents=True, exist_ok=True)
+        entry = _Entry.at(root, item.key.digest(frame))
+        entries.append(entry)
+        found.append(_whole(entry) if item.root is not None else None)
+    missing = [i for i, cached in enumerate(found) if cached is None]
+    if missing:
+        outputs = [model.outputs[i] for i in missing]
+        computing = model if len(outputs) == len(model.outputs) else _model_of(model, outputs)
+        _compute(
+            computing,
+            dataset,
+            len(frame),
+            [(entries[i], wanted[i].dtype) for i in missing],
+            label,
         )
-    features, labels = forward_pass(feature_extractor, dataset, len(frame), label)
-    _store(entry, np.asarray(features, dtype=dtype), labels)
-    return CachedFeatures(entry.features, entry.labels, reused=False)
+    return [
+        cached or CachedFeatures(entry.features, entry.labels, reused=False)
+        for cached, entry in zip(found, entries, strict=True)
+    ]
+
+
+def _model_of(model, outputs):
+    import keras
+
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_part")
+
+
+def _whole(entry: _Entry) -> CachedFeatures | None:
+    """The stored entry when it is whole; None when absent, or damaged (then said)."""
+    if not any(path.exists() for path in entry.files()):
+        return None
+    damage = _damage(entry)
+    if damage is None:
+        return CachedFeatures(entry.features, entry.labels, reused=True)
+    path, problem = damage
+    log.warning(
+        "Feature cache file %s is %s; recomputing this split's features and replacing the "
+        "cache entry.",
+        path,
+        problem,
+    )
+    return None
+
+
+def _compute(model, dataset, count: int, targets: list[tuple[_Entry, type]], label: str) -> None:
+    """One forward pass of `model`, its i-th output streamed into the i-th target's entry."""
+    labels = np.empty(count, np.int32)
+    temps: list[Path] = []
+    try:
+        with ExitStack() as files:
+            handles = []
+            for (entry, dtype), output in zip(targets, model.outputs, strict=True):
+                handle = files.enter_context(
+                    tempfile.NamedTemporaryFile(
+                        dir=entry.features.parent, suffix=".npy", delete=False
+                    )
+                )
+                temps.append(Path(handle.name))
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                    "fortran_order": False,
+                    "shape": (count, *output.shape[1:]),
+                }
+                np.lib.format.write_array_header_1_0(handle, header)
+                handles.append(handle)
+            filled = 0
+            for batch, batch_labels in forward_batches(model, dataset, count, label):
+                for handle, (_, dtype), values in zip(handles, targets, batch, strict=True):
+                    handle.write(np.ascontiguousarray(values, dtype=dtype).tobytes())
+                labels[filled : filled + len(batch_labels)] = batch_labels
+                filled += len(batch_labels)
+        for temp, (entry, _) in zip(temps, targets, strict=True):
+            os.chmod(temp, 0o666 & ~_umask())
+            _store(entry, temp, labels)
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
@@ -255,14 +341,21 @@ def cached_features(
 
 @task(name="extract-frozen-features", cache_policy=NO_CACHE)
 def extract_frozen_features(
-    classifier, table, loaded, data_version: str, train_pool: pd.DataFrame | None = None
+    classifier,
+    table,
+    loaded,
+    data_version: str,
+    train_pool: pd.DataFrame | None = None,
+    cuts: Sequence = (),
 ) -> dict[str, CachedFeatures]:
     """Every split's features through the frozen base, reused from the cache when the key matches.
 
     With `train_pool` (rows of the table's frame, a superset of its training split) the whole
     pool's features are cached as one entry and the training split's rows are picked from it,
-    so every label budget and seed of a comparison reads the same entry.
+    so every label budget and seed of a comparison reads the same entry. `cuts` (CutModels of
+    the fine-tuning stages to come) have their activations cached by the same pass.
     """
+    from tasks.activations import activation_key, features_and_cuts
     from tasks.data import image_dataset
 
     config = loaded.config
@@ -279,6 +372,9 @@ def extract_frozen_features(
         if config.feature_extraction.cache_dir
         else None
     )
+    wanted = [Wanted(key, cache_dir)]
+    wanted += [activation_key(cut, loaded, data_version) for cut in cuts]
+    model = features_and_cuts(classifier, list(cuts)) if cuts else classifier.feature_extractor
     features = {}
     for split in ("train", "val", "test"):
         frame = table.split(split)
@@ -288,9 +384,7 @@ def extract_frozen_features(
         dataset = image_dataset(
             source, table.classes, config.data.image_size, config.data.batch_size
         )
-        cached = cached_features(
-            classifier.feature_extractor, dataset, source, key, cache_dir, f"features: {split}"
-        )
+        cached = cached_outputs(model, dataset, source, wanted, f"features: {split}")[0]
         features[split] = cached if source is frame else picked_rows(cached, source, frame)
     return features
 

@@ -577,6 +577,19 @@ def unfreeze_top_blocks(base: keras.Model, blocks: int | Literal["all"]) -> int:
     fine-tuning batches wrecks the pretrained features (the classifier also calls the base with
     training=False, so frozen BN layers run in inference mode).
     """
+    trainable = unfrozen_layer_names(base, blocks)
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = layer.name in trainable
+        for sub in layer._flatten_layers(include_self=True, recursive=True):
+            if isinstance(sub, keras.layers.BatchNormalization):
+                sub.trainable = False
+    return trainable_parameter_count(base)
+
+
+def unfrozen_layer_names(base: keras.Model, blocks: int | Literal["all"]) -> set[str]:
+    """The names of the layers `unfreeze_top_blocks(base, blocks)` makes trainable, BatchNorm
+    layers aside, without changing the base."""
     all_blocks = base_blocks(base)
     if blocks == "all":
         chosen = all_blocks
@@ -590,14 +603,10 @@ def unfreeze_top_blocks(base: keras.Model, blocks: int | Literal["all"]) -> int:
         chosen = all_blocks[len(all_blocks) - blocks :]
     else:
         raise ValueError(f"unfreeze_blocks must be a non-negative integer or 'all', got {blocks!r}")
-    trainable = {name for block in chosen for name in block.layer_names}
-    base.trainable = True
-    for layer in base.layers:
-        layer.trainable = layer.name in trainable
-        for sub in layer._flatten_layers(include_self=True, recursive=True):
-            if isinstance(sub, keras.layers.BatchNormalization):
-                sub.trainable = False
-    return trainable_parameter_count(base)
+    batch_norm = {
+        layer.name for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    return {name for block in chosen for name in block.layer_names} - batch_norm
 
 
 def make_fully_trainable(base: keras.Model) -> int:

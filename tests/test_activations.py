@@ -13,19 +13,36 @@ from tasks.model import build_base, build_classifier
 from tests.tiny_stages import SIZE, setting, train_stage
 
 
-@pytest.mark.parametrize("architecture", ["MobileNet", "MobileNetV2"])
+@pytest.mark.parametrize(
+    ("architecture", "head"),
+    [("MobileNet", True), ("MobileNetV2", True), ("MobileNet", False)],
+    ids=["MobileNet-after-head", "MobileNetV2-after-head", "MobileNet-stages-alone"],
+)
 def test_a_stage_through_the_cache_ends_where_the_whole_model_does(
-    tmp_path: Path, tiny_table, architecture: str, caplog
+    tmp_path: Path, tiny_table, architecture: str, head: bool, caplog
 ) -> None:
-    """MobileNet is one chain of blocks; MobileNetV2's blocks hold skip connections."""
+    """MobileNet is one chain of blocks; MobileNetV2's blocks hold skip connections. After the
+    head's stage, the activations come from the feature pass; on their own, each stage fills
+    the cache at its cut."""
     whole_model, whole = train_stage(
-        setting(tmp_path, architecture, activation_cache_mb=0), tiny_table, architecture
+        setting(tmp_path / "whole", architecture, activation_cache_mb=0),
+        tiny_table,
+        architecture,
+        head,
     )
     with caplog.at_level(logging.INFO, logger="tasks.stages.fine_tune"):
         cached_model, cached = train_stage(
-            setting(tmp_path, architecture), tiny_table, architecture
+            setting(tmp_path / "cached", architecture), tiny_table, architecture, head
         )
-    assert "trains through the activation cache at" in caplog.text
+    through = [line for line in caplog.messages if "trains through the activation cache" in line]
+    assert len(through) == 2
+    assert all(line.endswith("reused)" if head else "computed)") for line in through)
+    if head:  # the feature pass that also wrote the activations wrote the same features
+        features = list((tmp_path / "whole" / "cache").glob("*.features.npy"))
+        assert len(features) == 3  # train, validation and test
+        for stored in features:
+            alongside = np.load(tmp_path / "cached" / "cache" / stored.name)
+            assert np.array_equal(np.load(stored), alongside)
     differences = [
         float(np.max(np.abs(a.numpy() - b.numpy())))
         for a, b in zip(whole_model.model.weights, cached_model.model.weights, strict=True)
@@ -60,6 +77,6 @@ def test_over_the_budget_the_stage_trains_through_the_whole_model_and_says_so(
         train_stage(
             setting(tmp_path, "MobileNet", activation_cache_mb=0.01), tiny_table, "MobileNet"
         )
-    assert "trains through the whole model: the activations at" in caplog.text
-    assert "over fine_tune.activation_cache_mb (0.01)" in caplog.text
+    assert "trains through the whole model (no activation cache: its activations at" in caplog.text
+    assert "over fine_tune.activation_cache_mb (0.01))" in caplog.text
     assert not (tmp_path / "cache" / "activations").exists()

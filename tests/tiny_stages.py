@@ -34,14 +34,15 @@ def setting(tmp_path: Path, architecture: str, **fine_tune) -> LoadedConfig:
     return LoadedConfig(config, tmp_path)
 
 
-def train_stage(loaded: LoadedConfig, table, architecture: str):
-    """The config's fine-tuning stages, in order, on a freshly built classifier: same seed, same
-    starting weights every time. Returns the classifier and the last stage's result."""
+def train_stage(loaded: LoadedConfig, table, architecture: str, head: bool = False):
+    """The config's fine-tuning stages (after the head's, with `head`), in order, on a freshly
+    built classifier: same seed, same starting weights every time. Returns the classifier and
+    the last stage's result."""
     keras.utils.set_random_seed(loaded.config.seed)
     base = build_base(architecture, None, SIZE, {})
     classifier = build_classifier(base, architecture, len(table.classes), "avg", 0.2, 0, 3)
     inputs = StageInputs(classifier, table, loaded, data_version="v1")
     result = None
-    for stage in transfer_stages(loaded.config)[1:]:
+    for stage in transfer_stages(loaded.config)[0 if head else 1 :]:
         result = stage.train(inputs)
     return classifier, result

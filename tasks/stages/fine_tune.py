@@ -72,43 +72,22 @@ def fine_tune_stage_on_activations(
 ) -> StageResult | None:
     """The stage trained and evaluated through the activation cache at its cut, or None (and
     the reason logged) when the whole model must run: no single cut, or over the budget."""
-    from tasks.activations import activation_dataset, cached_activations, split_at_cut
+    from tasks.activations import (
+        activation_dataset,
+        cached_activations,
+        cut_for_stage,
+        images_to_cache,
+    )
     from tasks.evaluate import evaluate_model
     from tasks.model import unfreeze_top_blocks
 
     config = inputs.loaded.config
-    budget = config.fine_tune.activation_cache_mb
-    if budget == 0:
-        return None
-    if stage.augmentation.enabled:
-        log.info(
-            "%s: trains through the whole model (no activation cache: augmentation changes the "
-            "images the frozen blocks see every epoch)",
-            stage.name,
-        )
-        return None
-    unfreeze_top_blocks(inputs.classifier.base, stage.settings.unfreeze_blocks)
-    cut = split_at_cut(inputs.classifier)
+    images = images_to_cache(inputs.table, inputs.feature_pool)
+    cut = cut_for_stage(inputs.classifier, stage, config, images)
     if isinstance(cut, str):
         log.info("%s: trains through the whole model (no activation cache: %s)", stage.name, cut)
         return None
-    pool = inputs.feature_pool if inputs.feature_pool is not None else inputs.table.split("train")
-    images = len(pool) + len(inputs.table.split("val")) + len(inputs.table.split("test"))
-    size_mb = cut.bytes_per_image() * images / 1e6
-    shape = "x".join(str(d) for d in cut.trunk.output.shape[1:])
-    if size_mb > budget:
-        log.info(
-            "%s: trains through the whole model: the activations at %s (%s, %d bytes an image) "
-            "would take %.1f MB for %d images, over fine_tune.activation_cache_mb (%g)",
-            stage.name,
-            cut.cut,
-            shape,
-            cut.bytes_per_image(),
-            size_mb,
-            images,
-            budget,
-        )
-        return None
+    unfreeze_top_blocks(inputs.classifier.base, stage.settings.unfreeze_blocks)
     cached = cached_activations(
         cut, inputs.table, inputs.loaded, inputs.data_version, inputs.feature_pool
     )
@@ -117,9 +96,9 @@ def fine_tune_stage_on_activations(
         "images, %s)",
         stage.name,
         cut.cut,
-        shape,
+        cut.shape(),
         cut.bytes_per_image(),
-        size_mb,
+        cut.bytes_per_image() * images / 1e6,
         images,
         "reused" if all(entry.reused for entry in cached.values()) else "computed",
     )
