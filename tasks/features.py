@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -160,8 +161,9 @@ def _file_record(path: Path) -> dict[str, int | str]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _store(entry: _Entry, features: Path, labels: np.ndarray) -> None:
-    """Put the features' finished temporary file, the labels and then their record in place.
+def _store(entry: _Entry, features: Path, features_record: dict, labels: np.ndarray) -> None:
+    """Put the features' finished temporary file (`features_record`: its size and sha256), the
+    labels and then their record in place.
 
     Concurrent runs may compute the same split; each writes temporary files of its own and renames
     them, so readers see whole files or none, and the record, renamed last, vouches for whole arrays.
@@ -171,9 +173,10 @@ def _store(entry: _Entry, features: Path, labels: np.ndarray) -> None:
         written[entry.labels] = _write_temporary(
             entry.labels.parent, ".npy", partial(np.save, arr=labels)
         )
-        record = json.dumps({path.name: _file_record(temp) for path, temp in written.items()})
+        records = {entry.features.name: features_record}
+        records[entry.labels.name] = _file_record(written[entry.labels])
         written[entry.record] = _write_temporary(
-            entry.record.parent, ".json", lambda handle: handle.write(record.encode())
+            entry.record.parent, ".json", lambda handle: handle.write(json.dumps(records).encode())
         )
     except BaseException:
         for temp in written.values():
@@ -181,6 +184,18 @@ def _store(entry: _Entry, features: Path, labels: np.ndarray) -> None:
         raise
     for path in (entry.labels, entry.features, entry.record):  # the record last
         os.replace(written[path], path)
+    _checked[entry] = _identity(entry)
+
+
+# Entries this process wrote or checked, with the identity of their files then: reading one again
+# in the same process skips the sha256 (3 s a GB here) unless a file was replaced or changed since.
+_checked: dict[_Entry, tuple] = {}
+
+
+def _identity(entry: _Entry) -> tuple:
+    """Inode, size and modification time of each file of an entry."""
+    stats = [path.stat() for path in entry.files()]
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
 def _damage(entry: _Entry) -> tuple[Path, str] | None:
@@ -287,8 +302,13 @@ def _whole(entry: _Entry) -> CachedFeatures | None:
     """The stored entry when it is whole; None when absent, or damaged (then said)."""
     if not any(path.exists() for path in entry.files()):
         return None
-    damage = _damage(entry)
+    try:
+        unchanged = _checked.get(entry) == _identity(entry)
+    except FileNotFoundError:
+        unchanged = False
+    damage = None if unchanged else _damage(entry)
     if damage is None:
+        _checked[entry] = _identity(entry)
         return CachedFeatures(entry.features, entry.labels, reused=True)
     path, problem = damage
     log.warning(
@@ -301,12 +321,15 @@ def _whole(entry: _Entry) -> CachedFeatures | None:
 
 
 def _compute(model, dataset, count: int, targets: list[tuple[_Entry, type]], label: str) -> None:
-    """One forward pass of `model`, its i-th output streamed into the i-th target's entry."""
+    """One forward pass of `model`, its i-th output streamed into the i-th target's entry.
+
+    Each file is hashed as it is written, so storing it costs no second read.
+    """
     labels = np.empty(count, np.int32)
     temps: list[Path] = []
     try:
         with ExitStack() as files:
-            handles = []
+            streams = []
             for (entry, dtype), output in zip(targets, model.outputs, strict=True):
                 handle = files.enter_context(
                     tempfile.NamedTemporaryFile(
@@ -314,26 +337,46 @@ def _compute(model, dataset, count: int, targets: list[tuple[_Entry, type]], lab
                     )
                 )
                 temps.append(Path(handle.name))
-                header = {
-                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                    "fortran_order": False,
-                    "shape": (count, *output.shape[1:]),
-                }
-                np.lib.format.write_array_header_1_0(handle, header)
-                handles.append(handle)
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                        "fortran_order": False,
+                        "shape": (count, *output.shape[1:]),
+                    },
+                )
+                stream = _HashedFile(handle)
+                stream.write(header.getvalue())
+                streams.append(stream)
             filled = 0
             for batch, batch_labels in forward_batches(model, dataset, count, label):
-                for handle, (_, dtype), values in zip(handles, targets, batch, strict=True):
-                    handle.write(np.ascontiguousarray(values, dtype=dtype).tobytes())
+                for stream, (_, dtype), values in zip(streams, targets, batch, strict=True):
+                    stream.write(np.ascontiguousarray(values, dtype=dtype).tobytes())
                 labels[filled : filled + len(batch_labels)] = batch_labels
                 filled += len(batch_labels)
-        for temp, (entry, _) in zip(temps, targets, strict=True):
+        for temp, stream, (entry, _) in zip(temps, streams, targets, strict=True):
             os.chmod(temp, 0o666 & ~_umask())
-            _store(entry, temp, labels)
+            _store(entry, temp, stream.record(), labels)
     except BaseException:
         for temp in temps:
             temp.unlink(missing_ok=True)
         raise
+
+
+class _HashedFile:
+    """A file being written, with the size and sha256 of what went into it."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.size, self.digest = handle, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def record(self) -> dict[str, int | str]:
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
