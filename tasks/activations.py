@@ -228,11 +228,11 @@ def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: in
 
     `tasks.data.image_dataset` shuffles one element per image with the same buffer and seed, so
     both paths see the images in the same order in every epoch. Only indices go through tf.data:
-    each batch is gathered from the array in memory, which is never copied into a tensor whole.
+    each batch's rows are read from the cache file, so memory holds a few batches, not the cache.
     """
     import tensorflow as tf
 
-    activations, labels = cached.load(mmap=True)
+    activations, labels = cached.on_demand()
     labels = labels.astype(np.int32)
     indices = tf.data.Dataset.range(len(labels))
     if shuffle_seed is not None:
@@ -241,9 +241,9 @@ def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: in
         )
 
     def gather(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        return activations[batch], labels[batch]
+        return activations.read(batch), labels[batch]
 
-    shape = (None, *activations.shape[1:])
+    shape = (None, *activations.row_shape)
 
     def lookup(batch):
         found, found_labels = tf.numpy_function(gather, [batch], (tf.float32, tf.int32))

@@ -64,13 +64,71 @@ class CachedFeatures:
     reused: bool
     rows: np.ndarray | None = None
 
-    def load(self, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Both arrays; `mmap`: the features mapped from the file, not read into memory."""
-        features = np.load(self.features, mmap_mode="r" if mmap else None)
-        labels = np.load(self.labels)
+    def load(self) -> tuple[np.ndarray, np.ndarray]:
+        features, labels = np.load(self.features), np.load(self.labels)
         if self.rows is None:
             return features, labels
         return features[self.rows], labels[self.rows]
+
+    def on_demand(self) -> tuple[StoredRows, np.ndarray]:
+        """The features as rows read from the file when asked for, and the label ids."""
+        labels = np.load(self.labels)
+        return StoredRows.of(self.features, self.rows), (
+            labels if self.rows is None else labels[self.rows]
+        )
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """The rows of a stored .npy array, read from its file batch by batch: neither loaded nor
+    mapped, so memory holds the rows asked for and nothing else, whatever the file's size (the
+    operating system's file cache keeps the file's pages as long as memory allows).
+
+    `picked` maps row i to the file's row picked[i] (a split's rows of a pool's entry).
+    """
+
+    path: Path
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    count: int
+    picked: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, path: Path, picked: np.ndarray | None = None) -> StoredRows:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        if fortran:
+            raise ValueError(f"{path} is stored in Fortran order; the cache writes C order")
+        count = shape[0] if picked is None else len(picked)
+        return cls(path, tuple(shape[1:]), dtype, offset, count, picked)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows numbered `rows`, in that order."""
+        found = np.empty((len(rows), *self.row_shape), self.dtype)
+        size = found.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        into = found.data.cast("B")
+        in_file = rows if self.picked is None else self.picked[rows]
+        with self.path.open("rb", buffering=0) as handle:
+            for i, row in enumerate(in_file):
+                got = os.preadv(
+                    handle.fileno(),
+                    [into[i * size : (i + 1) * size]],
+                    self.offset + int(row) * size,
+                )
+                if got != size:
+                    raise ValueError(f"{self.path} ends before row {row}")
+        return found
 
 
 def weights_fingerprint(model) -> str:

@@ -268,3 +268,17 @@ def test_check_cache_dir_refuses_a_read_only_folder(tmp_path: Path) -> None:
             check_cache_dir(locked)
     finally:
         locked.chmod(0o700)
+
+
+def test_rows_read_on_demand_are_the_stored_rows(tmp_path: Path) -> None:
+    """Fine-tuning reads its cached activations a batch of rows at a time, in shuffled order."""
+    from tasks.features import StoredRows
+
+    stored = np.random.default_rng(0).random((50, 3, 4), dtype=np.float32)
+    np.save(tmp_path / "rows.npy", stored)
+    rows = StoredRows.of(tmp_path / "rows.npy")
+    assert len(rows) == 50
+    assert np.array_equal(rows.read(np.array([5, 0, 49, 7])), stored[[5, 0, 49, 7]])
+    picked = StoredRows.of(tmp_path / "rows.npy", np.array([10, 20, 30]))
+    assert len(picked) == 3
+    assert np.array_equal(picked.read(np.array([2, 0])), stored[[30, 10]])
