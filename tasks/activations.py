@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from keras.src.ops.function import make_node_key
 
+from tasks.compute import layer_precision
 from tasks.features import (
     CachedFeatures,
     cached_features,
@@ -46,6 +47,7 @@ class CutModels:
     trunk: keras.Model
     top: keras.Model
     cut: str  # the name of the layer whose output is cached
+    precision: str = "float32"  # the classifier's; float16 values are cached as float32
 
     def bytes_per_image(self) -> int:
         return int(np.prod(self.trunk.output.shape[1:])) * np.dtype(CACHE_DTYPE).itemsize
@@ -63,6 +65,7 @@ class ActivationKey:
     image_size: int
     cut: str
     dtype: str
+    precision: str = "float32"
 
     def digest(self, frame: pd.DataFrame) -> str:
         return split_digest(asdict(self), frame)
@@ -102,13 +105,17 @@ def split_at_cut(classifier) -> CutModels | str:
         return "the whole base is trainable: nothing below it is frozen"
     pixels = classifier.model.input
     preprocess = classifier.model.layers[1]
-    trunk_base = keras.Model(base.input, cut, name="frozen_trunk")
-    trunk = keras.Model(pixels, trunk_base(preprocess(pixels), training=False), name="trunk")
-    top_base = keras.Model(cut, base.output, name="unfrozen_top")
-    entering = keras.Input(cut.shape[1:], dtype=cut.dtype, name="trunk_output")
-    pooled = classifier.feature_extractor.layers[-1](top_base(entering, training=False))
-    top = keras.Model(entering, classifier.head(pooled), name="top")
-    return CutModels(trunk=trunk, top=top, cut=cut._keras_history.operation.name)
+    # Built with the classifier's precision: compiling a mixed_float16 model scales its loss.
+    with layer_precision(classifier.precision):
+        trunk_base = keras.Model(base.input, cut, name="frozen_trunk")
+        trunk = keras.Model(pixels, trunk_base(preprocess(pixels), training=False), name="trunk")
+        top_base = keras.Model(cut, base.output, name="unfrozen_top")
+        entering = keras.Input(cut.shape[1:], dtype=cut.dtype, name="trunk_output")
+        pooled = classifier.feature_extractor.layers[-1](top_base(entering, training=False))
+        top = keras.Model(entering, classifier.head(pooled), name="top")
+    return CutModels(
+        trunk=trunk, top=top, cut=cut._keras_history.operation.name, precision=classifier.precision
+    )
 
 
 def cached_activations(
@@ -130,6 +137,7 @@ def cached_activations(
         image_size=config.data.image_size,
         cut=cut.cut,
         dtype=np.dtype(CACHE_DTYPE).name,
+        precision=cut.precision,
     )
     root = _cache_root(loaded)
     cached = {}
