@@ -192,6 +192,36 @@ class FineTuneConfig(Section):
         return rates
 
 
+class ComputeConfig(Section):
+    """How TensorFlow computes: the layers' numeric precision and XLA compilation of training."""
+
+    precision: Literal["float32", "mixed_float16"] = Field(
+        "float32",
+        description="mixed_float16: layers compute in float16 on float32 weights, the softmax "
+        "stays in float32 and the loss is scaled so that small gradients survive; faster on "
+        "NVIDIA GPUs with Tensor Cores (compute capability 7.0 or newer), slower on a CPU. "
+        "Cached features and activations and resumable stages are kept apart per precision.",
+    )
+    jit_compile: bool = Field(
+        False,
+        description="Compile each training step with XLA (Keras' model.compile(jit_compile=...)). "
+        "Off by default everywhere, where Keras alone would turn it on for a GPU. The first epoch "
+        "of each stage pays the compilation, and XLA draws other dropout masks, so stages "
+        "trained with it are not resumed by a run without it, nor the other way round.",
+    )
+
+    def non_default(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, as `compute.<key>`: for the keys that tell
+        whether a stage or a retrain would give the same result, which at the defaults stay
+        what they were before this section existed."""
+        defaults = ComputeConfig()
+        return {
+            f"compute.{name}": value
+            for name, value in self.model_dump(mode="json").items()
+            if value != getattr(defaults, name)
+        }
+
+
 class EvaluationConfig(Section):
     primary_metric: Literal["accuracy", "macro_f1"] = Field(
         "accuracy", description="The test score the promotion gate and comparisons rank by."
@@ -495,6 +525,7 @@ class PipelineConfig(Section):
     head: HeadConfig = Field(default_factory=HeadConfig)
     feature_extraction: FeatureExtractionConfig = Field(default_factory=FeatureExtractionConfig)
     fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

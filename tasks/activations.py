@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from keras.src.ops.function import make_node_key
 
+from tasks.compute import layer_precision
 from tasks.features import (
     CachedFeatures,
     Wanted,
@@ -48,6 +49,7 @@ class CutModels:
     top: keras.Model
     cut: str  # the name of the layer whose output is cached
     tensor: keras.KerasTensor  # that output, in the base's own graph
+    precision: str = "float32"  # the classifier's; float16 values are cached as float32
 
     def bytes_per_image(self) -> int:
         return int(np.prod(self.trunk.output.shape[1:])) * np.dtype(CACHE_DTYPE).itemsize
@@ -68,6 +70,7 @@ class ActivationKey:
     image_size: int
     cut: str
     dtype: str
+    precision: str = "float32"
 
     def digest(self, frame: pd.DataFrame) -> str:
         return split_digest(asdict(self), frame)
@@ -113,13 +116,21 @@ def split_at_cut(classifier, trainable_layers: set[str] | None = None) -> CutMod
         return "the whole base is trainable: nothing below it is frozen"
     pixels = classifier.model.input
     preprocess = classifier.model.layers[1]
-    trunk_base = keras.Model(base.input, cut, name="frozen_trunk")
-    trunk = keras.Model(pixels, trunk_base(preprocess(pixels), training=False), name="trunk")
-    top_base = keras.Model(cut, base.output, name="unfrozen_top")
-    entering = keras.Input(cut.shape[1:], dtype=cut.dtype, name="trunk_output")
-    pooled = classifier.feature_extractor.layers[-1](top_base(entering, training=False))
-    top = keras.Model(entering, classifier.head(pooled), name="top")
-    return CutModels(trunk=trunk, top=top, cut=cut._keras_history.operation.name, tensor=cut)
+    # Built with the classifier's precision: compiling a mixed_float16 model scales its loss.
+    with layer_precision(classifier.precision):
+        trunk_base = keras.Model(base.input, cut, name="frozen_trunk")
+        trunk = keras.Model(pixels, trunk_base(preprocess(pixels), training=False), name="trunk")
+        top_base = keras.Model(cut, base.output, name="unfrozen_top")
+        entering = keras.Input(cut.shape[1:], dtype=cut.dtype, name="trunk_output")
+        pooled = classifier.feature_extractor.layers[-1](top_base(entering, training=False))
+        top = keras.Model(entering, classifier.head(pooled), name="top")
+    return CutModels(
+        trunk=trunk,
+        top=top,
+        cut=cut._keras_history.operation.name,
+        tensor=cut,
+        precision=classifier.precision,
+    )
 
 
 def images_to_cache(table, train_pool: pd.DataFrame | None) -> int:
@@ -192,6 +203,7 @@ def activation_key(cut: CutModels, loaded, data_version: str) -> Wanted:
         image_size=config.data.image_size,
         cut=cut.cut,
         dtype=np.dtype(CACHE_DTYPE).name,
+        precision=cut.precision,
     )
     folder = config.feature_extraction.cache_dir
     return Wanted(key, loaded.path(folder) / "activations" if folder else None, CACHE_DTYPE)

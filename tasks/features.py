@@ -1,4 +1,5 @@
-"""Frozen-base features, computed once per (data, base, weights, size, pooling) and cached on disk."""
+"""Frozen-base features, computed once per (data, base, weights, size, pooling, precision) and
+cached on disk."""
 
 from __future__ import annotations
 
@@ -40,13 +41,20 @@ class FeatureKey:
     weights_sha256: str
     image_size: int
     pooling: str
+    precision: str = "float32"
 
     def digest(self, frame: pd.DataFrame) -> str:
         return split_digest(asdict(self), frame)
 
 
 def split_digest(fields: dict, frame: pd.DataFrame) -> str:
-    """The cache key of one split: a key's fields plus exactly which images, in which order."""
+    """The cache key of one split: a key's fields plus exactly which images, in which order.
+
+    A float32 key leaves its precision out, so entries cached before compute.precision existed
+    keep their names; a mixed_float16 key's digest differs from it.
+    """
+    if fields.get("precision") == "float32":
+        fields = {name: value for name, value in fields.items() if name != "precision"}
     content = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
     content.update("\n".join(frame["path"]).encode())
     return content.hexdigest()[:32]
@@ -467,6 +475,7 @@ def extract_frozen_features(
         weights_sha256=weights_fingerprint(classifier.base),
         image_size=config.data.image_size,
         pooling=config.head.pooling,
+        precision=classifier.precision,
     )
     cache_dir = (
         loaded.path(config.feature_extraction.cache_dir)

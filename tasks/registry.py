@@ -513,6 +513,8 @@ def config_fingerprint(loaded: LoadedConfig) -> str:
             "registry": {"gate", "alpha", "margin", "max_class_drop"},
             "data": {"on_bad_images"},
             "fine_tune": {"activation_cache_mb"},
+            "compute": True,
         },
     )
+    tree.update(loaded.config.compute.non_default())  # precision and XLA change the weights
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()

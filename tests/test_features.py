@@ -77,6 +77,7 @@ def test_second_call_reuses_the_cache_without_a_forward_pass(tmp_path: Path) -> 
         {"image_size": 16},
         {"pooling": "max"},
         {"options": '{"alpha": 0.5}'},
+        {"precision": "mixed_float16"},
     ],
 )
 def test_any_change_of_the_key_recomputes(tmp_path: Path, changed: dict) -> None:
@@ -85,6 +86,13 @@ def test_any_change_of_the_key_recomputes(tmp_path: Path, changed: dict) -> None
     cached_features(extractor, data, frame, KEY, tmp_path)
     again = cached_features(extractor, data, frame, replace(KEY, **changed), tmp_path)
     assert not again.reused and extractor.images == 12
+
+
+def test_float32_entries_keep_the_names_they_had_before_precision_was_keyed() -> None:
+    """A cache filled before compute.precision existed is still found by float32 runs."""
+    _, frame = dataset(3)
+    assert KEY.digest(frame) == "ffcd4c8f7eeef126271554d04dff5ee9"  # the digest commit 23f853a gave
+    assert replace(KEY, precision="mixed_float16").digest(frame) != KEY.digest(frame)
 
 
 def test_a_different_set_of_images_is_a_different_entry(tmp_path: Path) -> None:

@@ -34,13 +34,28 @@ def setting(tmp_path: Path, architecture: str, **fine_tune) -> LoadedConfig:
     return LoadedConfig(config, tmp_path)
 
 
-def train_stage(loaded: LoadedConfig, table, architecture: str, head: bool = False):
-    """The config's fine-tuning stages (after the head's, with `head`), in order, on a freshly
-    built classifier: same seed, same starting weights every time. Returns the classifier and
-    the last stage's result."""
-    keras.utils.set_random_seed(loaded.config.seed)
+def fresh_classifier(table, architecture: str):
+    """A classifier with random base weights (no download), built after seeding."""
+    keras.utils.set_random_seed(3)
     base = build_base(architecture, None, SIZE, {})
-    classifier = build_classifier(base, architecture, len(table.classes), "avg", 0.2, 0, 3)
+    return build_classifier(base, architecture, len(table.classes), "avg", 0.2, 0, 3)
+
+
+def train_stage(
+    loaded: LoadedConfig, table, architecture: str, head: bool = False, start: list | None = None
+):
+    """The config's fine-tuning stages (after the head's, with `head`), in order, on a freshly
+    built classifier, from the weights `start` when given. Returns the classifier and the last
+    stage's result.
+
+    Two runs that must end alike pass the same `start`: a random base's initial weights follow
+    the seed only as long as no other thread draws random numbers in between, which Prefect's
+    task threads of an earlier test sometimes did.
+    """
+    classifier = fresh_classifier(table, architecture)
+    if start is not None:
+        classifier.model.set_weights(start)
+    keras.utils.set_random_seed(loaded.config.seed)
     inputs = StageInputs(classifier, table, loaded, data_version="v1")
     result = None
     for stage in transfer_stages(loaded.config)[0 if head else 1 :]:

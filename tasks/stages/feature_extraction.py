@@ -68,4 +68,5 @@ def train_new_head(classifier, features, config, stage: str) -> TrainingHistory:
         batch_size=config.data.batch_size,
         seed=config.seed,
         stage=stage,
+        jit_compile=config.compute.jit_compile,
     )

@@ -114,6 +114,7 @@ def fine_tune_stage_on_activations(
         patience=stage.patience,
         seed=config.seed,
         stage=stage.name,
+        jit_compile=config.compute.jit_compile,
     )
     test, count = activation_dataset(cached["test"], batch)
     evaluation = evaluate_model(cut.top, test, count, inputs.table.classes)
@@ -136,4 +137,5 @@ def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> Trainin
         patience=stage.patience,
         seed=config.seed,
         stage=stage.name,
+        jit_compile=config.compute.jit_compile,
     )

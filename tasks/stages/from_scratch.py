@@ -78,4 +78,5 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
         patience=stage.patience,
         seed=config.seed,
         stage=stage.name,
+        jit_compile=config.compute.jit_compile,
     )
