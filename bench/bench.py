@@ -436,6 +436,11 @@ def main() -> None:
     parser.add_argument("--skip-rss", action="store_true", help="skip the 60,000-image memory run")
     parser.add_argument("--only-rss", action="store_true", help="measure only memory (5)")
     parser.add_argument(
+        "--only-flow",
+        action="store_true",
+        help="measure only the flow against the plain script (3)",
+    )
+    parser.add_argument(
         "--only-compare", action="store_true", help="measure only the comparison flow (4)"
     )
     parser.add_argument(
@@ -464,6 +469,17 @@ def main() -> None:
     figures: dict[str, float] = {}
     say(f"benchmark on {os.cpu_count()} cores, {size} px, config {args.config}")
 
+    if args.only_flow:
+        cold, _, result = run_flow(args.config, overrides)
+        warm, _, _ = run_flow(args.config, overrides)
+        plain = plain_script(args.config)
+        say(
+            f"3. training flow: cold {cold:.1f} s, warm {warm:.1f} s (accuracy "
+            f"{result.stages[-1].test_accuracy:.4f}); plain Keras script {plain:.1f} s; "
+            f"flow_vs_plain_cold={cold / plain:.3f} flow_vs_plain_warm={warm / plain:.3f}"
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return
     if args.only_rss:
         for images_per_class in (1000, 6000):
             say(f"5. {images_per_class * 10:,} images: {peak_rss(images_per_class, work, size)}")

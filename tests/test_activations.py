@@ -30,7 +30,8 @@ def test_a_stage_through_the_cache_ends_where_the_whole_model_does(
         head,
         start,
     )
-    with caplog.at_level(logging.INFO, logger="tasks.stages.fine_tune"):
+    # The stage says how it trains in its Prefect run's log; the tests keep Prefect at WARNING.
+    with caplog.at_level(logging.INFO, logger="prefect"):
         cached_model, cached = train_stage(
             setting(tmp_path / "cached", architecture), tiny_table, architecture, head, start
         )
@@ -63,7 +64,7 @@ def test_a_stage_through_the_cache_ends_where_the_whole_model_does(
 def test_over_the_budget_the_stage_trains_through_the_whole_model_and_says_so(
     tmp_path: Path, tiny_table, caplog
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="tasks.stages.fine_tune"):
+    with caplog.at_level(logging.INFO, logger="prefect"):
         train_stage(
             setting(tmp_path, "MobileNet", activation_cache_mb=0.01), tiny_table, "MobileNet"
         )

@@ -43,7 +43,7 @@ def test_augmented_training_images_change_every_epoch_and_validation_images_neve
 def test_a_stage_that_augments_trains_through_the_whole_model_and_says_why(
     tmp_path: Path, tiny_table, caplog
 ) -> None:
-    with caplog.at_level(logging.INFO, logger="tasks.stages.fine_tune"):
+    with caplog.at_level(logging.INFO, logger="prefect"):
         _, result = train_stage(
             setting(tmp_path, "MobileNet", augmentation={"flip": True}), tiny_table, "MobileNet"
         )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,8 +12,6 @@ from conf.schema import AugmentationConfig, FineTuneStage
 from tasks.run_names import for_stage
 from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
 from tasks.train import TrainingHistory, fine_tune, image_splits
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,8 @@ def fine_tune_stage_on_activations(
     inputs: StageInputs, stage: FineTuneBlocks
 ) -> StageResult | None:
     """The stage trained and evaluated through the activation cache at its cut, or None (and
-    the reason logged) when the whole model must run: no single cut, or over the budget."""
+    the reason logged) when the whole model must run: the cache off or over its budget, the
+    images augmented, or no single tensor at the cut (`tasks.activations.cut_for_stage`)."""
     from tasks.activations import (
         activation_dataset,
         cached_activations,
@@ -80,18 +78,21 @@ def fine_tune_stage_on_activations(
     )
     from tasks.evaluate import evaluate_model
     from tasks.model import unfreeze_top_blocks
+    from tasks.run_log import run_logger
 
     config = inputs.loaded.config
     images = images_to_cache(inputs.table, inputs.feature_pool)
     cut = cut_for_stage(inputs.classifier, stage, config, images)
     if isinstance(cut, str):
-        log.info("%s: trains through the whole model (no activation cache: %s)", stage.name, cut)
+        run_logger().info(
+            "%s: trains through the whole model (no activation cache: %s)", stage.name, cut
+        )
         return None
     unfreeze_top_blocks(inputs.classifier.base, stage.settings.unfreeze_blocks)
     cached = cached_activations(
         cut, inputs.table, inputs.loaded, inputs.data_version, inputs.feature_pool
     )
-    log.info(
+    run_logger().info(
         "%s: trains through the activation cache at %s (%s, %d bytes an image, %.1f MB for %d "
         "images, %s)",
         stage.name,
