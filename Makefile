@@ -25,14 +25,38 @@ export PATH := $(abspath $(BIN)):$(PATH)
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(BIN)/transferflow: pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -m pip install --quiet -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
-	$(BIN)/python -c 'import tensorflow, keras, mlflow, prefect, dvc, pandas, pytest'
-	touch $@
+# Which TensorFlow .venv holds: `make install GPU=1` the CUDA build (tensorflow[and-cuda], Linux
+# x86_64 with an NVIDIA driver), GPU=0 the CPU build (tensorflow-cpu on x86_64). Without GPU=,
+# a venv keeps the build it has, so a later `make test` or `make demo` never swaps a CUDA venv
+# back; a new venv gets the CPU build.
+TF_BUILD_FILE := $(VENV)/tensorflow-build
+TF_BUILD := $(if $(filter 1,$(GPU)),cuda,$(if $(filter 0,$(GPU)),cpu,$(or $(shell cat $(TF_BUILD_FILE) 2>/dev/null),cpu)))
+PIP := $(BIN)/python -m pip
 
-install: $(BIN)/transferflow ## Create .venv and install the project with its dependencies
+$(VENV)/installed-cpu: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	if [ "$$(cat $(TF_BUILD_FILE) 2>/dev/null)" = cuda ]; then $(PIP) uninstall --quiet -y tensorflow; fi
+	$(PIP) install --quiet -e '.[dev]' 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c 'import tensorflow, keras, mlflow, prefect, dvc, pandas, pytest'
+	rm -f $(VENV)/installed-cuda && echo cpu >$(TF_BUILD_FILE) && touch $@
+
+# tensorflow-cpu and tensorflow[and-cuda] install the same `tensorflow` module, so the CUDA
+# install never lets pip see the project's tensorflow-cpu: deploy/cuda_requirements.py lists the
+# project's requirements with tensorflow[and-cuda] in its place, then the project goes in with
+# --no-deps. The CUDA libraries come as pip packages (nvidia-*-cu12); the driver must be there.
+$(VENV)/installed-cuda: pyproject.toml deploy/cuda_requirements.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+	if $(PIP) show --quiet tensorflow-cpu 2>/dev/null; then $(PIP) uninstall --quiet -y tensorflow-cpu; fi
+	$(BIN)/python deploy/cuda_requirements.py dev >$(VENV)/requirements-cuda.txt
+	$(PIP) install --quiet -r $(VENV)/requirements-cuda.txt 2>&1 | grep -v '^WARNING: Location' || true
+	$(PIP) install --quiet --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
+	$(BIN)/python -c 'import tensorflow as tf, keras, mlflow, prefect, dvc, pandas, pytest; \
+	  from tasks.compute import device_description; print("TensorFlow trains on:", device_description())'
+	rm -f $(VENV)/installed-cpu && echo cuda >$(TF_BUILD_FILE) && touch $@
+
+install: $(VENV)/installed-$(TF_BUILD) ## Create .venv and install the project (GPU=1: TensorFlow's CUDA build, GPU=0: back to the CPU one)
 
 fashion-mnist: ## Make Fashion-MNIST available offline (Keras cache, or Debian's dataset-fashion-mnist)
 	@if [ -f $(KERAS_CACHE)/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || [ -f $(DEBIAN_FMNIST) ]; then \

@@ -8,6 +8,7 @@ use their own MLflow store, feature cache and model name: the demo's champion is
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -181,8 +182,6 @@ def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[st
 
     One budget; each lone run has a feature cache of its own, as separate training runs would.
     """
-    import json
-
     from prefect import flow
 
     from flows.compare import compare_strategies
@@ -217,43 +216,124 @@ def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[st
     return together, alone
 
 
-def peak_rss(images_per_class: int, work: Path, size: int) -> float:
-    """5. Peak RSS (MB) while loading, checking and extracting features for 10 x images_per_class.
+def peak_rss(images_per_class: int, work: Path, size: int) -> dict[str, float]:
+    """5. Peak RSS (MB) while loading, checking and extracting features for 10 x images_per_class,
+    then filling the activation cache at the demo's two cuts in the same pass and reading one
+    epoch of shuffled batches back from it; and the cache's bytes per image.
 
-    The peak is taken from after the model is built (Linux's VmHWM, reset through clear_refs), so
-    it is the data's share on top of TensorFlow and the model, not TensorFlow's start-up peak.
+    Each peak is taken from after the model is built (Linux's VmHWM, reset through clear_refs),
+    so it is the data's share on top of TensorFlow and the model, not TensorFlow's start-up peak.
     The lower of two runs: identical runs differed by up to 140 MB, as malloc's per-thread arenas
     happened to hold the decoded batches, and that noise only ever adds.
     """
     code = f"""
-import sys
+import json, shutil, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
+from tasks.activations import ActivationKey, activation_dataset, features_and_cuts, split_at_cut
 from tasks.demo_data import write_demo_dataset
 from tasks.data import load_image_table, check_images, image_dataset
-from tasks.features import FeatureKey, cached_features
-from tasks.model import build_base, build_classifier
+from tasks.features import FeatureKey, Wanted, cached_features, cached_outputs
+from tasks.model import build_base, build_classifier, unfrozen_layer_names
 root = Path({str(work)!r}) / "rss-{images_per_class}"
 if not (root / "manifest.csv").is_file():
     write_demo_dataset(root, train_per_class={images_per_class}, val_per_class=0, test_per_class=1, seed=0)
 classifier = build_classifier(build_base("MobileNet", "imagenet", {size}, {{"alpha": 0.25}}), "MobileNet", 10, "avg", 0.2, 0, 0)
+cuts = [split_at_cut(classifier, unfrozen_layer_names(classifier.base, blocks)) for blocks in (2, 4)]
+both = features_and_cuts(classifier, cuts)
 import gc; gc.collect()
+status = Path("/proc/self/status")
+def peak():
+    fields = dict(line.split(":", 1) for line in status.read_text().splitlines())
+    return int(fields["VmHWM"].split()[0]) / 1024
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak to what the process holds now
 table = load_image_table(root / "manifest.csv", 0.0, 0.0, 0)
 check_images(table)
 frame = table.split("train")
 key = FeatureKey("rss", "MobileNet", "{{}}", "x", {size}, "avg")
-cached_features(classifier.feature_extractor, image_dataset(frame, table.classes, {size}, 128), frame, key, Path({str(work)!r}) / f"cache-{images_per_class}-{{sys.argv[1]}}")
-status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
-print(int(status["VmHWM"].split()[0]) / 1024)
+cache = Path({str(work)!r}) / f"cache-{images_per_class}-{{sys.argv[1]}}"
+cached_features(classifier.feature_extractor, image_dataset(frame, table.classes, {size}, 128), frame, key, cache)
+features = peak()
+shutil.rmtree(cache)
+Path("/proc/self/clear_refs").write_text("5")
+wanted = [Wanted(key, cache)] + [Wanted(ActivationKey("rss", "MobileNet", "{{}}", "x", {size}, c.cut, "float32"), cache / "activations") for c in cuts]
+entries = cached_outputs(both, image_dataset(frame, table.classes, {size}, 128), frame, wanted, "rss")
+for _ in activation_dataset(entries[-1], 64, shuffle_seed=0)[0]:
+    pass
+stored = sum(f.stat().st_size for f in (cache / "activations").glob("*.features.npy"))
+print(json.dumps({{"features": features, "activations": peak(), "bytes_per_image": stored / len(frame)}}))
+shutil.rmtree(cache)
 """
-    peaks = []
+    runs = []
     for run in ("a", "b"):
         done = subprocess.run(
             [sys.executable, "-c", code, run], capture_output=True, text=True, check=True
         )
-        peaks.append(float(done.stdout.strip().splitlines()[-1]))
-    return min(peaks)
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {name: min(run[name] for run in runs) for name in runs[0]}
+
+
+def finetune_seconds(loaded, work: Path) -> dict[str, float]:
+    """11. The demo's fine-tuning stages with their test evaluations, through the whole model and
+    through the activation cache, each after the head's stage on the same classifier state.
+
+    The head's feature pass writes the activations at the stages' cuts, so what the cache costs
+    there is counted too: that pass with the cuts against without (both into an empty cache).
+    Warm: the same again, every cache entry already filled.
+    """
+    from dataclasses import replace
+
+    import keras
+    from prefect import flow
+
+    from tasks.activations import cuts_ahead
+    from tasks.data import load_image_table
+    from tasks.features import extract_frozen_features
+    from tasks.model import build_classifier_for
+    from tasks.stages.base import StageInputs
+    from tasks.stages.plan import transfer_stages
+
+    config = loaded.config
+    table = load_image_table(loaded.path(config.data.path), 0.1, 0.2, config.seed)
+
+    @flow(name="bench-fine-tuning")
+    def stages_timed(budget_mb: float, cache: str) -> tuple[float, float]:
+        """(the feature pass, the fine-tuning stages) in seconds."""
+        tree = config.model_copy(
+            update={
+                "fine_tune": config.fine_tune.model_copy(update={"activation_cache_mb": budget_mb}),
+                "feature_extraction": config.feature_extraction.model_copy(
+                    update={"cache_dir": str(work / cache)}
+                ),
+            }
+        )
+        setting = replace(loaded, config=tree)
+        keras.utils.set_random_seed(config.seed)
+        classifier = build_classifier_for.fn(setting, len(table.classes))
+        started = time.perf_counter()
+        cuts = cuts_ahead(classifier, setting, table, None)
+        extract_frozen_features.fn(classifier, table, setting, "bench", None, cuts)
+        extraction = time.perf_counter() - started
+        inputs = StageInputs(classifier, table, setting, data_version="bench")
+        head, *stages = transfer_stages(tree)
+        head.train(inputs)  # its features are cached now, as they are in the flow
+        started = time.perf_counter()
+        for stage in stages:
+            stage.train(inputs)
+        return extraction, time.perf_counter() - started
+
+    budget = config.fine_tune.activation_cache_mb or 2048
+    features_only, full = stages_timed(0, "finetune-full")
+    with_cuts, cold = stages_timed(budget, "finetune-cached")
+    _, warm = stages_timed(budget, "finetune-cached")
+    stored = sum(f.stat().st_size for f in (work / "finetune-cached" / "activations").glob("*.npy"))
+    return {
+        "full": full,
+        "cold": cold + with_cuts - features_only,
+        "warm": warm,
+        "writing": with_cuts - features_only,
+        "cache_mb": stored / 1e6,
+    }
 
 
 def measure_training(args, loaded, overrides, work: Path, figures: dict[str, float]) -> None:
@@ -315,11 +395,38 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
         f"into an empty checkout {pull:.1f} s for {files:,} files"
     )
 
+    timed = finetune_seconds(loaded, work)
+    figures |= {
+        "finetune_full_s": timed["full"],
+        "finetune_cached_cold_s": timed["cold"],
+        "finetune_cached_warm_s": timed["warm"],
+        "finetune_cached_vs_full": timed["cold"] / timed["full"],
+        "finetune_cached_warm_vs_full": timed["warm"] / timed["full"],
+    }
+    say(
+        f"11. fine-tuning stages with their test evaluations: whole model {timed['full']:.1f} s;"
+        f" through the activation cache {timed['cold']:.1f} s while it fills"
+        f" ({timed['writing']:.1f} s of it in the head's feature pass)"
+        f" ({timed['cold'] / timed['full']:.2f} x), {timed['warm']:.1f} s once filled"
+        f" ({timed['warm'] / timed['full']:.2f} x); cache {timed['cache_mb']:,.0f} MB on disk"
+    )
+
     if not args.skip_rss:
         small, large = peak_rss(1000, work, size), peak_rss(6000, work, size)
-        figures |= {"rss_mb_small": small, "rss_mb_large": large}
+        figures |= {
+            "rss_mb_small": small["features"],
+            "rss_mb_large": large["features"],
+            "rss_mb_activations_small": small["activations"],
+            "rss_mb_activations_large": large["activations"],
+            "activation_bytes_per_image": large["bytes_per_image"],
+        }
         say(
-            f"5. peak RSS: {small:,.0f} MB for 10,000 images, {large:,.0f} MB for 60,000 ({large / small:.2f} x)"
+            f"5. peak RSS: {small['features']:,.0f} MB for 10,000 images, "
+            f"{large['features']:,.0f} MB for 60,000 ({large['features'] / small['features']:.2f} x);"
+            f" with the activation cache at the demo's two cuts filled in the same pass and one "
+            f"epoch read back: {small['activations']:,.0f} MB and {large['activations']:,.0f} MB "
+            f"({large['activations'] / small['activations']:.2f} x), the cache "
+            f"{large['bytes_per_image']:,.0f} bytes an image"
         )
 
 
@@ -327,6 +434,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-c", "--config", default=str(ROOT / "conf" / "default.yaml"))
     parser.add_argument("--skip-rss", action="store_true", help="skip the 60,000-image memory run")
+    parser.add_argument("--only-rss", action="store_true", help="measure only memory (5)")
+    parser.add_argument(
+        "--only-flow",
+        action="store_true",
+        help="measure only the flow against the plain script (3)",
+    )
     parser.add_argument(
         "--only-compare", action="store_true", help="measure only the comparison flow (4)"
     )
@@ -335,6 +448,9 @@ def main() -> None:
     )
     parser.add_argument(
         "--only-grid", action="store_true", help="measure only resume, workers and grid (8-10)"
+    )
+    parser.add_argument(
+        "--only-finetune", action="store_true", help="measure only fine-tuning's cache (11)"
     )
     args = parser.parse_args()
 
@@ -353,6 +469,29 @@ def main() -> None:
     figures: dict[str, float] = {}
     say(f"benchmark on {os.cpu_count()} cores, {size} px, config {args.config}")
 
+    if args.only_flow:
+        cold, _, result = run_flow(args.config, overrides)
+        warm, _, _ = run_flow(args.config, overrides)
+        plain = plain_script(args.config)
+        say(
+            f"3. training flow: cold {cold:.1f} s, warm {warm:.1f} s (accuracy "
+            f"{result.stages[-1].test_accuracy:.4f}); plain Keras script {plain:.1f} s; "
+            f"flow_vs_plain_cold={cold / plain:.3f} flow_vs_plain_warm={warm / plain:.3f}"
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.only_rss:
+        for images_per_class in (1000, 6000):
+            say(f"5. {images_per_class * 10:,} images: {peak_rss(images_per_class, work, size)}")
+        shutil.rmtree(work, ignore_errors=True)
+        return
+    if args.only_finetune:
+        timed = finetune_seconds(loaded, work)
+        say(
+            f"11. {timed}: cold/full {timed['cold'] / timed['full']:.3f}, warm/full {timed['warm'] / timed['full']:.3f}"
+        )
+        shutil.rmtree(work, ignore_errors=True)
+        return
     if not args.only_grid:
         if not args.only_compare:
             measure_training(args, loaded, overrides, work, figures)

@@ -131,6 +131,23 @@ class FineTuneStage(Section):
         return value
 
 
+class AugmentationConfig(Section):
+    """Random changes to each training image before the base, a new draw every epoch."""
+
+    flip: bool = Field(False, description="Mirror images left to right at random.")
+    rotation: float = Field(
+        0.0, ge=0.0, le=0.5, description="Largest rotation, as a fraction of a full turn."
+    )
+    zoom: float = Field(0.0, ge=0.0, lt=1.0, description="Largest zoom in or out, as a fraction.")
+    translation: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Largest shift, as a fraction of the image's side."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.flip or self.rotation > 0 or self.zoom > 0 or self.translation > 0
+
+
 class FineTuneConfig(Section):
     """Staged unfreezing after feature extraction; an empty list means none."""
 
@@ -139,6 +156,18 @@ class FineTuneConfig(Section):
     )
     patience: int = Field(2, ge=1, description="Early-stopping patience of every stage.")
     stages: list[FineTuneStage] = Field(default_factory=list)
+    augmentation: AugmentationConfig = Field(
+        default_factory=AugmentationConfig,
+        description="Applied in fine-tuning stages and in training from scratch, never to the "
+        "head's cached features; a stage that augments trains through the whole model.",
+    )
+    activation_cache_mb: float = Field(
+        2048,
+        ge=0,
+        description="A stage trains through the frozen trunk's output, cached once per image at "
+        "the cut, when that output for every image fits in this many MB; above it, or at 0, "
+        "it trains through the whole model.",
+    )
 
     @model_validator(mode="after")
     def _each_stage_unfreezes_more(self) -> FineTuneConfig:
@@ -161,6 +190,36 @@ class FineTuneConfig(Section):
             rate = stage.learning_rate if stage.learning_rate is not None else rate * self.lr_factor
             rates.append(rate)
         return rates
+
+
+class ComputeConfig(Section):
+    """How TensorFlow computes: the layers' numeric precision and XLA compilation of training."""
+
+    precision: Literal["float32", "mixed_float16"] = Field(
+        "float32",
+        description="mixed_float16: layers compute in float16 on float32 weights, the softmax "
+        "stays in float32 and the loss is scaled so that small gradients survive; faster on "
+        "NVIDIA GPUs with Tensor Cores (compute capability 7.0 or newer), slower on a CPU. "
+        "Cached features and activations and resumable stages are kept apart per precision.",
+    )
+    jit_compile: bool = Field(
+        False,
+        description="Compile each training step with XLA (Keras' model.compile(jit_compile=...)). "
+        "Off by default everywhere, where Keras alone would turn it on for a GPU. The first epoch "
+        "of each stage pays the compilation, and XLA draws other dropout masks, so stages "
+        "trained with it are not resumed by a run without it, nor the other way round.",
+    )
+
+    def non_default(self) -> dict[str, Any]:
+        """The settings that differ from the defaults, as `compute.<key>`: for the keys that tell
+        whether a stage or a retrain would give the same result, which at the defaults stay
+        what they were before this section existed."""
+        defaults = ComputeConfig()
+        return {
+            f"compute.{name}": value
+            for name, value in self.model_dump(mode="json").items()
+            if value != getattr(defaults, name)
+        }
 
 
 class EvaluationConfig(Section):
@@ -466,6 +525,7 @@ class PipelineConfig(Section):
     head: HeadConfig = Field(default_factory=HeadConfig)
     feature_extraction: FeatureExtractionConfig = Field(default_factory=FeatureExtractionConfig)
     fine_tune: FineTuneConfig = Field(default_factory=FineTuneConfig)
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)

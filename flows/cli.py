@@ -127,6 +127,12 @@ _QUIET_DEFAULTS = {
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "DVC_NO_ANALYTICS": "1",
     "TF_CPP_MIN_LOG_LEVEL": "2",
+    # Prefect's temporary server keeps its state in SQLite. On a loaded 2-core host a comparison's
+    # cells and workers queued behind its 10 s statement timeout, the server answered 503 on
+    # every retry of a concurrency-slot request, and the flow failed 4 minutes in; with these,
+    # the same comparison finished.
+    "PREFECT_SERVER_DATABASE_TIMEOUT": "60",
+    "PREFECT_CLIENT_MAX_RETRIES": "10",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -245,11 +245,13 @@ def image_dataset(
     image_size: int,
     batch_size: int,
     shuffle_seed: int | None = None,
+    augment: Callable | None = None,
 ) -> tf.data.Dataset:
     """Batches of (float32 RGB images in [0, 255] of image_size x image_size, int32 labels).
 
     Files are read and decoded on the fly (tasks/image_decoding.py), so memory holds only a few
     batches. Only paths are shuffled (a full shuffle is then cheap), reshuffled each epoch.
+    `augment`, a Keras layer, changes each batch at random (training=True): new changes every epoch.
     """
     import tensorflow as tf  # imported here so listing or checking data does not load TensorFlow
 
@@ -262,7 +264,10 @@ def image_dataset(
         dataset = dataset.shuffle(
             max(len(frame), 1), seed=shuffle_seed, reshuffle_each_iteration=True
         )
-    return image_batches(dataset, image_size, batch_size, files=True)
+    batches = image_batches(dataset, image_size, batch_size, files=True)
+    if augment is None:
+        return batches
+    return batches.map(lambda images, labels: (augment(images, training=True), labels)).prefetch(2)
 
 
 def _tracked_output(repo_root: Path, dvc_file: str) -> dict:

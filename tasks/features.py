@@ -1,17 +1,20 @@
-"""Frozen-base features, computed once per (data, base, weights, size, pooling) and cached on disk."""
+"""Frozen-base features, computed once per (data, base, weights, size, pooling, precision) and
+cached on disk."""
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 import numpy as np
 import pandas as pd
@@ -19,9 +22,13 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf import ExpectedError
-from tasks.inference import forward_pass
+from tasks.inference import forward_batches
 
 log = logging.getLogger(__name__)
+
+
+class CacheKey(Protocol):
+    def digest(self, frame: pd.DataFrame) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -34,12 +41,23 @@ class FeatureKey:
     weights_sha256: str
     image_size: int
     pooling: str
+    precision: str = "float32"
 
     def digest(self, frame: pd.DataFrame) -> str:
-        """The cache key of one split: the key fields plus exactly which images, in which order."""
-        content = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
-        content.update("\n".join(frame["path"]).encode())
-        return content.hexdigest()[:32]
+        return split_digest(asdict(self), frame)
+
+
+def split_digest(fields: dict, frame: pd.DataFrame) -> str:
+    """The cache key of one split: a key's fields plus exactly which images, in which order.
+
+    A float32 key leaves its precision out, so entries cached before compute.precision existed
+    keep their names; a mixed_float16 key's digest differs from it.
+    """
+    if fields.get("precision") == "float32":
+        fields = {name: value for name, value in fields.items() if name != "precision"}
+    content = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    content.update("\n".join(frame["path"]).encode())
+    return content.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -59,6 +77,66 @@ class CachedFeatures:
         if self.rows is None:
             return features, labels
         return features[self.rows], labels[self.rows]
+
+    def on_demand(self) -> tuple[StoredRows, np.ndarray]:
+        """The features as rows read from the file when asked for, and the label ids."""
+        labels = np.load(self.labels)
+        return StoredRows.of(self.features, self.rows), (
+            labels if self.rows is None else labels[self.rows]
+        )
+
+
+@dataclass(frozen=True)
+class StoredRows:
+    """The rows of a stored .npy array, read from its file batch by batch: neither loaded nor
+    mapped, so memory holds the rows asked for and nothing else, whatever the file's size (the
+    operating system's file cache keeps the file's pages as long as memory allows).
+
+    `picked` maps row i to the file's row picked[i] (a split's rows of a pool's entry).
+    """
+
+    path: Path
+    row_shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int
+    count: int
+    picked: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, path: Path, picked: np.ndarray | None = None) -> StoredRows:
+        with path.open("rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (
+                np.lib.format.read_array_header_1_0
+                if version == (1, 0)
+                else np.lib.format.read_array_header_2_0
+            )
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
+        if fortran:
+            raise ValueError(f"{path} is stored in Fortran order; the cache writes C order")
+        count = shape[0] if picked is None else len(picked)
+        return cls(path, tuple(shape[1:]), dtype, offset, count, picked)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """The rows numbered `rows`, in that order."""
+        found = np.empty((len(rows), *self.row_shape), self.dtype)
+        size = found.itemsize * int(np.prod(self.row_shape, dtype=np.int64))
+        into = found.data.cast("B")
+        in_file = rows if self.picked is None else self.picked[rows]
+        with self.path.open("rb", buffering=0) as handle:
+            for i, row in enumerate(in_file):
+                got = os.preadv(
+                    handle.fileno(),
+                    [into[i * size : (i + 1) * size]],
+                    self.offset + int(row) * size,
+                )
+                if got != size:
+                    raise ValueError(f"{self.path} ends before row {row}")
+        return found
 
 
 def weights_fingerprint(model) -> str:
@@ -149,26 +227,41 @@ def _file_record(path: Path) -> dict[str, int | str]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _store(entry: _Entry, features: np.ndarray, labels: np.ndarray) -> None:
-    """Write both arrays and then their record, each by renaming a whole file into place.
+def _store(entry: _Entry, features: Path, features_record: dict, labels: np.ndarray) -> None:
+    """Put the features' finished temporary file (`features_record`: its size and sha256), the
+    labels and then their record in place.
 
     Concurrent runs may compute the same split; each writes temporary files of its own and renames
     them, so readers see whole files or none, and the record, renamed last, vouches for whole arrays.
     """
-    written: dict[Path, Path] = {}  # where each file goes -> the temporary file holding it
+    written: dict[Path, Path] = {entry.features: features}  # where each file goes -> its temp
     try:
-        for path, array in ((entry.labels, labels), (entry.features, features)):
-            written[path] = _write_temporary(path.parent, ".npy", partial(np.save, arr=array))
-        record = json.dumps({path.name: _file_record(temp) for path, temp in written.items()})
+        written[entry.labels] = _write_temporary(
+            entry.labels.parent, ".npy", partial(np.save, arr=labels)
+        )
+        records = {entry.features.name: features_record}
+        records[entry.labels.name] = _file_record(written[entry.labels])
         written[entry.record] = _write_temporary(
-            entry.record.parent, ".json", lambda handle: handle.write(record.encode())
+            entry.record.parent, ".json", lambda handle: handle.write(json.dumps(records).encode())
         )
     except BaseException:
         for temp in written.values():
             temp.unlink(missing_ok=True)
         raise
-    for path, temp in written.items():  # the record last
-        os.replace(temp, path)
+    for path in (entry.labels, entry.features, entry.record):  # the record last
+        os.replace(written[path], path)
+    _checked[entry] = _identity(entry)
+
+
+# Entries this process wrote or checked, with the identity of their files then: reading one again
+# in the same process skips the sha256 (3 s a GB here) unless a file was replaced or changed since.
+_checked: dict[_Entry, tuple] = {}
+
+
+def _identity(entry: _Entry) -> tuple:
+    """Inode, size and modification time of each file of an entry."""
+    stats = [path.stat() for path in entry.files()]
+    return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
 def _damage(entry: _Entry) -> tuple[Path, str] | None:
@@ -204,41 +297,152 @@ def _damage(entry: _Entry) -> tuple[Path, str] | None:
     return None
 
 
+@dataclass(frozen=True)
+class Wanted:
+    """One output of a forward pass to cache: its key, the folder of its entries (None: a
+    temporary one, nothing reused) and the dtype it is stored in."""
+
+    key: CacheKey
+    root: Path | None
+    dtype: type = np.float32
+
+
 def cached_features(
     feature_extractor,
     dataset,
     frame: pd.DataFrame,
-    key: FeatureKey,
+    key: CacheKey,
     cache_dir: Path | None,
     label: str = "frozen features",
 ) -> CachedFeatures:
-    """Features of `frame`'s images from the cache, or computed with one forward pass and stored.
+    """Features of `frame`'s images from the cache, or computed with one forward pass and stored."""
+    (cached,) = cached_outputs(feature_extractor, dataset, frame, [Wanted(key, cache_dir)], label)
+    return cached
+
+
+def cached_outputs(
+    model, dataset, frame: pd.DataFrame, wanted: Sequence[Wanted], label: str
+) -> list[CachedFeatures]:
+    """Each output of `model` (one per `wanted`) for `frame`'s images: from the cache, or all the
+    missing ones computed together in one forward pass and stored.
 
     An entry is `<digest>.features.npy`, `<digest>.labels.npy` and `<digest>.json`, the record of
     both arrays' sizes and sha256, written last. An entry that does not match its record (a
     truncated or altered file, a missing record) is never fatal: a warning names the bad file
     and the entry is computed again and renamed over it. Nothing is deleted first: another run
-    may be writing the same entry, and its files must not vanish under it. `label` names the
-    pass's progress bar on a terminal.
+    may be writing the same entry, and its files must not vanish under it. Batches are written
+    to disk as they come, so the pass holds a few batches whatever the number of images. `label`
+    names the pass's progress bar on a terminal.
     """
-    digest = key.digest(frame)
-    root = cache_dir if cache_dir is not None else Path(tempfile.mkdtemp(prefix="features-"))
-    root.mkdir(parents=True, exist_ok=True)
-    entry = _Entry.at(root, digest)
-    if cache_dir is not None and any(path.exists() for path in entry.files()):
-        damage = _damage(entry)
-        if damage is None:
-            return CachedFeatures(entry.features, entry.labels, reused=True)
-        path, problem = damage
-        log.warning(
-            "Feature cache file %s is %s; recomputing this split's features and replacing the "
-            "cache entry.",
-            path,
-            problem,
+    entries, found = [], []
+    for item in wanted:
+        root = item.root if item.root is not None else Path(tempfile.mkdtemp(prefix="features-"))
+        root.mkdir(parents=True, exist_ok=True)
+        entry = _Entry.at(root, item.key.digest(frame))
+        entries.append(entry)
+        found.append(_whole(entry) if item.root is not None else None)
+    missing = [i for i, cached in enumerate(found) if cached is None]
+    if missing:
+        outputs = [model.outputs[i] for i in missing]
+        computing = model if len(outputs) == len(model.outputs) else _model_of(model, outputs)
+        _compute(
+            computing,
+            dataset,
+            len(frame),
+            [(entries[i], wanted[i].dtype) for i in missing],
+            label,
         )
-    features, labels = forward_pass(feature_extractor, dataset, len(frame), label)
-    _store(entry, np.asarray(features, dtype=np.float32), labels)
-    return CachedFeatures(entry.features, entry.labels, reused=False)
+    return [
+        cached or CachedFeatures(entry.features, entry.labels, reused=False)
+        for cached, entry in zip(found, entries, strict=True)
+    ]
+
+
+def _model_of(model, outputs):
+    import keras
+
+    return keras.Model(model.inputs, outputs, name=f"{model.name}_part")
+
+
+def _whole(entry: _Entry) -> CachedFeatures | None:
+    """The stored entry when it is whole; None when absent, or damaged (then said)."""
+    if not any(path.exists() for path in entry.files()):
+        return None
+    try:
+        unchanged = _checked.get(entry) == _identity(entry)
+    except FileNotFoundError:
+        unchanged = False
+    damage = None if unchanged else _damage(entry)
+    if damage is None:
+        _checked[entry] = _identity(entry)
+        return CachedFeatures(entry.features, entry.labels, reused=True)
+    path, problem = damage
+    log.warning(
+        "Feature cache file %s is %s; recomputing this split's features and replacing the "
+        "cache entry.",
+        path,
+        problem,
+    )
+    return None
+
+
+def _compute(model, dataset, count: int, targets: list[tuple[_Entry, type]], label: str) -> None:
+    """One forward pass of `model`, its i-th output streamed into the i-th target's entry.
+
+    Each file is hashed as it is written, so storing it costs no second read.
+    """
+    labels = np.empty(count, np.int32)
+    temps: list[Path] = []
+    try:
+        with ExitStack() as files:
+            streams = []
+            for (entry, dtype), output in zip(targets, model.outputs, strict=True):
+                handle = files.enter_context(
+                    tempfile.NamedTemporaryFile(
+                        dir=entry.features.parent, suffix=".npy", delete=False
+                    )
+                )
+                temps.append(Path(handle.name))
+                header = io.BytesIO()
+                np.lib.format.write_array_header_1_0(
+                    header,
+                    {
+                        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                        "fortran_order": False,
+                        "shape": (count, *output.shape[1:]),
+                    },
+                )
+                stream = _HashedFile(handle)
+                stream.write(header.getvalue())
+                streams.append(stream)
+            filled = 0
+            for batch, batch_labels in forward_batches(model, dataset, count, label):
+                for stream, (_, dtype), values in zip(streams, targets, batch, strict=True):
+                    stream.write(np.ascontiguousarray(values, dtype=dtype).tobytes())
+                labels[filled : filled + len(batch_labels)] = batch_labels
+                filled += len(batch_labels)
+        for temp, stream, (entry, _) in zip(temps, streams, targets, strict=True):
+            os.chmod(temp, 0o666 & ~_umask())
+            _store(entry, temp, stream.record(), labels)
+    except BaseException:
+        for temp in temps:
+            temp.unlink(missing_ok=True)
+        raise
+
+
+class _HashedFile:
+    """A file being written, with the size and sha256 of what went into it."""
+
+    def __init__(self, handle: IO[bytes]) -> None:
+        self.handle, self.size, self.digest = handle, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+
+    def record(self) -> dict[str, int | str]:
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
@@ -246,14 +450,21 @@ def cached_features(
 
 @task(name="extract-frozen-features", cache_policy=NO_CACHE)
 def extract_frozen_features(
-    classifier, table, loaded, data_version: str, train_pool: pd.DataFrame | None = None
+    classifier,
+    table,
+    loaded,
+    data_version: str,
+    train_pool: pd.DataFrame | None = None,
+    cuts: Sequence = (),
 ) -> dict[str, CachedFeatures]:
     """Every split's features through the frozen base, reused from the cache when the key matches.
 
     With `train_pool` (rows of the table's frame, a superset of its training split) the whole
     pool's features are cached as one entry and the training split's rows are picked from it,
-    so every label budget and seed of a comparison reads the same entry.
+    so every label budget and seed of a comparison reads the same entry. `cuts` (CutModels of
+    the fine-tuning stages to come) have their activations cached by the same pass.
     """
+    from tasks.activations import activation_key, features_and_cuts
     from tasks.data import image_dataset
 
     config = loaded.config
@@ -264,12 +475,16 @@ def extract_frozen_features(
         weights_sha256=weights_fingerprint(classifier.base),
         image_size=config.data.image_size,
         pooling=config.head.pooling,
+        precision=classifier.precision,
     )
     cache_dir = (
         loaded.path(config.feature_extraction.cache_dir)
         if config.feature_extraction.cache_dir
         else None
     )
+    wanted = [Wanted(key, cache_dir)]
+    wanted += [activation_key(cut, loaded, data_version) for cut in cuts]
+    model = features_and_cuts(classifier, list(cuts)) if cuts else classifier.feature_extractor
     features = {}
     for split in ("train", "val", "test"):
         frame = table.split(split)
@@ -279,13 +494,14 @@ def extract_frozen_features(
         dataset = image_dataset(
             source, table.classes, config.data.image_size, config.data.batch_size
         )
-        cached = cached_features(
-            classifier.feature_extractor, dataset, source, key, cache_dir, f"features: {split}"
-        )
-        if source is not frame:
-            rows = pd.Index(source["path"]).get_indexer(frame["path"])
-            if (rows < 0).any():
-                raise ValueError("the training pool must hold every training image of the table")
-            cached = replace(cached, rows=rows)
-        features[split] = cached
+        cached = cached_outputs(model, dataset, source, wanted, f"features: {split}")[0]
+        features[split] = cached if source is frame else picked_rows(cached, source, frame)
     return features
+
+
+def picked_rows(cached: CachedFeatures, pool: pd.DataFrame, frame: pd.DataFrame) -> CachedFeatures:
+    """`frame`'s rows of an entry cached for `pool`, a superset of its images."""
+    rows = pd.Index(pool["path"]).get_indexer(frame["path"])
+    if (rows < 0).any():
+        raise ValueError("the training pool must hold every training image of the table")
+    return replace(cached, rows=rows)

@@ -42,24 +42,41 @@ def forward_pass(
     Outputs go straight into one preallocated array, so a pass holds its result once. On a
     terminal, a pass that lasts shows a progress bar named `label`.
     """
-    step = inference_step(model, dataset.element_spec[0])
     outputs, labels, filled = None, np.empty(count, np.int32), 0
-    with progress_bar(count, label) as bar:
-        for images, batch_labels in low_priority_batches(dataset):
-            batch = step(images).numpy()
-            if filled + len(batch) > count:
-                raise ValueError(f"the dataset yielded more than the {count} images expected")
-            if outputs is None:
-                outputs = np.empty((count, *batch.shape[1:]), batch.dtype)
-            outputs[filled : filled + len(batch)] = batch
-            labels[filled : filled + len(batch)] = batch_labels.numpy()
-            filled += len(batch)
-            bar.update(len(batch))
+    for (batch,), batch_labels in forward_batches(model, dataset, count, label):
+        if outputs is None:
+            outputs = np.empty((count, *batch.shape[1:]), batch.dtype)
+        outputs[filled : filled + len(batch)] = batch
+        labels[filled : filled + len(batch)] = batch_labels
+        filled += len(batch)
     if outputs is None:
         raise ValueError("the dataset yielded no batches")
+    return outputs, labels
+
+
+def forward_batches(
+    model, dataset: tf.data.Dataset, count: int, label: str = "forward pass"
+) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """Each batch's outputs (a list: one array per output of `model`) and labels, in order.
+
+    Raises once the dataset yields more or fewer than `count` images, so a caller that stores
+    the batches as they come never keeps a short or overlong pass.
+    """
+    step = inference_step(model, dataset.element_spec[0])
+    filled = 0
+    with progress_bar(count, label) as bar:
+        for images, batch_labels in low_priority_batches(dataset):
+            found = step(images)
+            batch = (
+                [t.numpy() for t in found] if isinstance(found, (list, tuple)) else [found.numpy()]
+            )
+            filled += len(batch[0])
+            if filled > count:
+                raise ValueError(f"the dataset yielded more than the {count} images expected")
+            yield batch, batch_labels.numpy()
+            bar.update(len(batch[0]))
     if filled != count:
         raise ValueError(f"the dataset yielded {filled} images, {count} expected")
-    return outputs, labels
 
 
 def progress_bar(count: int, label: str) -> tqdm:

@@ -25,6 +25,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.errors import ExpectedError
+from tasks.compute import MIXED_FLOAT16, device_description, layer_precision
 
 APPLICATIONS_DOCS = "https://keras.io/api/applications/"
 
@@ -84,6 +85,11 @@ class Classifier:
     feature_extractor: keras.Model
     head: keras.Model
     base: keras.Model
+
+    @property
+    def precision(self) -> str:
+        """The Keras dtype policy its layers were built with: "float32" or "mixed_float16"."""
+        return str(self.base.dtype_policy.name)
 
 
 # --- architectures -------------------------------------------------------------------------------
@@ -301,15 +307,16 @@ def build_base(
     weights: str | None,
     image_size: int,
     options: dict[str, Any] | None = None,
+    precision: str = "float32",
 ) -> keras.Model:
-    """The Keras Applications base without its top, for square RGB images, frozen."""
+    """The Keras Applications base without its top, for square RGB images, frozen.
+
+    Its layers compute in `precision` (compute.precision); the weights stay float32 either way.
+    """
     options = dict(options or {})
-    base = _construct(
-        architecture,
-        resolve_weights(architecture, weights, options, image_size),
-        image_size,
-        options,
-    )
+    resolved = resolve_weights(architecture, weights, options, image_size)
+    with layer_precision(precision):
+        base = _construct(architecture, resolved, image_size, options)
     base.trainable = False
     return base
 
@@ -577,6 +584,19 @@ def unfreeze_top_blocks(base: keras.Model, blocks: int | Literal["all"]) -> int:
     fine-tuning batches wrecks the pretrained features (the classifier also calls the base with
     training=False, so frozen BN layers run in inference mode).
     """
+    trainable = unfrozen_layer_names(base, blocks)
+    base.trainable = True
+    for layer in base.layers:
+        layer.trainable = layer.name in trainable
+        for sub in layer._flatten_layers(include_self=True, recursive=True):
+            if isinstance(sub, keras.layers.BatchNormalization):
+                sub.trainable = False
+    return trainable_parameter_count(base)
+
+
+def unfrozen_layer_names(base: keras.Model, blocks: int | Literal["all"]) -> set[str]:
+    """The names of the layers `unfreeze_top_blocks(base, blocks)` makes trainable, BatchNorm
+    layers aside, without changing the base."""
     all_blocks = base_blocks(base)
     if blocks == "all":
         chosen = all_blocks
@@ -590,14 +610,10 @@ def unfreeze_top_blocks(base: keras.Model, blocks: int | Literal["all"]) -> int:
         chosen = all_blocks[len(all_blocks) - blocks :]
     else:
         raise ValueError(f"unfreeze_blocks must be a non-negative integer or 'all', got {blocks!r}")
-    trainable = {name for block in chosen for name in block.layer_names}
-    base.trainable = True
-    for layer in base.layers:
-        layer.trainable = layer.name in trainable
-        for sub in layer._flatten_layers(include_self=True, recursive=True):
-            if isinstance(sub, keras.layers.BatchNormalization):
-                sub.trainable = False
-    return trainable_parameter_count(base)
+    batch_norm = {
+        layer.name for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)
+    }
+    return {name for block in chosen for name in block.layer_names} - batch_norm
 
 
 def make_fully_trainable(base: keras.Model) -> int:
@@ -646,7 +662,12 @@ def build_classifier(
     hidden_units: int,
     seed: int,
 ) -> Classifier:
-    """Raw pixels -> the family's preprocessing -> base (inference mode) -> pooling -> new head."""
+    """Raw pixels -> the family's preprocessing -> base (inference mode) -> pooling -> new head.
+
+    The new layers take the base's precision. The softmax always computes in float32, so the
+    probabilities and the loss do too; under mixed_float16, Keras scales the loss of a model
+    built this way when it is compiled.
+    """
     if num_classes < 2:
         raise ValueError(f"A classifier needs at least 2 classes, got {num_classes}.")
     if pooling not in ("avg", "max"):
@@ -661,6 +682,20 @@ def build_classifier(
             f"The base must take fixed-size RGB images, but {base.name} takes {base.input_shape}."
         )
 
+    with layer_precision(str(base.dtype_policy.name)):
+        return _assemble(base, architecture, num_classes, pooling, dropout, hidden_units, seed)
+
+
+def _assemble(
+    base: keras.Model,
+    architecture: str,
+    num_classes: int,
+    pooling: Literal["avg", "max"],
+    dropout: float,
+    hidden_units: int,
+    seed: int,
+) -> Classifier:
+    height, width, _ = base.input_shape[1:]
     pixels = keras.Input((height, width, 3), dtype="float32", name="pixels")
     x = preprocessing_layer(architecture)(pixels)
     # Keras records training=False here, but in Keras 3 an outer call with training=True (fit)
@@ -683,6 +718,7 @@ def build_classifier(
         activation="softmax",
         kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
         name="predictions",
+        dtype="float32",  # float16 probabilities would round small ones to 0 in the loss
     )(h)
     head = keras.Model(head_input, probabilities, name="head")
 
@@ -703,8 +739,19 @@ def build_classifier_for(loaded, num_classes: int) -> Classifier:
         weights = str(loaded.path(weights))  # a weights file named relative to the project
     keras.utils.set_random_seed(config.seed)
     base = build_base(
-        config.base.architecture, weights, config.data.image_size, config.base.options
+        config.base.architecture,
+        weights,
+        config.data.image_size,
+        config.base.options,
+        precision=config.compute.precision,
     )
+    if config.compute.precision == MIXED_FLOAT16 and device_description() == "CPU":
+        from tasks.run_log import run_logger
+
+        run_logger().warning(
+            "compute.precision is mixed_float16 but TensorFlow sees no GPU: training runs in "
+            "float16 on the CPU, usually slower than float32."
+        )
     return build_classifier(
         base,
         config.base.architecture,

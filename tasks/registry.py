@@ -502,8 +502,9 @@ def _iso(seconds: float) -> str:
 def config_fingerprint(loaded: LoadedConfig) -> str:
     """sha256 of the resolved training config, to tell later whether a retrain would differ."""
     # Whether stages may be resumed, how often a run beats, whether undecodable images fail
-    # the run or are left out (a model is only ever trained on the decodable ones), and how the
-    # paired gate decides change nothing a retrain produces.
+    # the run or are left out (a model is only ever trained on the decodable ones), how the
+    # paired gate decides, and whether stages train through the activation cache change
+    # nothing a retrain produces.
     tree = loaded.config.model_dump(
         mode="json",
         exclude={
@@ -511,6 +512,9 @@ def config_fingerprint(loaded: LoadedConfig) -> str:
             "tracking": {"resume", "heartbeat_seconds"},
             "registry": {"gate", "alpha", "margin", "max_class_drop"},
             "data": {"on_bad_images"},
+            "fine_tune": {"activation_cache_mb"},
+            "compute": True,
         },
     )
+    tree.update(loaded.config.compute.non_default())  # precision and XLA change the weights
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()

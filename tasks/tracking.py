@@ -42,6 +42,7 @@ from tasks.checkpoints import (
     StageCheckpoint,
     write_checkpoint,
 )
+from tasks.compute import DEVICE_TAG, device_description
 from tasks.credentials import redact_url
 from tasks.evaluate import Evaluation, confusion_matrix_figure
 from tasks.liveness import HEARTBEAT_TAG, close_stale_runs, heartbeat, liveness_tags
@@ -60,8 +61,9 @@ if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
 _PARAM_LIMIT = 6000
 # MLflow 3's UI opens an experiment in its GenAI view unless the link asks for the training one.
 _TRAINING_VIEW = "workflowType=machine_learning"
-# Who started a run and from what: the nested runs a pipeline opens carry its parent's.
-_SOURCE_TAGS = (MLFLOW_USER, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_GIT_COMMIT)
+# Who started a run, from what and on which device: the nested runs a pipeline opens carry its
+# parent's (a resumed stage's run: the device of the run resuming it, not of the one that trained it).
+_SOURCE_TAGS = (MLFLOW_USER, MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_GIT_COMMIT, DEVICE_TAG)
 # The dataset contexts of a stage run's inputs, by the image table's split names.
 _SPLIT_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
@@ -697,8 +699,8 @@ def start_tracking(
     tags: dict[str, str] | None = None,
     dataset_name: str | None = None,
 ) -> RunRef:
-    """Open the pipeline's parent run with the resolved config, git commit and data version, and
-    the list of image files left out as undecodable, if any.
+    """Open the pipeline's parent run with the resolved config, git commit, data version and the
+    device TensorFlow trains on, and the list of image files left out as undecodable, if any.
 
     `tags` add to the standard ones, e.g. a comparison's id and label budget; `dataset_name`
     names a subset of the data (default: the data file or folder's name).
@@ -729,6 +731,7 @@ def start_tracking(
             "data_version": data_version,
             "strategy": strategy,
             "architecture": config.base.architecture,
+            DEVICE_TAG: device_description(),
             **(tags or {}),
         },
         dataset=dataset,

@@ -40,11 +40,14 @@ class EpochLog(keras.callbacks.Callback):
         run_logger().info(line)
 
 
-def _compile(model, learning_rate: float) -> None:
+def _compile(model, learning_rate: float, jit_compile: bool) -> None:
+    """Adam on sparse cross-entropy; Keras wraps the optimizer to scale the loss of a model
+    built under mixed_float16 (tasks.model builds every model it trains that way)."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile=jit_compile,
     )
 
 
@@ -56,11 +59,12 @@ def _fit(
     patience: int,
     learning_rate: float,
     stage: str,
+    jit_compile: bool,
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
     **fit_args,
 ):
     """Compile afresh and fit with fresh callbacks, so no stage inherits another's state."""
-    _compile(model, learning_rate)
+    _compile(model, learning_rate, jit_compile)
     callbacks = [*extra_callbacks, EpochLog(stage)]
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(
@@ -101,6 +105,7 @@ def train_head(
     batch_size: int,
     seed: int,
     stage: str,
+    jit_compile: bool = False,
 ) -> TrainingHistory:
     """Fit the new head on frozen-base features (arrays), keeping the best validation epoch."""
     keras.utils.set_random_seed(seed)
@@ -113,6 +118,7 @@ def train_head(
         patience,
         learning_rate,
         stage,
+        jit_compile,
         y=labels,
         batch_size=batch_size,
         shuffle=True,
@@ -129,6 +135,7 @@ def fine_tune(
     patience: int,
     seed: int,
     stage: str,
+    jit_compile: bool = False,
 ) -> TrainingHistory:
     """Fit the whole classifier on image batches after a stage has unfrozen more of the base.
 
@@ -138,7 +145,9 @@ def fine_tune(
     """
     keras.utils.set_random_seed(seed)
     # The dataset reshuffles itself each epoch; Keras cannot shuffle a tf.data pipeline.
-    return _fit(model, train, validation, epochs, patience, learning_rate, stage, shuffle=False)
+    return _fit(
+        model, train, validation, epochs, patience, learning_rate, stage, jit_compile, shuffle=False
+    )
 
 
 class _MeasuredBatchNorm(keras.callbacks.Callback):
@@ -165,6 +174,7 @@ def fit_from_scratch(
     patience: int,
     seed: int,
     stage: str,
+    jit_compile: bool = False,
 ) -> TrainingHistory:
     """Fit a network whose every layer, BatchNorm included, trains from random weights.
 
@@ -185,6 +195,7 @@ def fit_from_scratch(
         patience,
         learning_rate,
         stage,
+        jit_compile,
         extra_callbacks=(_MeasuredBatchNorm(images),),
         shuffle=False,
     )
@@ -192,13 +203,32 @@ def fit_from_scratch(
     return history
 
 
-def image_splits(table, config):
-    """The shuffled training images and the validation images (None when there are none)."""
+def augmentation_layers(settings, seed: int) -> keras.Sequential | None:
+    """Keras's random preprocessing layers for `settings` (an AugmentationConfig), or None."""
+    if not settings.enabled:
+        return None
+    layers: list[keras.layers.Layer] = []
+    if settings.flip:
+        layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+    if settings.rotation:
+        layers.append(keras.layers.RandomRotation(settings.rotation, seed=seed + 1))
+    if settings.zoom:
+        layers.append(keras.layers.RandomZoom(settings.zoom, seed=seed + 2))
+    if settings.translation:
+        shift = settings.translation
+        layers.append(keras.layers.RandomTranslation(shift, shift, seed=seed + 3))
+    return keras.Sequential(layers, name="augmentation")
+
+
+def image_splits(table, config, augmentation=None):
+    """The shuffled training images, augmented when `augmentation` (an AugmentationConfig) is on,
+    and the validation images (None when there are none)."""
     from tasks.data import image_dataset
 
     size, batch = config.data.image_size, config.data.batch_size
+    augment = augmentation_layers(augmentation, config.seed) if augmentation else None
     train = image_dataset(
-        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed
+        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed, augment=augment
     )
     val_frame = table.split("val")
     validation = None if val_frame.empty else image_dataset(val_frame, table.classes, size, batch)

@@ -100,3 +100,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
             yellow=True,
             bold=True,
         )
+
+
+@pytest.fixture(scope="module")
+def tiny_table(tmp_path_factory: pytest.TempPathFactory):
+    """Ten classes of Fashion-MNIST PNGs: 3 training, 1 validation and 2 test images each."""
+    from tasks.data import load_image_table
+    from tasks.demo_data import write_demo_dataset
+
+    folder = tmp_path_factory.mktemp("tiny-images")
+    write_demo_dataset(folder, train_per_class=3, val_per_class=1, test_per_class=2, seed=0)
+    return load_image_table(folder / "manifest.csv", 0.1, 0.2, seed=0)

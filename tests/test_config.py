@@ -55,6 +55,8 @@ def test_command_line_override_parses_yaml_values(tmp_path: Path) -> None:
         ("evaluation.primary_metric=auc", "evaluation.primary_metric"),
         ("fine_tune.stages=[{unfreeze_blocks: 3}, {unfreeze_blocks: 2}]", "fine_tune"),
         ("data.test_fraction=0.95", "data"),
+        ("compute.precision=float16", "compute.precision"),
+        ("compute.jit_compile=sometimes", "compute.jit_compile"),
     ],
 )
 def test_bad_value_is_named(override: str, named: str) -> None:

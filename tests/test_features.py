@@ -36,6 +36,7 @@ class CountingExtractor:
         keras.utils.set_random_seed(0)
         inputs = keras.Input((8, 8, 3))
         self.model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(inputs * 2.0))
+        self.outputs = self.model.outputs  # what the cache reads the stored shape from
         self.images = 0
 
     def __call__(self, images, training=False):
@@ -76,6 +77,7 @@ def test_second_call_reuses_the_cache_without_a_forward_pass(tmp_path: Path) -> 
         {"image_size": 16},
         {"pooling": "max"},
         {"options": '{"alpha": 0.5}'},
+        {"precision": "mixed_float16"},
     ],
 )
 def test_any_change_of_the_key_recomputes(tmp_path: Path, changed: dict) -> None:
@@ -84,6 +86,13 @@ def test_any_change_of_the_key_recomputes(tmp_path: Path, changed: dict) -> None
     cached_features(extractor, data, frame, KEY, tmp_path)
     again = cached_features(extractor, data, frame, replace(KEY, **changed), tmp_path)
     assert not again.reused and extractor.images == 12
+
+
+def test_float32_entries_keep_the_names_they_had_before_precision_was_keyed() -> None:
+    """A cache filled before compute.precision existed is still found by float32 runs."""
+    _, frame = dataset(3)
+    assert KEY.digest(frame) == "ffcd4c8f7eeef126271554d04dff5ee9"  # the digest commit 23f853a gave
+    assert replace(KEY, precision="mixed_float16").digest(frame) != KEY.digest(frame)
 
 
 def test_a_different_set_of_images_is_a_different_entry(tmp_path: Path) -> None:
@@ -267,3 +276,17 @@ def test_check_cache_dir_refuses_a_read_only_folder(tmp_path: Path) -> None:
             check_cache_dir(locked)
     finally:
         locked.chmod(0o700)
+
+
+def test_rows_read_on_demand_are_the_stored_rows(tmp_path: Path) -> None:
+    """Fine-tuning reads its cached activations a batch of rows at a time, in shuffled order."""
+    from tasks.features import StoredRows
+
+    stored = np.random.default_rng(0).random((50, 3, 4), dtype=np.float32)
+    np.save(tmp_path / "rows.npy", stored)
+    rows = StoredRows.of(tmp_path / "rows.npy")
+    assert len(rows) == 50
+    assert np.array_equal(rows.read(np.array([5, 0, 49, 7])), stored[[5, 0, 49, 7]])
+    picked = StoredRows.of(tmp_path / "rows.npy", np.array([10, 20, 30]))
+    assert len(picked) == 3
+    assert np.array_equal(picked.read(np.array([2, 0])), stored[[30, 10]])

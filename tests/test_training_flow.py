@@ -18,6 +18,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
+from tasks.compute import device_description
 from tasks.tracking import using_tracking_uri
 from tests.conftest import HAVE_IMAGENET_WEIGHTS, needs_imagenet_weights
 from tests.repositories import dvc_project, run
@@ -164,6 +165,7 @@ def test_mlflow_ui_shows_who_ran_what_on_which_data(first_run) -> None:
         assert run_.data.tags["mlflow.user"] and run_.data.tags["mlflow.source.name"]
         assert run_.data.tags["mlflow.source.type"] == "LOCAL"
         assert run_.data.tags["mlflow.source.git.commit"].startswith(commit)
+        assert run_.data.tags["device"] == device_description()  # "CPU" without a GPU
     for child in children:
         stage = child.data.tags["stage"]
         assert "Test accuracy" in child.data.tags["mlflow.note.content"]

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import pandas as pd
 
+    from conf.schema import AugmentationConfig
     from tasks.config import LoadedConfig
     from tasks.data import ImageTable
     from tasks.evaluate import Evaluation
@@ -56,3 +57,9 @@ class Stage(Protocol):
     def params(self) -> dict[str, Any]: ...
 
     def train(self, inputs: StageInputs) -> StageResult: ...
+
+
+def augmentation_lineage(augmentation: AugmentationConfig) -> dict[str, Any]:
+    """The augmentation a stage trains with, for its lineage and params; nothing when off, so a
+    stage without augmentation keeps the key it had before the option existed."""
+    return {"augmentation": augmentation.model_dump()} if augmentation.enabled else {}

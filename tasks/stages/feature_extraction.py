@@ -32,6 +32,7 @@ class HeadOnFeatures:
         return "A new classification head trained on the frozen base's cached features."
 
     def train(self, inputs: StageInputs) -> StageResult:
+        from tasks.activations import cuts_ahead
         from tasks.evaluate import evaluate_on_features
         from tasks.features import extract_frozen_features
 
@@ -41,6 +42,7 @@ class HeadOnFeatures:
             inputs.loaded,
             inputs.data_version,
             inputs.feature_pool,
+            cuts_ahead(inputs.classifier, inputs.loaded, inputs.table, inputs.feature_pool),
         )
         history = for_stage(train_new_head, self.name)(
             inputs.classifier, features, inputs.loaded.config, self.name
@@ -66,4 +68,5 @@ def train_new_head(classifier, features, config, stage: str) -> TrainingHistory:
         batch_size=config.data.batch_size,
         seed=config.seed,
         stage=stage,
+        jit_compile=config.compute.jit_compile,
     )

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import FineTuneStage
+from conf.schema import AugmentationConfig, FineTuneStage
 from tasks.run_names import for_stage
-from tasks.stages.base import StageInputs, StageResult
+from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
 from tasks.train import TrainingHistory, fine_tune, image_splits
 
 
@@ -26,6 +26,7 @@ class FineTuneBlocks:
     learning_rate: float
     patience: int
     name: str
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def lineage(self) -> dict[str, Any]:
         return {
@@ -33,10 +34,11 @@ class FineTuneBlocks:
             **self.settings.model_dump(mode="json"),
             "resolved_learning_rate": self.learning_rate,
             "patience": self.patience,
+            **augmentation_lineage(self.augmentation),
         }
 
     def params(self) -> dict[str, Any]:
-        return self.settings.model_dump(mode="json")
+        return {**self.settings.model_dump(mode="json"), **augmentation_lineage(self.augmentation)}
 
     def describe(self) -> str:
         blocks = self.settings.unfreeze_blocks
@@ -49,6 +51,9 @@ class FineTuneBlocks:
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_images
 
+        through_cache = for_stage(fine_tune_stage_on_activations, self.name)(inputs, self)
+        if through_cache is not None:
+            return through_cache
         history = for_stage(fine_tune_stage, self.name)(
             inputs.classifier, inputs.table, self, inputs.loaded.config
         )
@@ -58,13 +63,72 @@ class FineTuneBlocks:
         return StageResult(history, evaluation)
 
 
+@task(name="fine-tune-stage-on-activations", cache_policy=NO_CACHE)
+def fine_tune_stage_on_activations(
+    inputs: StageInputs, stage: FineTuneBlocks
+) -> StageResult | None:
+    """The stage trained and evaluated through the activation cache at its cut, or None (and
+    the reason logged) when the whole model must run: the cache off or over its budget, the
+    images augmented, or no single tensor at the cut (`tasks.activations.cut_for_stage`)."""
+    from tasks.activations import (
+        activation_dataset,
+        cached_activations,
+        cut_for_stage,
+        images_to_cache,
+    )
+    from tasks.evaluate import evaluate_model
+    from tasks.model import unfreeze_top_blocks
+    from tasks.run_log import run_logger
+
+    config = inputs.loaded.config
+    images = images_to_cache(inputs.table, inputs.feature_pool)
+    cut = cut_for_stage(inputs.classifier, stage, config, images)
+    if isinstance(cut, str):
+        run_logger().info(
+            "%s: trains through the whole model (no activation cache: %s)", stage.name, cut
+        )
+        return None
+    unfreeze_top_blocks(inputs.classifier.base, stage.settings.unfreeze_blocks)
+    cached = cached_activations(
+        cut, inputs.table, inputs.loaded, inputs.data_version, inputs.feature_pool
+    )
+    run_logger().info(
+        "%s: trains through the activation cache at %s (%s, %d bytes an image, %.1f MB for %d "
+        "images, %s)",
+        stage.name,
+        cut.cut,
+        cut.shape(),
+        cut.bytes_per_image(),
+        cut.bytes_per_image() * images / 1e6,
+        images,
+        "reused" if all(entry.reused for entry in cached.values()) else "computed",
+    )
+    batch = config.data.batch_size
+    train, _ = activation_dataset(cached["train"], batch, shuffle_seed=config.seed)
+    validation = activation_dataset(cached["val"], batch)[0] if "val" in cached else None
+    history = fine_tune(
+        cut.top,
+        train,
+        validation,
+        epochs=stage.settings.epochs,
+        learning_rate=stage.learning_rate,
+        patience=stage.patience,
+        seed=config.seed,
+        stage=stage.name,
+        jit_compile=config.compute.jit_compile,
+    )
+    test, count = activation_dataset(cached["test"], batch)
+    evaluation = evaluate_model(cut.top, test, count, inputs.table.classes)
+    return StageResult(history, evaluation)
+
+
 @task(name="fine-tune-stage", cache_policy=NO_CACHE)
 def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> TrainingHistory:
     """Unfreeze the top blocks the stage names, then fine-tune the whole model at a lower rate."""
     from tasks.model import unfreeze_top_blocks
 
     unfreeze_top_blocks(classifier.base, stage.settings.unfreeze_blocks)
-    train, validation = image_splits(table, config)
+    train, validation = image_splits(table, config, stage.augmentation)
     return fine_tune(
         classifier.model,
         train,
@@ -74,4 +138,5 @@ def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> Trainin
         patience=stage.patience,
         seed=config.seed,
         stage=stage.name,
+        jit_compile=config.compute.jit_compile,
     )

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.schema import AugmentationConfig
 from tasks.run_names import for_stage
-from tasks.stages.base import StageInputs, StageResult
+from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
 from tasks.train import TrainingHistory, fit_from_scratch, image_splits
 
 
@@ -25,6 +26,7 @@ class FromScratch:
     learning_rate: float
     patience: int
     name: str = "from_scratch"
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
 
     def lineage(self) -> dict[str, Any]:
         return {"kind": "from_scratch", **self.params(), "patience": self.patience}
@@ -34,6 +36,7 @@ class FromScratch:
             "unfreeze_blocks": "all",
             "epochs": self.epochs,
             "learning_rate": self.learning_rate,
+            **augmentation_lineage(self.augmentation),
         }
 
     def describe(self) -> str:
@@ -61,7 +64,7 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
     from tasks.model import make_fully_trainable
 
     make_fully_trainable(classifier.base)
-    train, validation = image_splits(table, config)
+    train, validation = image_splits(table, config, stage.augmentation)
     sample = image_dataset(
         table.split("train"), table.classes, config.data.image_size, 512, shuffle_seed=config.seed
     )
@@ -75,4 +78,5 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
         patience=stage.patience,
         seed=config.seed,
         stage=stage.name,
+        jit_compile=config.compute.jit_compile,
     )

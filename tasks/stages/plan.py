@@ -15,11 +15,23 @@ def transfer_stages(config: PipelineConfig) -> list[Stage]:
     rates = config.fine_tune.learning_rates(head.learning_rate)
     stages: list[Stage] = [HeadOnFeatures(head)]
     for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
-        stages.append(FineTuneBlocks(stage, rate, config.fine_tune.patience, f"fine_tune_{number}"))
+        stages.append(
+            FineTuneBlocks(
+                stage,
+                rate,
+                config.fine_tune.patience,
+                f"fine_tune_{number}",
+                config.fine_tune.augmentation,
+            )
+        )
     return stages
 
 
 def scratch_stages(config: PipelineConfig, epochs: int) -> list[Stage]:
     """One stage that trains everything from random weights, at the head stage's rate and patience."""
     head = config.feature_extraction
-    return [FromScratch(epochs, head.learning_rate, head.patience)]
+    return [
+        FromScratch(
+            epochs, head.learning_rate, head.patience, augmentation=config.fine_tune.augmentation
+        )
+    ]

@@ -131,7 +131,9 @@ def lineage_keys(stages: Sequence[Stage], inputs: StageInputs) -> list[str]:
 
 
 def trunk_lineage(inputs: StageInputs) -> dict[str, Any]:
-    """What every stage's outcome depends on: data and split, base and its weights, head, seed.
+    """What every stage's outcome depends on: data and split, base and its weights, head, seed,
+    and how TensorFlow computes (compute.precision, and compute.jit_compile: XLA draws other
+    dropout masks).
 
     Image paths count relative to the project, so a clone elsewhere finds the same stages.
     """
@@ -149,6 +151,7 @@ def trunk_lineage(inputs: StageInputs) -> dict[str, Any]:
         "batch_size": config.data.batch_size,
         "head": config.head.model_dump(mode="json"),
         "seed": config.seed,
+        **config.compute.non_default(),
     }
 
 
