@@ -129,7 +129,14 @@ def test_a_team_on_postgres_s3_and_shared_workers(team, prefect_api, tmp_path) -
     # 1. `make demo-data` builds the dataset and pushes it to the S3 remote.
     env = clean_env()
     made = subprocess.run(
-        ["make", "demo-data", f"VENV={venv}", "CONFIG=conf/test.yaml", "-o", f"{BIN}/transferflow"],
+        [
+            "make",
+            "demo-data",
+            f"VENV={venv}",
+            "CONFIG=conf/test.yaml",
+            # The venv is installed already, whichever TensorFlow build it holds.
+            *("-o", f"{venv}/installed-cpu", "-o", f"{venv}/installed-cuda"),
+        ],
         cwd=origin,
         env=env,
         capture_output=True,

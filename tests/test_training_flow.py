@@ -298,9 +298,13 @@ def test_prefect_names_the_runs_and_logs_the_story(first_run) -> None:
         "extract-frozen-features[feature_extraction]",
         "train-head[feature_extraction]",
         "evaluate-head-on-features[feature_extraction]",
-        "fine-tune-stage[fine_tune_1]",
-        "evaluate-on-test-images[fine_tune_2]",
+        "fine-tune-stage-on-activations[fine_tune_1]",
+        "fine-tune-stage-on-activations[fine_tune_2]",
     } <= task_names
+    # Both stages train on the activations the head's feature pass wrote at their cuts.
+    for stage in ("fine_tune_1", "fine_tune_2"):
+        line = f"{stage}: trains through the activation cache at "
+        assert any(m.startswith(line) and m.endswith("reused)") for m in messages), messages
 
     for summary in result.stages:  # the lines `transferflow train` prints
         assert f"Test scores: {stage_line(summary)}" in messages, messages

@@ -48,6 +48,20 @@ class FineTuneBlocks:
             "with the head."
         )
 
+    def fit(self, model, train, validation, config) -> TrainingHistory:
+        """`model` (the classifier, or its top above the cut) trained at this stage's rate."""
+        return fine_tune(
+            model,
+            train,
+            validation,
+            epochs=self.settings.epochs,
+            learning_rate=self.learning_rate,
+            patience=self.patience,
+            seed=config.seed,
+            stage=self.name,
+            jit_compile=config.compute.jit_compile,
+        )
+
     def train(self, inputs: StageInputs) -> StageResult:
         from tasks.evaluate import evaluate_on_images
 
@@ -106,17 +120,7 @@ def fine_tune_stage_on_activations(
     batch = config.data.batch_size
     train, _ = activation_dataset(cached["train"], batch, shuffle_seed=config.seed)
     validation = activation_dataset(cached["val"], batch)[0] if "val" in cached else None
-    history = fine_tune(
-        cut.top,
-        train,
-        validation,
-        epochs=stage.settings.epochs,
-        learning_rate=stage.learning_rate,
-        patience=stage.patience,
-        seed=config.seed,
-        stage=stage.name,
-        jit_compile=config.compute.jit_compile,
-    )
+    history = stage.fit(cut.top, train, validation, config)
     test, count = activation_dataset(cached["test"], batch)
     evaluation = evaluate_model(cut.top, test, count, inputs.table.classes)
     return StageResult(history, evaluation)
@@ -129,14 +133,4 @@ def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> Trainin
 
     unfreeze_top_blocks(classifier.base, stage.settings.unfreeze_blocks)
     train, validation = image_splits(table, config, stage.augmentation)
-    return fine_tune(
-        classifier.model,
-        train,
-        validation,
-        epochs=stage.settings.epochs,
-        learning_rate=stage.learning_rate,
-        patience=stage.patience,
-        seed=config.seed,
-        stage=stage.name,
-        jit_compile=config.compute.jit_compile,
-    )
+    return stage.fit(classifier.model, train, validation, config)
