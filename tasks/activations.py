@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import keras
 import numpy as np
@@ -21,10 +21,10 @@ from keras.src.ops.function import make_node_key
 from tasks.compute import layer_precision
 from tasks.features import (
     CachedFeatures,
+    FrozenBaseKey,
     Wanted,
     cached_outputs,
     picked_rows,
-    split_digest,
     weights_fingerprint,
 )
 from tasks.model import unfrozen_layer_names
@@ -59,21 +59,13 @@ class CutModels:
 
 
 @dataclass(frozen=True)
-class ActivationKey:
-    """Everything the trunk's output depends on: what the frozen features depend on, but the
-    pooling, plus where the trunk ends."""
+class ActivationKey(FrozenBaseKey):
+    """Everything the trunk's output depends on: the frozen base's key (its weights hash covers
+    the trunk alone) plus where the trunk ends."""
 
-    data_version: str
-    architecture: str
-    options: str
-    weights_sha256: str
-    image_size: int
     cut: str
     dtype: str
     precision: str = "float32"
-
-    def digest(self, frame: pd.DataFrame) -> str:
-        return split_digest(asdict(self), frame)
 
 
 def split_at_cut(classifier, trainable_layers: set[str] | None = None) -> CutModels | str:

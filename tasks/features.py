@@ -32,19 +32,26 @@ class CacheKey(Protocol):
 
 
 @dataclass(frozen=True)
-class FeatureKey:
-    """Everything a frozen base's output depends on; any change means new features."""
+class FrozenBaseKey:
+    """What any output of the frozen base depends on: the data, the base and its weights, the
+    image size. Each kind of cached output adds what else its values depend on."""
 
     data_version: str
     architecture: str
     options: str
     weights_sha256: str
     image_size: int
-    pooling: str
-    precision: str = "float32"
 
     def digest(self, frame: pd.DataFrame) -> str:
         return split_digest(asdict(self), frame)
+
+
+@dataclass(frozen=True)
+class FeatureKey(FrozenBaseKey):
+    """Everything a frozen base's pooled output depends on; any change means new features."""
+
+    pooling: str
+    precision: str = "float32"
 
 
 def split_digest(fields: dict, frame: pd.DataFrame) -> str:

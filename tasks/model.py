@@ -683,48 +683,39 @@ def build_classifier(
         )
 
     with layer_precision(str(base.dtype_policy.name)):
-        return _assemble(base, architecture, num_classes, pooling, dropout, hidden_units, seed)
+        pixels = keras.Input((height, width, 3), dtype="float32", name="pixels")
+        x = preprocessing_layer(architecture)(pixels)
+        # Keras records training=False here, but in Keras 3 an outer call with training=True (fit)
+        # overrides it; BatchNormalization stays in inference mode because it is never trainable.
+        x = base(x, training=False)
+        pool = (
+            keras.layers.GlobalAveragePooling2D
+            if pooling == "avg"
+            else keras.layers.GlobalMaxPool2D
+        )
+        features = pool(name=f"{pooling}_pool")(x)
 
-
-def _assemble(
-    base: keras.Model,
-    architecture: str,
-    num_classes: int,
-    pooling: Literal["avg", "max"],
-    dropout: float,
-    hidden_units: int,
-    seed: int,
-) -> Classifier:
-    height, width, _ = base.input_shape[1:]
-    pixels = keras.Input((height, width, 3), dtype="float32", name="pixels")
-    x = preprocessing_layer(architecture)(pixels)
-    # Keras records training=False here, but in Keras 3 an outer call with training=True (fit)
-    # overrides it; BatchNormalization stays in inference mode because it is never trainable.
-    x = base(x, training=False)
-    pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPool2D
-    features = pool(name=f"{pooling}_pool")(x)
-
-    head_input = keras.Input((features.shape[-1],), dtype="float32", name="features")
-    h = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(head_input)
-    if hidden_units:
-        h = keras.layers.Dense(
-            hidden_units,
-            activation="relu",
-            kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
-            name="head_hidden",
+        head_input = keras.Input((features.shape[-1],), dtype="float32", name="features")
+        h = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(head_input)
+        if hidden_units:
+            h = keras.layers.Dense(
+                hidden_units,
+                activation="relu",
+                kernel_initializer=keras.initializers.GlorotUniform(seed=seed),
+                name="head_hidden",
+            )(h)
+        probabilities = keras.layers.Dense(
+            num_classes,
+            activation="softmax",
+            kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
+            name="predictions",
+            dtype="float32",  # float16 probabilities would round small ones to 0 in the loss
         )(h)
-    probabilities = keras.layers.Dense(
-        num_classes,
-        activation="softmax",
-        kernel_initializer=keras.initializers.GlorotUniform(seed=seed + 1),
-        name="predictions",
-        dtype="float32",  # float16 probabilities would round small ones to 0 in the loss
-    )(h)
-    head = keras.Model(head_input, probabilities, name="head")
+        head = keras.Model(head_input, probabilities, name="head")
 
-    model = keras.Model(pixels, head(features), name=f"{architecture}_classifier")
-    feature_extractor = keras.Model(pixels, features, name=f"{architecture}_features")
-    return Classifier(model=model, feature_extractor=feature_extractor, head=head, base=base)
+        model = keras.Model(pixels, head(features), name=f"{architecture}_classifier")
+        feature_extractor = keras.Model(pixels, features, name=f"{architecture}_features")
+        return Classifier(model=model, feature_extractor=feature_extractor, head=head, base=base)
 
 
 # --- Prefect steps -------------------------------------------------------------------------------
