@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
@@ -393,11 +394,31 @@ def _whole(entry: _Entry) -> CachedFeatures | None:
     return None
 
 
+# A pass streams each output into a partial file of its own, written with every batch. A partial
+# file untouched for this long was left by a process killed mid-pass (SIGKILL, power loss).
+_PARTIAL_PREFIX = ".partial-"
+_ABANDONED_SECONDS = 600
+
+
+def _remove_abandoned(folder: Path) -> None:
+    """Delete the partial files that killed passes left in `folder`, so the cache does not
+    grow by a pass's size with every kill; those being written are younger."""
+    for path in folder.glob(f"{_PARTIAL_PREFIX}*.npy"):
+        try:
+            if time.time() - path.stat().st_mtime > _ABANDONED_SECONDS:
+                path.unlink()
+                log.info("Removed %s, left in the feature cache by a pass that was killed.", path)
+        except FileNotFoundError:  # another process removed or renamed it first
+            pass
+
+
 def _compute(model, dataset, count: int, targets: list[tuple[_Entry, type]], label: str) -> None:
     """One forward pass of `model`, its i-th output streamed into the i-th target's entry.
 
     Each file is hashed as it is written, so storing it costs no second read.
     """
+    for folder in {entry.features.parent for entry, _ in targets}:
+        _remove_abandoned(folder)
     labels = np.empty(count, np.int32)
     temps: list[Path] = []
     try:
@@ -406,7 +427,10 @@ def _compute(model, dataset, count: int, targets: list[tuple[_Entry, type]], lab
             for (entry, dtype), output in zip(targets, model.outputs, strict=True):
                 handle = files.enter_context(
                     tempfile.NamedTemporaryFile(
-                        dir=entry.features.parent, suffix=".npy", delete=False
+                        dir=entry.features.parent,
+                        prefix=_PARTIAL_PREFIX,
+                        suffix=".npy",
+                        delete=False,
                     )
                 )
                 temps.append(Path(handle.name))

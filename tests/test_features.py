@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -290,3 +291,21 @@ def test_rows_read_on_demand_are_the_stored_rows(tmp_path: Path) -> None:
     picked = StoredRows.of(tmp_path / "rows.npy", np.array([10, 20, 30]))
     assert len(picked) == 3
     assert np.array_equal(picked.read(np.array([2, 0])), stored[[30, 10]])
+
+
+def test_a_pass_removes_what_a_killed_pass_left_but_not_what_one_is_writing(
+    tmp_path: Path,
+) -> None:
+    """A pass killed mid-way leaves its partial file; the next pass in that folder removes it
+    once nothing has written to it for 10 minutes, and leaves a live writer's file alone."""
+    abandoned = tmp_path / ".partial-killed.npy"
+    abandoned.write_bytes(b"\0" * 4096)
+    an_hour_ago = time.time() - 3600
+    os.utime(abandoned, (an_hour_ago, an_hour_ago))
+    being_written = tmp_path / ".partial-live.npy"
+    being_written.write_bytes(b"\0" * 4096)
+    data, frame = dataset(6)
+    cached_features(CountingExtractor(), data, frame, KEY, tmp_path)
+    assert not abandoned.exists()
+    assert being_written.exists()
+    assert not [p for p in tmp_path.glob(".partial-*") if p != being_written]
