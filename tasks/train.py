@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ class EpochLog(keras.callbacks.Callback):
         run_logger().info(line)
 
 
-def _compile(model, learning_rate: float, jit_compile: bool) -> None:
+def _compile(model, learning_rate: float, jit_compile: bool, steps_per_execution: int = 1) -> None:
     """Adam on sparse cross-entropy; Keras wraps the optimizer to scale the loss of a model
     built under mixed_float16 (tasks.model builds every model it trains that way)."""
     model.compile(
@@ -48,6 +49,7 @@ def _compile(model, learning_rate: float, jit_compile: bool) -> None:
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile=jit_compile,
+        steps_per_execution=steps_per_execution,
     )
 
 
@@ -61,10 +63,11 @@ def _fit(
     stage: str,
     jit_compile: bool,
     extra_callbacks: tuple[keras.callbacks.Callback, ...] = (),
+    steps_per_execution: int = 1,
     **fit_args,
 ):
     """Compile afresh and fit with fresh callbacks, so no stage inherits another's state."""
-    _compile(model, learning_rate, jit_compile)
+    _compile(model, learning_rate, jit_compile, steps_per_execution)
     callbacks = [*extra_callbacks, EpochLog(stage)]
     if validation is not None:
         stopper = keras.callbacks.EarlyStopping(
@@ -107,21 +110,33 @@ def train_head(
     stage: str,
     jit_compile: bool = False,
 ) -> TrainingHistory:
-    """Fit the new head on frozen-base features (arrays), keeping the best validation epoch."""
+    """Fit the new head on frozen-base features (arrays), keeping the best validation epoch.
+
+    A head's step is a matrix product, so Keras's own cost per step and per epoch would dominate:
+    the arrays go in as tf.data pipelines (reshuffled every epoch from `seed`), and a whole epoch
+    runs as one call of the compiled training step (`steps_per_execution`). The epochs, batches
+    and callbacks stay those of `fit`.
+    """
+    import tensorflow as tf
+
     keras.utils.set_random_seed(seed)
     features, labels = train
+    batches = tf.data.Dataset.from_tensor_slices((features, labels))
+    batches = batches.shuffle(len(features), seed=seed, reshuffle_each_iteration=True)
+    checked = None
+    if validation is not None:
+        checked = tf.data.Dataset.from_tensor_slices(validation).batch(batch_size).cache()
     return _fit(
         head,
-        features,
-        validation,
+        batches.batch(batch_size).prefetch(2),
+        checked,
         epochs,
         patience,
         learning_rate,
         stage,
         jit_compile,
-        y=labels,
-        batch_size=batch_size,
-        shuffle=True,
+        steps_per_execution=max(1, math.ceil(len(features) / batch_size)),
+        shuffle=False,
     )
 
 
