@@ -462,7 +462,7 @@ class CompareConfig(Section):
         "process of its own (or, with work_pool, how many flow runs wait on the pool at once).",
     )
     cells_per_worker: PositiveInt = Field(
-        4,
+        8,
         description="A local worker process is replaced by a fresh one after this many cells: "
         "TensorFlow keeps per-model state that clearing the Keras session does not give back.",
     )

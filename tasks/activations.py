@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
@@ -154,8 +155,11 @@ def cut_for_stage(classifier, stage, config, images: int) -> CutModels | str:
     return cut
 
 
-def cuts_ahead(classifier, loaded, table, train_pool: pd.DataFrame | None) -> list[CutModels]:
-    """The cuts of the config's fine-tuning stages that will train through the cache.
+def cuts_ahead(
+    classifier, loaded, table, train_pool: pd.DataFrame | None, shared_stages: Sequence = ()
+) -> list[CutModels]:
+    """The cuts of the config's fine-tuning stages, and of `shared_stages` (other strategies' on
+    the same frozen base), that will train through the cache.
 
     The feature pass computes them with the features: it runs the whole base anyway, so they
     cost only their writing, where each stage would otherwise run its trunk over every image.
@@ -165,7 +169,7 @@ def cuts_ahead(classifier, loaded, table, train_pool: pd.DataFrame | None) -> li
 
     images = images_to_cache(table, train_pool)
     cuts: dict[str, CutModels] = {}
-    for stage in transfer_stages(loaded.config):
+    for stage in [*transfer_stages(loaded.config), *shared_stages]:
         if isinstance(stage, FineTuneBlocks):
             cut = cut_for_stage(classifier, stage, loaded.config, images)
             if not isinstance(cut, str):

@@ -43,9 +43,10 @@ from tasks.comparison import (
     resolve_strategies,
     shared_prefix,
     stage_path,
+    stages_on_same_base,
 )
 from tasks.comparison_table import StrategyOutcome
-from tasks.config import LoadedConfig, load_and_check
+from tasks.config import load_and_check
 from tasks.report import StageSummary
 from tasks.tracking import (
     RunRef,
@@ -154,8 +155,8 @@ def plan_cells(
     return cells
 
 
-def strategy_named(loaded: LoadedConfig, name: str) -> Strategy:
-    for strategy in resolve_strategies(loaded):
+def strategy_named(strategies: Sequence[Strategy], name: str) -> Strategy:
+    for strategy in strategies:
         if strategy.name == name:
             return strategy
     raise KeyError(f"the config declares no strategy {name!r}")
@@ -173,7 +174,8 @@ def train_cell(cell: CellSpec) -> str:
     from tasks.stages.runner import run_stages
 
     loaded = load_and_check(cell.config_path, cell.overrides)
-    strategy = strategy_named(loaded, cell.strategy).with_seed(cell.seed)
+    strategies = resolve_strategies(loaded)
+    strategy = strategy_named(strategies, cell.strategy).with_seed(cell.seed)
     config = strategy.loaded.config
     table = load_image_table(
         loaded.path(config.data.path),
@@ -202,7 +204,12 @@ def train_cell(cell: CellSpec) -> str:
     )
     try:
         inputs = StageInputs(
-            classifier, labelled, strategy.loaded, cell.data_version, feature_pool(cell, table)
+            classifier,
+            labelled,
+            strategy.loaded,
+            cell.data_version,
+            feature_pool(cell, table),
+            stages_on_same_base(strategies, strategy),
         )
         outcome = run_stages(run, strategy.stages, inputs, resume=config.tracking.resume)
         log_strategy_summary(run, cell.labels_per_class, outcome.summaries, peak_rss_mb())
@@ -348,6 +355,14 @@ class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
                 max_tasks_per_child=self.tasks_per_worker,
             )
             given.shutdown(wait=True)
+        # Start every worker now, not when its first cell is handed out: a worker's start (Python,
+        # then TensorFlow's import in start_worker, about 10 s on 2 cores) then overlaps the
+        # first cell, which every other cell waits for. Not in a worker: Prefect enters a copy of
+        # the flow's task runner around each task it runs there, and that copy runs nothing.
+        launch = getattr(self._executor, "_launch_processes", None)
+        idle = getattr(self._executor, "_executor_manager_thread", 1) is None
+        if launch is not None and idle and not _in_worker.is_set():
+            launch()
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
@@ -390,6 +405,10 @@ def prefect_api_url() -> str | None:
     return server.api_url if server.running else None
 
 
+# Set in a worker process by start_worker.
+_in_worker = threading.Event()
+
+
 def start_worker(url: str | None) -> None:
     """A worker process's set-up: the parent's Prefect API, and ending with the parent.
 
@@ -398,10 +417,15 @@ def start_worker(url: str | None) -> None:
     for no one. Whatever the cell does, the process is gone 10 s after the signal (Prefect
     would otherwise go on retrying to send its last events to a server that has stopped).
     """
+    _in_worker.set()
     use_prefect_api(url)
     signal.signal(signal.SIGTERM, _leave_on_sigterm)
     parent = os.getppid()
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+    # What every cell imports, imported while the worker waits for its first cell.
+    import tasks.data
+    import tasks.model
+    import tasks.stages.runner  # noqa: F401
 
 
 def refuse_if_stopping() -> None:

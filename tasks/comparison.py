@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import uuid
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,6 +136,26 @@ def resolve_strategies(loaded: LoadedConfig) -> tuple[Strategy, ...]:
             Strategy(strategy.name, LoadedConfig(resolved, loaded.project), tuple(stages))
         )
     return tuple(strategies)
+
+
+def stages_on_same_base(strategies: Sequence[Strategy], strategy: Strategy) -> tuple[Stage, ...]:
+    """The stages of the other transfer strategies whose frozen base is `strategy`'s: the same
+    base settings, image size and precision, so the activations at their cuts are the same."""
+
+    def base_of(config: PipelineConfig) -> tuple:
+        return (config.base, config.data.image_size, config.compute.precision)
+
+    if strategy.from_scratch:
+        return ()
+    mine = base_of(strategy.loaded.config)
+    return tuple(
+        stage
+        for other in strategies
+        if other.name != strategy.name
+        and not other.from_scratch
+        and base_of(other.loaded.config) == mine
+        for stage in other.stages
+    )
 
 
 def check_strategy(strategy: Strategy) -> None:

@@ -71,3 +71,35 @@ def test_over_the_budget_the_stage_trains_through_the_whole_model_and_says_so(
     assert "trains through the whole model (no activation cache: its activations at" in caplog.text
     assert "over fine_tune.activation_cache_mb (0.01))" in caplog.text
     assert not (tmp_path / "cache" / "activations").exists()
+
+
+def test_the_head_s_feature_pass_fills_the_cuts_of_strategies_compared_with_it(
+    tmp_path: Path, tiny_table, caplog
+) -> None:
+    """A comparison's first cell is often the head alone: its feature pass also writes the
+    activations at the cuts of the strategies that fine-tune the same base, so their stages run
+    no trunk pass of their own."""
+    from tasks.config import LoadedConfig
+    from tasks.stages.base import StageInputs
+    from tasks.stages.plan import transfer_stages
+
+    fine_tuning = setting(tmp_path, "MobileNet")
+    config = fine_tuning.config
+    head_only = LoadedConfig(
+        config.model_copy(update={"fine_tune": config.fine_tune.model_copy(update={"stages": []})}),
+        tmp_path,
+    )
+    start = fresh_classifier(tiny_table, "MobileNet").model.get_weights()
+    classifier = fresh_classifier(tiny_table, "MobileNet")
+    classifier.model.set_weights(start)
+    _, *compared_stages = transfer_stages(config)
+    (head,) = transfer_stages(head_only.config)
+    head.train(StageInputs(classifier, tiny_table, head_only, "v1", None, tuple(compared_stages)))
+    written = sorted((tmp_path / "cache" / "activations").glob("*.features.npy"))
+    assert len(written) == 2 * 3  # two cuts; training, validation and test images at each
+
+    with caplog.at_level(logging.INFO, logger="prefect"):
+        train_stage(fine_tuning, tiny_table, "MobileNet", start=start)
+    through = [line for line in caplog.messages if "trains through the activation cache" in line]
+    assert len(through) == 2 and all(line.endswith("reused)") for line in through), through
+    assert sorted((tmp_path / "cache" / "activations").glob("*.features.npy")) == written

@@ -16,12 +16,14 @@ import yaml
 from mlflow import MlflowClient
 
 from conf import load_config
+from conf.schema import CompareConfig
 from tasks.cells import cell_id
 from tasks.comparison import (
     LabelBudgetError,
     NoStrategiesError,
     keep_labels_per_class,
     resolve_strategies,
+    stages_on_same_base,
 )
 from tasks.comparison_table import COLUMNS, RUN_COLUMNS
 from tasks.config import LoadedConfig
@@ -569,16 +571,19 @@ def test_cells_train_in_worker_processes_and_two_workers_give_the_same_table(
     import os
 
     project, one = compared
-    # One worker at a time, replaced after compare.cells_per_worker (4) cells; never this process.
+    # One worker at a time, replaced after compare.cells_per_worker cells; never this process.
+    per_worker = CompareConfig().cells_per_worker
     by_worker = cell_runs_by_worker(one)
-    assert sorted(len(runs) for runs in by_worker.values()) == [4, 4, 4], sorted(by_worker)
+    full, rest = divmod(sum(len(runs) for runs in by_worker.values()), per_worker)
+    expected = sorted([per_worker] * full + ([rest] if rest else []))
+    assert sorted(len(runs) for runs in by_worker.values()) == expected, sorted(by_worker)
     assert not any(worker.endswith(f":{os.getpid()}") for worker in by_worker)
     seed = SEEDS[0]
     two = compare_again(
         project, one, prefect_api, "two-workers", "compare.workers=2", f"compare.seeds=[{seed}]"
     )
     workers = cell_runs_by_worker(two)
-    assert len(workers) >= 2 and all(len(runs) <= 4 for runs in workers.values()), workers
+    assert len(workers) >= 2 and all(len(runs) <= per_worker for runs in workers.values()), workers
     pd.testing.assert_frame_equal(scores(two.runs), scores(one.runs[one.runs["seed"] == seed]))
     for runs in workers.values():
         assert all(run.data.metrics["worker_peak_rss_mb"] > 100 for run in runs)
@@ -628,3 +633,27 @@ def test_cells_run_on_a_work_pool_with_two_process_workers(compared, prefect_api
     assert len(cell_runs_by_worker(pooled)) == len(STRATEGIES)  # a flow-run process per cell
     for log in logs:
         assert "Completed" in tail(log, 100_000), f"{log.name} ran no cell:\n{tail(log)}"
+
+
+def test_only_strategies_on_the_same_frozen_base_share_their_cuts() -> None:
+    """The feature pass of one strategy fills the activation caches of the others' cuts only
+    where their frozen base computes the same activations."""
+    declared = [
+        {"name": "fe", "fine_tune": {"stages": []}},
+        {"name": "ft", "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 1}]}},
+        {"name": "scratch", "from_scratch": True},
+        {
+            "name": "v2",
+            "base": {"architecture": "MobileNetV2", "weights": None, "options": {}},
+            "fine_tune": {"stages": [{"unfreeze_blocks": 2, "epochs": 1}]},
+        },
+    ]
+    overrides = [f"compare.strategies={json.dumps(declared)}"]
+    loaded = LoadedConfig(load_config(CONF / "compare.yaml", overrides), ROOT)
+    strategies = resolve_strategies(loaded)
+    found = {s.name: s for s in strategies}
+    shared = stages_on_same_base(strategies, found["fe"])
+    assert [stage.name for stage in shared] == ["feature_extraction", "fine_tune_1"]
+    assert shared[1] is found["ft"].stages[1]
+    assert stages_on_same_base(strategies, found["scratch"]) == ()
+    assert [stage.name for stage in stages_on_same_base(strategies, found["v2"])] == []

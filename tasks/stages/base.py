@@ -22,6 +22,8 @@ class StageInputs:
 
     `feature_pool` is a superset of the table's training images whose frozen features are
     cached together (a comparison's, shared by its budgets and seeds); None: the table's own.
+    `shared_stages` are other strategies' stages on the same frozen base (a comparison's): the
+    feature pass fills the activation caches of their cuts too.
     """
 
     classifier: Classifier
@@ -29,6 +31,7 @@ class StageInputs:
     loaded: LoadedConfig
     data_version: str
     feature_pool: pd.DataFrame | None = None
+    shared_stages: tuple[Stage, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,13 @@ class HeadOnFeatures:
             inputs.loaded,
             inputs.data_version,
             inputs.feature_pool,
-            cuts_ahead(inputs.classifier, inputs.loaded, inputs.table, inputs.feature_pool),
+            cuts_ahead(
+                inputs.classifier,
+                inputs.loaded,
+                inputs.table,
+                inputs.feature_pool,
+                inputs.shared_stages,
+            ),
         )
         history = for_stage(train_new_head, self.name)(
             inputs.classifier, features, inputs.loaded.config, self.name
