@@ -355,14 +355,8 @@ class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
                 max_tasks_per_child=self.tasks_per_worker,
             )
             given.shutdown(wait=True)
-        # Start every worker now, not when its first cell is handed out: a worker's start (Python,
-        # then TensorFlow's import in start_worker, about 10 s on 2 cores) then overlaps the
-        # first cell, which every other cell waits for. Not in a worker: Prefect enters a copy of
-        # the flow's task runner around each task it runs there, and that copy runs nothing.
-        launch = getattr(self._executor, "_launch_processes", None)
-        idle = getattr(self._executor, "_executor_manager_thread", 1) is None
-        if launch is not None and idle and not _in_worker.is_set():
-            launch()
+        if not _in_worker.is_set():
+            _start_workers_now(self._executor)
         return self
 
     def __exit__(self, exc_type, exc_value, traceback) -> None:
@@ -391,6 +385,23 @@ class RecyclingProcessPoolTaskRunner(ProcessPoolTaskRunner):
             self._resolver_executor = None
         self._stop_message_forwarding()
         TaskRunner.__exit__(self, exc_type, exc_value, traceback)
+
+
+def _start_workers_now(executor) -> None:
+    """Start every worker process now, not when its first cell is handed out.
+
+    A worker's start (Python, then TensorFlow's import in start_worker, about 10 s on 2 cores)
+    then overlaps the first cell, which every other cell waits for. The pool's manager thread
+    starts with them, so that shutting the pool down stops them even if no cell ever came.
+    Not in a worker: Prefect enters a copy of the flow's task runner around each task it runs
+    there, and that copy runs nothing.
+    """
+    launch = getattr(executor, "_launch_processes", None)
+    manage = getattr(executor, "_start_executor_manager_thread", None)
+    if launch is None or manage is None or executor._executor_manager_thread is not None:
+        return  # a Python whose pool has other internals: workers start with their first cell
+    launch()
+    manage()
 
 
 def prefect_api_url() -> str | None:

@@ -359,8 +359,10 @@ def log_skipped_images(run: RunRef, skipped: Sequence[tuple[str, str]], project:
     if not skipped:
         return
     listing = pd.DataFrame(
-        [(_relative(path, project), problem) for path, problem in skipped],
-        columns=["path", "problem"],
+        {
+            "path": _relative_paths([path for path, _ in skipped], project),
+            "problem": [problem for _, problem in skipped],
+        }
     )
     client = MlflowClient(run.tracking_uri)
     client.log_text(run.run_id, listing.to_csv(index=False), SKIPPED_IMAGES_ARTIFACT)
@@ -747,10 +749,6 @@ def start_tracking(
 
 def _split_frames(table) -> dict[str, pd.DataFrame]:
     return {split: table.split(split) for split in _SPLIT_CONTEXTS}
-
-
-def _relative(path: str, root: Path) -> str:
-    return _relative_paths([path], root)[0]
 
 
 def _relative_paths(paths, root: Path) -> list[str]:

@@ -20,3 +20,17 @@ def test_a_worker_that_leaves_after_its_tasks_is_replaced_while_tasks_wait() -> 
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     assert pids[0] == pids[1] != pids[2]
+
+
+def test_the_workers_start_with_the_pool_and_stop_with_it_even_without_a_cell() -> None:
+    """Workers start before the first cell is handed out (their TensorFlow import overlaps the
+    first cell); a comparison that fails before any cell still leaves no process behind."""
+    from conf.schema import CompareConfig
+    from tasks.cells import cell_task_runner
+
+    runner = cell_task_runner(CompareConfig(workers=2))
+    with runner:
+        started = multiprocessing.active_children()
+        assert len(started) == 2
+    assert not multiprocessing.active_children()
+    assert not any(process.is_alive() for process in started)
