@@ -321,7 +321,9 @@ def cell_task_runner(compare: CompareConfig):
     if compare.work_pool:
         return ThreadPoolTaskRunner(max_workers=compare.workers)
     runner = RecyclingProcessPoolTaskRunner(
-        max_workers=compare.workers, initializer=start_worker, initargs=(prefect_api_url(),)
+        max_workers=compare.workers,
+        initializer=start_worker,
+        initargs=(prefect_api_url(), threads_per_worker(compare)),
     )
     runner.tasks_per_worker = compare.cells_per_worker
     return runner
@@ -404,6 +406,19 @@ def _start_workers_now(executor) -> None:
     manage()
 
 
+def threads_per_worker(compare: CompareConfig) -> int:
+    """TensorFlow threads for each local worker: as set, or this machine's cores shared out.
+
+    Each of TensorFlow's thread pools defaults to every core, so N workers would run N times
+    as many threads as there are cores; they then spin waiting on each other, and a comparison
+    spends a sixth more CPU time on 2 cores (docs/performance.md).
+    """
+    if compare.threads_per_worker is not None:
+        return compare.threads_per_worker
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // compare.workers)
+
+
 def prefect_api_url() -> str | None:
     """PREFECT_API_URL as this process sees it, or the address of its temporary server."""
     from prefect.server.api.server import SubprocessASGIServer
@@ -420,8 +435,9 @@ def prefect_api_url() -> str | None:
 _in_worker = threading.Event()
 
 
-def start_worker(url: str | None) -> None:
-    """A worker process's set-up: the parent's Prefect API, and ending with the parent.
+def start_worker(url: str | None, threads: int) -> None:
+    """A worker process's set-up: the parent's Prefect API, TensorFlow's `threads` (before
+    it runs anything), and ending with the parent.
 
     On SIGTERM the cell in flight stops with SystemExit, so its runs close as KILLED; a
     worker whose parent died (even by SIGKILL) sends itself SIGTERM rather than train on
@@ -434,9 +450,14 @@ def start_worker(url: str | None) -> None:
     parent = os.getppid()
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     # What every cell imports, imported while the worker waits for its first cell.
+    import tensorflow as tf
+
     import tasks.data
     import tasks.model
     import tasks.stages.runner  # noqa: F401
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def refuse_if_stopping() -> None:
