@@ -57,3 +57,52 @@ def test_each_worker_s_tensorflow_runs_on_its_share_of_the_cores() -> None:
                 tf.config.threading.get_inter_op_parallelism_threads
             ).result(timeout=120)
         assert (threads, between) == (expected, expected)
+
+
+def test_ready_cells_start_by_priority_and_a_failed_cell_s_followers_never_start() -> None:
+    from prefect import flow, task
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from tasks.cells import CellSpec, cell_id, hand_out_cells
+
+    def cell(name: str, priority: int, *after: str) -> CellSpec:
+        return CellSpec(
+            config_path="/x.yaml",
+            strategy=name,
+            labels_per_class=10,
+            seed=1,
+            comparison_id="c",
+            data_version="v",
+            after=tuple(cell_id(a, 10, 1) for a in after),
+            priority=priority,
+        )
+
+    started: list[str] = []
+
+    @task
+    def train(spec: CellSpec) -> str:
+        started.append(spec.strategy)
+        if spec.strategy == "broken":
+            raise RuntimeError("this cell fails")
+        return spec.strategy
+
+    cells = [
+        cell("head", 90),
+        cell("shallow", 20, "head"),
+        cell("deeper", 10, "shallow"),
+        cell("broken", 60, "head"),
+        cell("after_broken", 50, "broken"),
+        cell("lone", 40),
+    ]
+
+    @flow(task_runner=ThreadPoolTaskRunner(max_workers=1))
+    def hand_out() -> dict[str, str]:
+        futures = hand_out_cells(cells, train.submit, slots=1)
+        return {key: future.state.type.value for key, future in futures.items()}
+
+    states = hand_out()
+    # Highest priority among the ready cells first; a cell only after the ones it follows.
+    assert started == ["head", "broken", "lone", "shallow", "deeper"]
+    assert "after_broken@10/seed=1" not in states
+    assert states["broken@10/seed=1"] == "FAILED"
+    assert states["deeper@10/seed=1"] == "COMPLETED"
