@@ -466,12 +466,6 @@ class CompareConfig(Section):
         description="A local worker process is replaced by a fresh one after this many cells: "
         "TensorFlow keeps per-model state that clearing the Keras session does not give back.",
     )
-    threads_per_worker: PositiveInt | None = Field(
-        None,
-        description="TensorFlow threads (intra- and inter-op) in each local worker process. "
-        "null: this machine's cores divided by workers, at least 1; TensorFlow's default of every "
-        "core in every worker makes the workers' threads spin waiting on each other.",
-    )
     cell_timeout_minutes: PositiveInt = Field(
         120,
         description="With work_pool: how long to wait for one cell's flow run before the "

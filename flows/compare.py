@@ -10,7 +10,6 @@ from prefect import flow
 from tasks.cells import (
     CellSpec,
     cell_task_runner,
-    hand_out_cells,
     plan_cells,
     read_cell_outcomes,
     train_cell_on_pool,
@@ -82,7 +81,7 @@ def compare_strategies(
         cells = plan_cells(plan, config_path, overrides or [], data_version, table.skipped)
         compare = loaded.config.compare
         run_ids = train_cells.with_options(task_runner=cell_task_runner(compare))(
-            cells, compare.work_pool, compare.cell_timeout_minutes, comparison, compare.workers
+            cells, compare.work_pool, compare.cell_timeout_minutes, comparison
         )
         outcomes = read_cell_outcomes(comparison, plan, cells, run_ids)
         summary = summarize_comparison(outcomes, plan)
@@ -117,21 +116,21 @@ def compare_strategies(
 
 @flow(name="train-comparison-cells")
 def train_cells(
-    cells: list[CellSpec],
-    work_pool: str | None,
-    timeout_minutes: int,
-    comparison: RunRef,
-    slots: int,
+    cells: list[CellSpec], work_pool: str | None, timeout_minutes: int, comparison: RunRef
 ) -> list[str]:
-    """Every cell on the flow's task runner, each after the cells it resumes from and at most
-    `slots` at once, longest chains first; their run ids."""
-
-    def submit(cell: CellSpec):
+    """Every cell on the flow's task runner, each after the cells it resumes from; their run ids."""
+    futures: dict = {}
+    for cell in cells:
+        after = [futures[upstream] for upstream in cell.after]
         if work_pool:
-            return train_cell_on_pool.submit(
-                cell, work_pool, comparison.tracking_uri, comparison.experiment_id, timeout_minutes
-            )
-        return train_cell_step.submit(cell)
-
-    futures = hand_out_cells(cells, submit, slots)
+            futures[cell.id] = train_cell_on_pool.submit(
+                cell,
+                work_pool,
+                comparison.tracking_uri,
+                comparison.experiment_id,
+                timeout_minutes,
+                wait_for=after,
+            )  # type: ignore[call-overload]  # the stubs' overloads leave out wait_for
+        else:
+            futures[cell.id] = train_cell_step.submit(cell, wait_for=after)  # type: ignore[call-overload]
     return [futures[cell.id].result() for cell in cells]

@@ -12,14 +12,13 @@ import contextlib
 import gc
 import itertools
 import os
-import queue
 import resource
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +28,6 @@ from mlflow import MlflowClient
 from prefect import tags, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
-from prefect.futures import PrefectFuture
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
@@ -49,9 +47,7 @@ from tasks.comparison import (
 )
 from tasks.comparison_table import StrategyOutcome
 from tasks.config import load_and_check
-from tasks.model import base_block_count
 from tasks.report import StageSummary
-from tasks.stages.base import Stage
 from tasks.tracking import (
     RunRef,
     StageRecord,
@@ -94,8 +90,6 @@ class CellSpec(BaseModel):
     # the comparison's cells share.
     pool_seeds: tuple[int, ...] = ()
     pool_budget: int | None = None
-    # The training this cell and the longest chain of cells after it hold (see plan_cells).
-    priority: int = 0
 
     @property
     def id(self) -> str:
@@ -116,10 +110,7 @@ def plan_cells(
 ) -> list[CellSpec]:
     """Every strategy at every budget with every seed, each after the cell it can resume from.
 
-    Seeds come outermost, so the whole grid of the first seed finishes first. Each cell's
-    `priority` is the training work, in epochs times blocks trained, of the longest chain of
-    cells it begins: the pool starts the ready cell with the most first, so a long cell (the
-    whole base unfrozen) does not start last and keep the comparison waiting on it alone.
+    Seeds come outermost, so the whole grid of the first seed finishes first.
 
     The config file is named by its absolute path: workers on other machines need the project
     checked out at the same place. `skipped` are the undecodable files (and why) the comparison
@@ -134,7 +125,6 @@ def plan_cells(
         else cell_id(first_transfer.name, plan.label_budgets[0], plan.seeds[0])
     )
     cells = []
-    work: dict[str, int] = {}
     for seed, budget in itertools.product(plan.seeds, plan.label_budgets):
         for index, strategy in enumerate(plan.strategies):
             after: list[str] = []
@@ -147,7 +137,6 @@ def plan_cells(
             if not after and not strategy.from_scratch and here != first:
                 assert first is not None
                 after = [first]
-            work[here] = training_work(strategy, strategy.stages[longest:])
             cells.append(
                 CellSpec(
                     config_path=config_path,
@@ -163,67 +152,7 @@ def plan_cells(
                     pool_budget=max(plan.label_budgets),
                 )
             )
-    chain: dict[str, int] = {}
-    for cell in reversed(cells):  # a cell's followers come after it
-        chain.setdefault(cell.id, 0)
-        for upstream in cell.after:
-            chain[upstream] = max(chain.get(upstream, 0), work[cell.id] + chain[cell.id])
-    return [cell.model_copy(update={"priority": work[cell.id] + chain[cell.id]}) for cell in cells]
-
-
-def training_work(strategy: Strategy, stages: Sequence[Stage]) -> int:
-    """Epochs times blocks trained over `stages`, plus one for a cell's fixed costs: a rough
-    measure of a cell's time. The head trains on cached features and counts for nothing."""
-    config = strategy.loaded.config
-    work = 1
-    for stage in stages:
-        params = stage.params()
-        depth = params.get("unfreeze_blocks", 0)
-        if depth == "all":
-            depth = base_block_count(
-                config.base.architecture, config.data.image_size, config.base.options
-            )
-        work += params["epochs"] * depth
-    return work
-
-
-def hand_out_cells(
-    cells: Sequence[CellSpec], submit: Callable[[CellSpec], PrefectFuture], slots: int
-) -> dict[str, PrefectFuture]:
-    """Submit each cell once the cells it follows have completed, at most `slots` at a time and
-    the highest `priority` first; their futures by cell id.
-
-    A pool takes its tasks first come, first served, so the flow keeps the queue itself. A cell
-    after a failed one is never submitted; the others still train, so a rerun resumes them all.
-    """
-    finished: queue.Queue[str] = queue.Queue()
-
-    def report(done: str) -> Callable[[PrefectFuture], None]:
-        return lambda _: finished.put(done)
-
-    futures: dict[str, PrefectFuture] = {}
-    waiting = list(cells)
-    in_flight: set[str] = set()
-    completed: set[str] = set()
-    failed: set[str] = set()
-    while True:
-        for cell in [c for c in waiting if failed.intersection(c.after)]:
-            waiting.remove(cell)  # and the cells after it, in later rounds
-            failed.add(cell.id)
-        ready = sorted(
-            (c for c in waiting if completed.issuperset(c.after)), key=lambda c: -c.priority
-        )
-        for cell in ready[: slots - len(in_flight)]:
-            waiting.remove(cell)
-            in_flight.add(cell.id)
-            futures[cell.id] = submit(cell)
-            futures[cell.id].add_done_callback(report(cell.id))
-        if not in_flight:
-            return futures
-        done = finished.get()
-        in_flight.remove(done)
-        futures[done].wait()
-        (completed if futures[done].state.is_completed() else failed).add(done)
+    return cells
 
 
 def strategy_named(strategies: Sequence[Strategy], name: str) -> Strategy:
@@ -392,9 +321,7 @@ def cell_task_runner(compare: CompareConfig):
     if compare.work_pool:
         return ThreadPoolTaskRunner(max_workers=compare.workers)
     runner = RecyclingProcessPoolTaskRunner(
-        max_workers=compare.workers,
-        initializer=start_worker,
-        initargs=(prefect_api_url(), threads_per_worker(compare)),
+        max_workers=compare.workers, initializer=start_worker, initargs=(prefect_api_url(),)
     )
     runner.tasks_per_worker = compare.cells_per_worker
     return runner
@@ -477,19 +404,6 @@ def _start_workers_now(executor) -> None:
     manage()
 
 
-def threads_per_worker(compare: CompareConfig) -> int:
-    """TensorFlow threads for each local worker: as set, or this machine's cores shared out.
-
-    Each of TensorFlow's thread pools defaults to every core, so N workers would run N times
-    as many threads as there are cores; they then spin waiting on each other, and a comparison
-    spends a sixth more CPU time on 2 cores (docs/performance.md).
-    """
-    if compare.threads_per_worker is not None:
-        return compare.threads_per_worker
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, (cores or 1) // compare.workers)
-
-
 def prefect_api_url() -> str | None:
     """PREFECT_API_URL as this process sees it, or the address of its temporary server."""
     from prefect.server.api.server import SubprocessASGIServer
@@ -506,9 +420,8 @@ def prefect_api_url() -> str | None:
 _in_worker = threading.Event()
 
 
-def start_worker(url: str | None, threads: int) -> None:
-    """A worker process's set-up: the parent's Prefect API, TensorFlow's `threads` (before
-    it runs anything), and ending with the parent.
+def start_worker(url: str | None) -> None:
+    """A worker process's set-up: the parent's Prefect API, and ending with the parent.
 
     On SIGTERM the cell in flight stops with SystemExit, so its runs close as KILLED; a
     worker whose parent died (even by SIGKILL) sends itself SIGTERM rather than train on
@@ -521,14 +434,9 @@ def start_worker(url: str | None, threads: int) -> None:
     parent = os.getppid()
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     # What every cell imports, imported while the worker waits for its first cell.
-    import tensorflow as tf
-
     import tasks.data
     import tasks.model
     import tasks.stages.runner  # noqa: F401
-
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def refuse_if_stopping() -> None:

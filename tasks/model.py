@@ -7,9 +7,7 @@ with `keras.saving.load_model` in safe mode, with no custom objects.
 from __future__ import annotations
 
 import difflib
-import functools
 import inspect
-import json
 import os
 import re
 import threading
@@ -574,13 +572,7 @@ def base_block_count(architecture: str, image_size: int, options: dict[str, Any]
     Weights change no layer, so the copy needs no weights file. Keras' session is cleared after
     it, so the base built for training gets the layer names it would get without this copy.
     """
-    return _block_count(architecture, image_size, json.dumps(options, sort_keys=True))
-
-
-@functools.cache
-def _block_count(architecture: str, image_size: int, options: str) -> int:
-    """base_block_count, counted once per process for each base."""
-    base = _construct(architecture, None, image_size, json.loads(options))
+    base = _construct(architecture, None, image_size, dict(options))
     count = len(base_blocks(base))
     del base
     keras.backend.clear_session(free_memory=False)

@@ -80,24 +80,3 @@ def test_each_cell_waits_for_the_cell_whose_stages_it_resumes() -> None:
     # The first seed's whole grid comes first.
     assert [cell.seed for cell in planned] == [1] * 12 + [2] * 12
     assert Path(cells["fine_tune_1@10/seed=1"].config_path).is_absolute()
-
-
-def test_cells_that_begin_the_longest_training_rank_first() -> None:
-    """A cell's priority is the training, in epochs times blocks, of the longest chain of cells
-    it begins: the pool starts from scratch and the whole base unfrozen early, not last."""
-    found = strategies()
-    plan = ComparisonPlan("cmp", tuple(found.values()), (10, 25), "accuracy", seeds=(1, 2))
-    cells = {cell.id: cell for cell in plan_cells.fn(plan, "conf/compare.yaml", [], "v1")}
-
-    def priority(strategy: str) -> int:
-        return cells[f"{strategy}@25/seed=2"].priority
-
-    # MobileNet has 14 blocks; each cell adds 1 for its fixed costs.
-    assert priority("full_unfreeze") == 1 + 4 * 14
-    assert priority("fine_tune_3") == 1 + 4 * 8
-    assert priority("fine_tune_1") == (1 + 4 * 2) + (1 + 4 * 4) + (1 + 4 * 8)
-    assert priority("feature_extraction") == 1 + priority("fine_tune_1")  # its longest chain
-    assert priority("from_scratch") > priority("feature_extraction")
-    # The very first cell begins every other transfer cell's chain.
-    first = cells.pop("feature_extraction@10/seed=1").priority
-    assert first > max(c.priority for c in cells.values() if not c.id.startswith("from_scratch@"))
