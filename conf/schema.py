@@ -466,6 +466,15 @@ class CompareConfig(Section):
         description="A local worker process is replaced by a fresh one after this many cells: "
         "TensorFlow keeps per-model state that clearing the Keras session does not give back.",
     )
+    threads_per_worker: PositiveInt | None = Field(
+        None,
+        description="TensorFlow threads (intra- and inter-op) in each worker process, local or a "
+        "work pool's. null: for local workers, this machine's cores divided by workers, at least 1 "
+        "(TensorFlow's default of every core in every worker makes the workers' threads spin "
+        "waiting on each other); on a work pool, every core of the worker's machine. Scores repeat "
+        "exactly only with the same thread count (it sets the order in which floats are summed): "
+        "set it to compare tables made with different numbers of workers or engines.",
+    )
     cell_timeout_minutes: PositiveInt = Field(
         120,
         description="With work_pool: how long to wait for one cell's flow run before the "

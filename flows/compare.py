@@ -9,7 +9,10 @@ from prefect import flow
 
 from tasks.cells import (
     CellSpec,
+    cache_shared_features,
     cell_task_runner,
+    first_transfer_cell,
+    in_dependency_order,
     plan_cells,
     read_cell_outcomes,
     train_cell_on_pool,
@@ -78,10 +81,23 @@ def compare_strategies(
     check_label_budgets(table, plan.label_budgets, loaded.config.seed)
     comparison = start_comparison_run(loaded, plan, table, data_version)
     try:
-        cells = plan_cells(plan, config_path, overrides or [], data_version, table.skipped)
         compare = loaded.config.compare
+        local = compare.work_pool is None
+        cells = plan_cells(
+            plan,
+            config_path,
+            overrides or [],
+            data_version,
+            table.skipped,
+            features_cached_first=local,
+        )
+        first = next((cell for cell in cells if cell.id == first_transfer_cell(plan)), None)
         run_ids = train_cells.with_options(task_runner=cell_task_runner(compare))(
-            cells, compare.work_pool, compare.cell_timeout_minutes, comparison
+            cells,
+            compare.work_pool,
+            compare.cell_timeout_minutes,
+            comparison,
+            cache_first=first if local else None,
         )
         outcomes = read_cell_outcomes(comparison, plan, cells, run_ids)
         summary = summarize_comparison(outcomes, plan)
@@ -116,11 +132,21 @@ def compare_strategies(
 
 @flow(name="train-comparison-cells")
 def train_cells(
-    cells: list[CellSpec], work_pool: str | None, timeout_minutes: int, comparison: RunRef
+    cells: list[CellSpec],
+    work_pool: str | None,
+    timeout_minutes: int,
+    comparison: RunRef,
+    cache_first: CellSpec | None = None,
 ) -> list[str]:
-    """Every cell on the flow's task runner, each after the cells it resumes from; their run ids."""
+    """Every cell on the flow's task runner, each after the cells it resumes from; their run ids.
+
+    With `cache_first`, the features every cell shares are cached here first, while the local
+    worker processes start.
+    """
+    if cache_first is not None:
+        cache_shared_features(cache_first)
     futures: dict = {}
-    for cell in cells:
+    for cell in in_dependency_order(cells):
         after = [futures[upstream] for upstream in cell.after]
         if work_pool:
             futures[cell.id] = train_cell_on_pool.submit(

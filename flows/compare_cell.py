@@ -7,15 +7,19 @@ from typing import cast
 
 from prefect import Flow, flow
 
-from tasks.cells import CellSpec, check_cell_data, train_cell_step
+from tasks.cells import CellSpec, check_cell_data, train_cell_step, use_tensorflow_threads
 from tasks.config import load_pipeline_config
 from tasks.data import pull_data_version
 
 
 @flow(name="train-comparison-cell", flow_run_name="cell {cell.id}", log_prints=True)
 def train_comparison_cell(cell: CellSpec) -> str:
-    """Pull the data version the comparison uses, then train the cell; its MLflow run id."""
+    """Pull the data version the comparison uses, then train the cell; its MLflow run id.
+
+    TensorFlow runs on `compare.threads_per_worker` threads when set, else on every core.
+    """
     loaded = load_pipeline_config(cell.config_path, list(cell.overrides))
+    use_tensorflow_threads(loaded.config.compare.threads_per_worker)
     check_cell_data(cell, pull_data_version(loaded))
     return train_cell_step(cell)
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 from mlflow import MlflowClient
@@ -58,6 +59,9 @@ from tasks.tracking import (
     stop_requested,
 )
 
+if TYPE_CHECKING:
+    from tasks.stages.base import StageInputs
+
 CELL_FLOW = "train-comparison-cell"
 
 
@@ -70,9 +74,9 @@ class CellSpec(BaseModel):
 
     The seed draws the cell's labelled images and initialises and shuffles its training; the
     split stays on the config's `seed`, so every cell is tested on the same images. `after`
-    lists the cells that must finish first: the one whose stages this cell begins with, or, for
-    the first transfer cell of any other budget or seed, the very first one's (its validation
-    and test features are cached by then).
+    lists the cells that must finish first: the one whose stages this cell begins with, or, on a
+    work pool, for the first transfer cell of any other budget or seed, the very first one's (its
+    features are cached by then; local workers find them cached by the flow before any cell).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -107,10 +111,13 @@ def plan_cells(
     overrides: Sequence[str],
     data_version: str,
     skipped: Sequence[tuple[str, str]] = (),
+    features_cached_first: bool = False,
 ) -> list[CellSpec]:
     """Every strategy at every budget with every seed, each after the cell it can resume from.
 
-    Seeds come outermost, so the whole grid of the first seed finishes first.
+    Seeds come outermost, so the whole grid of the first seed finishes first. Unless the flow
+    caches the shared features before any cell (`features_cached_first`), every transfer cell
+    that resumes nothing waits for the first one, which caches them.
 
     The config file is named by its absolute path: workers on other machines need the project
     checked out at the same place. `skipped` are the undecodable files (and why) the comparison
@@ -118,12 +125,7 @@ def plan_cells(
     """
     config_path = str(Path(config_path).resolve())
     paths = {strategy.name: stage_path(strategy) for strategy in plan.strategies}
-    first_transfer = next((s for s in plan.strategies if not s.from_scratch), None)
-    first = (
-        None
-        if first_transfer is None
-        else cell_id(first_transfer.name, plan.label_budgets[0], plan.seeds[0])
-    )
+    first = first_transfer_cell(plan)
     cells = []
     for seed, budget in itertools.product(plan.seeds, plan.label_budgets):
         for index, strategy in enumerate(plan.strategies):
@@ -134,7 +136,7 @@ def plan_cells(
                 if shared > longest:
                     longest, after = shared, [cell_id(earlier.name, budget, seed)]
             here = cell_id(strategy.name, budget, seed)
-            if not after and not strategy.from_scratch and here != first:
+            if not (after or strategy.from_scratch or features_cached_first or here == first):
                 assert first is not None
                 after = [first]
             cells.append(
@@ -155,6 +157,29 @@ def plan_cells(
     return cells
 
 
+def first_transfer_cell(plan: ComparisonPlan) -> str | None:
+    """The id of the comparison's first cell that trains on the frozen base's features."""
+    strategy = next((s for s in plan.strategies if not s.from_scratch), None)
+    if strategy is None:
+        return None
+    return cell_id(strategy.name, plan.label_budgets[0], plan.seeds[0])
+
+
+def in_dependency_order(cells: Sequence[CellSpec]) -> list[CellSpec]:
+    """Each seed's cells, those that wait for no other first, then those one cell deep, and so on.
+
+    Cells are handed to the workers in this order: Prefect's process pool resolves a cell's
+    upstream cells in as many threads as it has workers, so a cell that waits would otherwise
+    hold back a ready one queued behind it, and leave a worker idle.
+    """
+    depth: dict[str, int] = {}
+    seeds: dict[int, int] = {}
+    for cell in cells:  # planned so that a cell comes after those it waits for
+        depth[cell.id] = 1 + max((depth[upstream] for upstream in cell.after), default=-1)
+        seeds.setdefault(cell.seed, len(seeds))
+    return sorted(cells, key=lambda cell: (seeds[cell.seed], depth[cell.id]))
+
+
 def strategy_named(strategies: Sequence[Strategy], name: str) -> Strategy:
     for strategy in strategies:
         if strategy.name == name:
@@ -162,16 +187,16 @@ def strategy_named(strategies: Sequence[Strategy], name: str) -> Strategy:
     raise KeyError(f"the config declares no strategy {name!r}")
 
 
-def train_cell(cell: CellSpec) -> str:
-    """Train one strategy at one budget with one seed under its own MLflow parent run; its id.
+def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
+    """A cell's strategy (with the cell's seed) and its stages' inputs: its labelled images, a
+    fresh classifier, and the feature pool and shared stages every cell of the comparison uses.
 
     Reads the image table from the project as the comparison did (the comparison has already
-    pulled the data and checked every image), resumes the stages another cell or run finished.
+    pulled the data and checked every image).
     """
     from tasks.data import load_image_table
     from tasks.model import build_classifier_for
     from tasks.stages.base import StageInputs
-    from tasks.stages.runner import run_stages
 
     loaded = load_and_check(cell.config_path, cell.overrides)
     strategies = resolve_strategies(loaded)
@@ -188,9 +213,28 @@ def train_cell(cell: CellSpec) -> str:
         table = replace(table, frame=table.frame[kept].reset_index(drop=True))
     labelled = keep_labels_per_class(table, cell.labels_per_class, config.seed)
     classifier = build_classifier_for(strategy.loaded, len(labelled.classes))
+    return strategy, StageInputs(
+        classifier,
+        labelled,
+        strategy.loaded,
+        cell.data_version,
+        feature_pool(cell, table),
+        stages_on_same_base(strategies, strategy),
+    )
+
+
+def train_cell(cell: CellSpec) -> str:
+    """Train one strategy at one budget with one seed under its own MLflow parent run; its id.
+
+    Resumes the stages another cell or run finished.
+    """
+    from tasks.stages.runner import run_stages
+
+    strategy, inputs = set_up_cell(cell)
+    config = strategy.loaded.config
     run = start_tracking(
         strategy.loaded,
-        labelled,
+        inputs.table,
         cell.data_version,
         strategy=strategy.name,
         run_name=f"{strategy.name}-{cell.labels_per_class}-per-class-seed-{cell.seed}",
@@ -203,14 +247,6 @@ def train_cell(cell: CellSpec) -> str:
         dataset_name=labelled_subset_name(config.data.path, cell.labels_per_class),
     )
     try:
-        inputs = StageInputs(
-            classifier,
-            labelled,
-            strategy.loaded,
-            cell.data_version,
-            feature_pool(cell, table),
-            stages_on_same_base(strategies, strategy),
-        )
         outcome = run_stages(run, strategy.stages, inputs, resume=config.tracking.resume)
         log_strategy_summary(run, cell.labels_per_class, outcome.summaries, peak_rss_mb())
     except BaseException as error:
@@ -321,7 +357,9 @@ def cell_task_runner(compare: CompareConfig):
     if compare.work_pool:
         return ThreadPoolTaskRunner(max_workers=compare.workers)
     runner = RecyclingProcessPoolTaskRunner(
-        max_workers=compare.workers, initializer=start_worker, initargs=(prefect_api_url(),)
+        max_workers=compare.workers,
+        initializer=start_worker,
+        initargs=(prefect_api_url(), threads_per_worker(compare)),
     )
     runner.tasks_per_worker = compare.cells_per_worker
     return runner
@@ -404,6 +442,19 @@ def _start_workers_now(executor) -> None:
     manage()
 
 
+def threads_per_worker(compare: CompareConfig) -> int:
+    """TensorFlow threads for each local worker: as set, or this machine's cores shared out.
+
+    Each of TensorFlow's thread pools defaults to every core, so N workers would run N times
+    as many threads as there are cores; they then spin waiting on each other, and a comparison
+    spends a sixth more CPU time on 2 cores (docs/performance.md).
+    """
+    if compare.threads_per_worker is not None:
+        return compare.threads_per_worker
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // compare.workers)
+
+
 def prefect_api_url() -> str | None:
     """PREFECT_API_URL as this process sees it, or the address of its temporary server."""
     from prefect.server.api.server import SubprocessASGIServer
@@ -420,8 +471,9 @@ def prefect_api_url() -> str | None:
 _in_worker = threading.Event()
 
 
-def start_worker(url: str | None) -> None:
-    """A worker process's set-up: the parent's Prefect API, and ending with the parent.
+def start_worker(url: str | None, threads: int) -> None:
+    """A worker process's set-up: the parent's Prefect API, TensorFlow's `threads` (before
+    it runs anything), and ending with the parent.
 
     On SIGTERM the cell in flight stops with SystemExit, so its runs close as KILLED; a
     worker whose parent died (even by SIGKILL) sends itself SIGTERM rather than train on
@@ -437,6 +489,19 @@ def start_worker(url: str | None) -> None:
     import tasks.data
     import tasks.model
     import tasks.stages.runner  # noqa: F401
+
+    use_tensorflow_threads(threads)
+
+
+def use_tensorflow_threads(threads: int | None) -> None:
+    """TensorFlow's intra- and inter-op thread pools in this process, set before it runs any
+    operation; None keeps TensorFlow's default (every core)."""
+    if threads is None:
+        return
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
 
 
 def refuse_if_stopping() -> None:
@@ -513,6 +578,23 @@ def train_cell_step(cell: CellSpec) -> str:
             return train_cell(cell)
     finally:
         release_models()
+
+
+@task(name="cache-shared-features", cache_policy=NO_CACHE)
+def cache_shared_features(cell: CellSpec) -> None:
+    """The frozen features and cut activations that every cell reads, cached in this process
+    for `cell` (the first transfer cell) before any cell trains.
+
+    Called by the flow while its worker processes start: the pass then runs on every core, and
+    no cell waits for another to cache them.
+    """
+    from tasks.stages.feature_extraction import HeadOnFeatures
+
+    strategy, inputs = set_up_cell(cell)
+    first = strategy.stages[0]
+    if isinstance(first, HeadOnFeatures) and first.settings.cache_dir:
+        first.features(inputs)
+    release_models()
 
 
 @task(

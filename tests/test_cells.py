@@ -34,3 +34,26 @@ def test_the_workers_start_with_the_pool_and_stop_with_it_even_without_a_cell() 
         assert len(started) == 2
     assert not multiprocessing.active_children()
     assert not any(process.is_alive() for process in started)
+
+
+def test_each_worker_s_tensorflow_runs_on_its_share_of_the_cores() -> None:
+    """Two workers on this machine's cores get half of them each (TensorFlow's default of every
+    core in every worker oversubscribes them); a set value wins."""
+    import tensorflow as tf
+
+    from conf.schema import CompareConfig
+    from tasks.cells import cell_task_runner
+
+    cores = len(os.sched_getaffinity(0))
+    for compare, expected in (
+        (CompareConfig(workers=2), max(1, cores // 2)),
+        (CompareConfig(workers=1, threads_per_worker=3), 3),
+    ):
+        with cell_task_runner(compare) as runner:
+            threads = runner._executor.submit(
+                tf.config.threading.get_intra_op_parallelism_threads
+            ).result(timeout=120)
+            between = runner._executor.submit(
+                tf.config.threading.get_inter_op_parallelism_threads
+            ).result(timeout=120)
+        assert (threads, between) == (expected, expected)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from conf import load_config
-from tasks.cells import plan_cells
+from tasks.cells import in_dependency_order, plan_cells
 from tasks.comparison import ComparisonPlan, resolve_strategies, shared_prefix, stage_path
 from tasks.config import LoadedConfig
 
@@ -80,3 +80,29 @@ def test_each_cell_waits_for_the_cell_whose_stages_it_resumes() -> None:
     # The first seed's whole grid comes first.
     assert [cell.seed for cell in planned] == [1] * 12 + [2] * 12
     assert Path(cells["fine_tune_1@10/seed=1"].config_path).is_absolute()
+
+
+def test_with_features_cached_first_cells_wait_only_for_the_stages_they_resume() -> None:
+    """Local workers find the shared features cached by the flow: a cell waits for no other
+    budget's or seed's, and each seed's cells that wait for nothing are handed out first, so no
+    waiting cell holds back a ready one."""
+    found = strategies()
+    plan = ComparisonPlan("cmp", tuple(found.values()), (10, 25), "accuracy", seeds=(2, 1))
+    planned = plan_cells.fn(plan, "conf/compare.yaml", [], "v1", features_cached_first=True)
+    cells = {cell.id: cell for cell in planned}
+    assert cells["feature_extraction@25/seed=2"].after == ()
+    assert cells["feature_extraction@10/seed=1"].after == ()
+    assert cells["fine_tune_1@25/seed=1"].after == ("feature_extraction@25/seed=1",)
+
+    order = [cell.id for cell in in_dependency_order(planned)]
+    assert sorted(order) == sorted(cells)
+    assert [cells[name].seed for name in order] == [2] * 12 + [1] * 12
+    seed_2 = order[:12]
+    assert seed_2[:4] == [
+        "from_scratch@10/seed=2",
+        "feature_extraction@10/seed=2",
+        "from_scratch@25/seed=2",
+        "feature_extraction@25/seed=2",
+    ]
+    for position, name in enumerate(order):
+        assert all(order.index(upstream) < position for upstream in cells[name].after), name

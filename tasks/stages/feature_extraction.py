@@ -31,12 +31,13 @@ class HeadOnFeatures:
     def describe(self) -> str:
         return "A new classification head trained on the frozen base's cached features."
 
-    def train(self, inputs: StageInputs) -> StageResult:
+    def features(self, inputs: StageInputs) -> dict:
+        """Every split's frozen features, with the activations at the cuts of the fine-tuning
+        stages to come (this strategy's and `inputs.shared_stages`), from the cache or cached."""
         from tasks.activations import cuts_ahead
-        from tasks.evaluate import evaluate_on_features
         from tasks.features import extract_frozen_features
 
-        features = for_stage(extract_frozen_features, self.name)(
+        return for_stage(extract_frozen_features, self.name)(
             inputs.classifier,
             inputs.table,
             inputs.loaded,
@@ -50,6 +51,11 @@ class HeadOnFeatures:
                 inputs.shared_stages,
             ),
         )
+
+    def train(self, inputs: StageInputs) -> StageResult:
+        from tasks.evaluate import evaluate_on_features
+
+        features = self.features(inputs)
         history = for_stage(train_new_head, self.name)(
             inputs.classifier, features, inputs.loaded.config, self.name
         )
