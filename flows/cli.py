@@ -61,10 +61,12 @@ def _stop_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
-def _run_flow(flow: Callable[..., Any], config: str, overrides: list[str], *args: Any) -> Any:
-    """`flow(*args)`, by default `flow(config, overrides)`: the config checked first, the Prefect
-    API calls bounded by timeouts.prefect_api_seconds, Prefect's temporary server stopped with
-    this process."""
+def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
+    """The flow named `flow` ("module:function") called with `args`, by default with
+    `(config, overrides)`: the config checked first, the Prefect API calls bounded by
+    timeouts.prefect_api_seconds, Prefect's temporary server starting while the flow's module
+    (TensorFlow with it) imports, and stopped with this process."""
+    import importlib
     import signal
 
     from conf import load_config
@@ -73,9 +75,12 @@ def _run_flow(flow: Callable[..., Any], config: str, overrides: list[str], *args
 
     budget = load_config(config, overrides).timeouts.prefect_api_seconds
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    module, name = flow.split(":")
     try:
-        with bounded_prefect_calls(budget), local_prefect_server():
-            return flow(*(args or (config, overrides)))
+        with bounded_prefect_calls(budget), local_prefect_server() as ready:
+            function = getattr(importlib.import_module(module), name)
+            ready()
+            return function(*(args or (config, overrides)))
     except BaseException as error:
         code = _signal_exit_status(error)
         if code is None:
@@ -158,11 +163,10 @@ def _environment() -> None:
 def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
     from conf import project_root
-    from flows.train import train_classifier
     from tasks.run_log import registration_line, resumed_line, stage_line
     from tasks.tracking import ui_hint
 
-    result = _run_flow(train_classifier, config, list(set_ or []))
+    result = _run_flow("flows.train:train_classifier", config, list(set_ or []))
     typer.echo("")
     for done in result.resumed:
         typer.echo(f"Resumed:      {resumed_line(done.stage, done.run_id)}")
@@ -188,10 +192,9 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
 @command()
 def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) -> None:
     """Compare strategies (from scratch, feature extraction, fine-tuning) at several label budgets."""
-    from flows.compare import compare_strategies
     from tasks.run_log import registration_line
 
-    result = _run_flow(compare_strategies, config, list(set_ or []))
+    result = _run_flow("flows.compare:compare_strategies", config, list(set_ or []))
     typer.echo("")
     typer.echo(comparison_text(result.table, result.decision.metric))
     registered = registration_line(result.model_name, result.version, result.decision.promote)
@@ -237,9 +240,8 @@ def comparison_text(table, metric: str) -> str:
 @command("demo-data")
 def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Build the Fashion-MNIST demo dataset, pin it with DVC (data.dvc) and push it to the remote."""
-    from flows.demo_data import prepare_demo_data
 
-    result = _run_flow(prepare_demo_data, config, list(set_ or []))
+    result = _run_flow("flows.demo_data:prepare_demo_data", config, list(set_ or []))
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     typer.echo(f"Demo data: {counts} images, DVC version {result.built}")
     if result.pinned is None:
@@ -259,10 +261,9 @@ def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None
 @command()
 def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the scheduled flow once: train only if data.dvc or the config changed since the champion."""
-    from flows.retrain import retrain_classifier
     from tasks.run_log import registration_line
 
-    result = _run_flow(retrain_classifier, config, list(set_ or []))
+    result = _run_flow("flows.retrain:retrain_classifier", config, list(set_ or []))
     typer.echo(f"Retraining check: {result.decision.reason}")
     if result.training is not None:
         training = result.training
@@ -276,9 +277,8 @@ def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) 
 def serve(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Serve the retraining deployment on the config's `schedule:` (needs PREFECT_API_URL)."""
     _require_prefect_server()
-    from flows.retrain import serve_retraining
 
-    _run_flow(serve_retraining, config, list(set_ or []))
+    _run_flow("flows.retrain:serve_retraining", config, list(set_ or []))
 
 
 @command()
@@ -384,13 +384,14 @@ def predict(
 ) -> None:
     """Label every image in a folder with a registered model; write path,label,probability."""
     from conf import load_config, project_root
-    from flows.predict import predict_folder
     from tasks.tracking_server import tracking_uri
 
     if model is None:
         model = f"models:/{load_config(config).registry.model_name}@champion"
     uri = tracking_uri(project_root(config))
-    result = _run_flow(predict_folder, config, [], model, images, output, batch_size, uri)
+    result = _run_flow(
+        "flows.predict:predict_folder", config, [], model, images, output, batch_size, uri
+    )
     typer.echo(f"Wrote {result.count} predictions by {result.model} to {result.output}")
     typer.echo("Labels: " + ", ".join(f"{k} {v}" for k, v in result.label_counts.items()))
 

@@ -8,10 +8,13 @@ this process ends, however it ends, the pipe closes and the watchdog stops the s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 # Runs in the watchdog: wait for the pipe to close, then stop the server (SIGTERM, then
@@ -45,30 +48,59 @@ _watchdogs: list[subprocess.Popen] = []
 
 
 @contextmanager
-def local_prefect_server() -> Iterator[None]:
-    """Within the block, PREFECT_API_URL names a Prefect server that stops with this process.
+def local_prefect_server() -> Iterator[Callable[[], None]]:
+    """Within the block, once its `ready()` returned, PREFECT_API_URL names a Prefect server
+    that stops with this process.
 
-    Without PREFECT_API_URL, Prefect's temporary server is started here, and the block runs
-    with PREFECT_API_URL set to it (in the settings and the environment): worker processes
-    started in the block then report to it, instead of each starting a server of its own.
+    Without PREFECT_API_URL, Prefect's temporary server starts here, in a thread, so that
+    what the block does before `ready()` (importing TensorFlow, say) overlaps the server's
+    start; `ready()` waits for it (raising what stopped it) and sets PREFECT_API_URL to it, in
+    the settings and the environment: worker processes started in the block then report to it,
+    instead of each starting a server of its own.
     """
     from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
-        yield
+        yield lambda: None
         return
-    url = _start_watched_server()
+    # Imported here, not in the thread: the thread would hold the import lock and contend for
+    # the interpreter with the block's own imports, and the server's process would start last.
+    import prefect.server.api.server  # noqa: F401
+
+    started: list[str] = []
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            started.append(_start_watched_server())
+        except BaseException as error:  # handed to ready(), in the block's thread
+            failed.append(error)
+
+    starting = threading.Thread(  # with this thread's Prefect settings (a new one has none)
+        target=contextvars.copy_context().run, args=(start,), name="prefect-server-start"
+    )
+    starting.start()
     saved = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
-    try:
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield
-    finally:
-        if saved is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = saved
+    with contextlib.ExitStack() as stack:
+
+        def ready() -> None:
+            starting.join()
+            if failed:
+                raise failed[0]
+            if os.environ.get("PREFECT_API_URL") == started[0]:
+                return
+            os.environ["PREFECT_API_URL"] = started[0]
+            stack.enter_context(temporary_settings(updates={PREFECT_API_URL: started[0]}))
+
+        try:
+            yield ready
+        finally:
+            starting.join()  # a server whose start the block did not wait for still stops
+            if saved is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = saved
 
 
 def stop_local_server() -> None:
