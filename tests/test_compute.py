@@ -103,11 +103,15 @@ def test_float32_and_mixed_float16_features_are_separate_cache_entries(
 def test_precision_and_xla_key_stages_and_retrains_but_the_defaults_change_no_key(
     tmp_path: Path, tiny_table
 ) -> None:
+    # One classifier for every setting: the keys must follow the compute settings alone, not
+    # how a base with random weights happened to be drawn.
+    built = computing(tmp_path, "float32")
+    classifier = build_classifier_for.fn(built, len(tiny_table.classes))
+
     def keys(**compute) -> tuple[list[str], str]:
-        tree = computing(tmp_path, "float32").config.model_dump(mode="json")
+        tree = built.config.model_dump(mode="json")
         tree["compute"] = compute
         loaded = LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
-        classifier = build_classifier_for.fn(loaded, len(tiny_table.classes))
         inputs = StageInputs(classifier, tiny_table, loaded, "v1")
         return lineage_keys(transfer_stages(loaded.config), inputs), config_fingerprint(loaded)
 
