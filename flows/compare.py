@@ -91,7 +91,8 @@ def compare_strategies(
             table.skipped,
             features_cached_first=local,
         )
-        first = next((cell for cell in cells if cell.id == first_transfer_cell(plan)), None)
+        first_id = first_transfer_cell(plan)
+        first = next((cell for cell in cells if cell.id == first_id), None)
         run_ids = train_cells.with_options(task_runner=cell_task_runner(compare))(
             cells,
             compare.work_pool,
