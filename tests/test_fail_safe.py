@@ -64,12 +64,18 @@ def prefect_servers_of(process: subprocess.Popen) -> list[psutil.Process]:
 
 
 def head_checkpointed(client: MlflowClient, experiment: str) -> str | None:
-    """The parent run's id once its feature_extraction stage is checkpointed."""
+    """The parent run's id once its feature_extraction stage is checkpointed and closed.
+
+    Closed too: the tag is set just before the stage's run ends, and a server lost or a process
+    killed between the two would fail the head's logging, not a fine-tuning stage's.
+    """
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return None
     heads = client.search_runs(
-        [found.experiment_id], "tags.stage = 'feature_extraction' and tags.checkpoint = 'saved'"
+        [found.experiment_id],
+        "tags.stage = 'feature_extraction' and tags.checkpoint = 'saved'"
+        " and attributes.status = 'FINISHED'",
     )
     return heads[0].data.tags["mlflow.parentRunId"] if heads else None
 
