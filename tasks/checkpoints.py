@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,7 +131,9 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def _evaluation_json(evaluation: Evaluation) -> dict[str, Any]:
-    return {**asdict(evaluation), "confusion": evaluation.confusion.tolist()}
+    scores = asdict(replace(evaluation, probabilities=None))
+    del scores["probabilities"]  # the scores only: a checkpoint's stage.json stays small
+    return {**scores, "confusion": evaluation.confusion.tolist()}
 
 
 def _evaluation_from(saved: dict[str, Any]) -> Evaluation:

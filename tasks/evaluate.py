@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -12,7 +12,12 @@ from prefect.cache_policies import NO_CACHE
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Test-split scores of one model; `confusion[i, j]` counts true class i predicted as j."""
+    """Test-split scores of one model; `confusion[i, j]` counts true class i predicted as j.
+
+    `probabilities`, each test image's class probabilities in the split's order, is there when
+    the scores were computed in this process (not read back from a checkpoint); the promotion
+    gate pairs them with the champion's instead of running the model over the images again.
+    """
 
     classes: tuple[str, ...]
     accuracy: float
@@ -21,6 +26,7 @@ class Evaluation:
     precision: tuple[float, ...]
     recall: tuple[float, ...]
     confusion: np.ndarray
+    probabilities: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def metric(self, name: str) -> float:
         """The primary metric by its config name (`accuracy` or `macro_f1`)."""
@@ -96,6 +102,7 @@ def score_predictions(
         precision=tuple(float(p) for p in precision),
         recall=tuple(float(r) for r in recall),
         confusion=confusion,
+        probabilities=probabilities,
     )
 
 

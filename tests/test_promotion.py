@@ -17,7 +17,7 @@ from conf import PipelineConfig
 from tasks import promotion
 from tasks.config import LoadedConfig
 from tasks.data import load_image_table
-from tasks.evaluate import score_predictions
+from tasks.evaluate import evaluate_on_images, score_predictions
 from tasks.promotion import load_problem, promote_if_better, version_predictions
 from tasks.registry import CHAMPION, ModelVersionRef, aliased_version
 from tasks.tracking import RunRef
@@ -166,3 +166,53 @@ def test_the_paired_gate_scores_the_challenger_only_against_a_champion_and_once(
     decide = promotion.paired_decider(mlflow_uri, second, 1.0, table, loaded.config)
     assert decide(first).promote and decide(first).promote
     assert scored == ["1", "2", "1"]  # the champion each time, the challenger once
+
+
+def test_the_gate_pairs_the_stages_scores_with_the_champions_stored_predictions(
+    mlflow_uri, table, tmp_path, monkeypatch, caplog
+) -> None:
+    """A version runs over a test set once: its stage's scoring, or its first gate."""
+    name = "paired-stored"
+    loaded = loaded_config(tmp_path, name, gate="non_inferiority")
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0), table)
+    assert promote(mlflow_uri, first_run, first, table, loaded).promote
+    loads: list[str] = []
+    real_load = promotion.load_keras_model
+
+    def counted(model_uri: str, uri: str):
+        loads.append(model_uri)
+        return real_load(model_uri, uri)
+
+    monkeypatch.setattr(promotion, "load_keras_model", counted)
+    model = brightness_model(1.0)
+    run_id, second = registered(mlflow_uri, name, model, table)
+    scored = evaluate_on_images.fn(model, table, loaded.config)  # as its final stage scores it
+    experiment = MlflowClient(mlflow_uri).get_run(run_id).info.experiment_id
+    run = RunRef(run_id, experiment, mlflow_uri)
+    decision = promote_if_better.fn(run, second, scored, table, loaded)
+    assert loads == []  # neither version ran over the test images again
+    assert decision.promote and decision.report.images == 12
+    assert decision.report.difference.estimate == 0.0
+    client = MlflowClient(mlflow_uri)
+    for version in (first, second):
+        stored = promotion.predictions_artifact(version, table.split("test"))
+        listed = client.list_artifacts(version.run_id, "gate_predictions")
+        assert [item.path for item in listed] == [stored]
+
+    # A damaged copy is noticed, recomputed and replaced; the decision does not change.
+    stored = promotion.predictions_artifact(first, table.split("test"))
+    damaged = tmp_path / stored.rsplit("/", 1)[1]
+    damaged.write_bytes(b"not an npz file")
+    client.log_artifact(first.run_id, str(damaged), "gate_predictions")
+    again = promotion.paired_decider(mlflow_uri, second, 1.0, table, loaded.config)(first)
+    assert loads == [first.uri]
+    assert "are unreadable" in caplog.text and "running the model over the test" in caplog.text
+    assert again.promote and again.report.difference.estimate == 0.0
+    loads.clear()
+    promotion.paired_decider(mlflow_uri, second, 1.0, table, loaded.config)(first)
+    assert loads == []
+
+    # Other contents under the same paths are other test images: nothing stored is read.
+    changed = Path(table.split("test")["path"].iloc[0])
+    Image.fromarray(np.full((SIZE, SIZE, 3), 200, np.uint8)).save(changed)
+    assert promotion.predictions_artifact(first, table.split("test")) != stored

@@ -345,5 +345,10 @@ def test_worse_second_run_leaves_the_champion_in_place(first_run) -> None:
     assert float(rejected.tags["promotion.champion_score"]) == pytest.approx(
         first.stages[-1].test_accuracy, abs=1e-4
     )
+    # Each version's predictions on the test images are kept on its run, for the next gate.
+    for version in ("1", "2"):
+        source = client.get_model_version(first.model_name, version).run_id
+        kept = client.list_artifacts(source, "gate_predictions")
+        assert [item.path.startswith(f"gate_predictions/v{version}-") for item in kept] == [True]
     report = Path(client.download_artifacts(second.run_id, "gate_report.md")).read_text()
     assert report.startswith("# Promotion gate: rejected")
