@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from random import Random
 from types import ModuleType
 from typing import Any, Literal
 
@@ -737,6 +738,25 @@ def build_classifier(
         return Classifier(model=model, feature_extractor=feature_extractor, head=head, base=base)
 
 
+@contextmanager
+def initializers_seeded(seed: int) -> Iterator[None]:
+    """Layers built inside draw the seeds of their unseeded initializers from a generator of
+    their own, started at `seed`.
+
+    Keras draws each such seed from Python's global `random`, which the process's other threads
+    (Prefect's, MLflow's) draw from too: a random base (`base.weights: null`) built right after
+    `keras.utils.set_random_seed` could still differ from one run of the same seed to the next.
+    """
+    from keras.src.random import seed_generator
+
+    shared = seed_generator.python_random
+    seed_generator.python_random = Random(seed)
+    try:
+        yield
+    finally:
+        seed_generator.python_random = shared
+
+
 # --- Prefect steps -------------------------------------------------------------------------------
 
 
@@ -748,13 +768,14 @@ def build_classifier_for(loaded, num_classes: int) -> Classifier:
     if weights not in (None, "imagenet"):
         weights = str(loaded.path(weights))  # a weights file named relative to the project
     keras.utils.set_random_seed(config.seed)
-    base = build_base(
-        config.base.architecture,
-        weights,
-        config.data.image_size,
-        config.base.options,
-        precision=config.compute.precision,
-    )
+    with initializers_seeded(config.seed):
+        base = build_base(
+            config.base.architecture,
+            weights,
+            config.data.image_size,
+            config.base.options,
+            precision=config.compute.precision,
+        )
     if config.compute.precision == MIXED_FLOAT16 and device_description() == "CPU":
         from tasks.run_log import run_logger
 

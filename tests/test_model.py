@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import random
 import re
 import shutil
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -337,3 +339,32 @@ def test_saved_classifier_loads_in_safe_mode_without_custom_objects(
     )
     assert loaded.layers[1].name == f"preprocess_{family}"
     assert not any(isinstance(layer, keras.layers.Lambda) for layer in loaded._flatten_layers())
+
+
+def test_a_random_base_is_the_same_for_a_seed_while_other_threads_draw_random_numbers(
+    tmp_path: Path,
+) -> None:
+    """Keras seeds unseeded initializers from Python's global `random`; a thread drawing from
+    it (as Prefect's and MLflow's may) must not change the base a seed builds."""
+    from conf import PipelineConfig
+    from tasks.config import LoadedConfig
+    from tasks.model import build_classifier_for
+
+    tree = {"base": {"architecture": "MobileNetV2", "weights": None}, "data": {"image_size": 32}}
+    loaded = LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            random.random()
+
+    drawing = threading.Thread(target=draw, daemon=True)
+    drawing.start()
+    try:
+        first, second = (build_classifier_for.fn(loaded, 3).base for _ in range(2))
+    finally:
+        stop.set()
+        drawing.join()
+    assert len(first.weights) == len(second.weights) > 100
+    for mine, theirs in zip(first.weights, second.weights, strict=True):
+        np.testing.assert_array_equal(numpy(mine), numpy(theirs), err_msg=mine.path)
