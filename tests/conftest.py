@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -84,6 +85,16 @@ def server_uri(tracking_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
 def unique_name(request: pytest.FixtureRequest) -> str:
     """A registered-model and experiment name of this test's own on the shared server."""
     return fresh_name(request.node.name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM (a CI time-out, `kill`) ends the run as Ctrl-C does: the session's fixtures
+    stop the servers they started instead of leaving them running."""
+    signal.signal(signal.SIGTERM, _interrupt)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:
