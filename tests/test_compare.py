@@ -16,7 +16,6 @@ import yaml
 from mlflow import MlflowClient
 
 from conf import load_config
-from conf.schema import CompareConfig
 from tasks.cells import cell_id
 from tasks.comparison import (
     LabelBudgetError,
@@ -170,6 +169,7 @@ SHRUNK = {
         "label_budgets": BUDGETS,
         "seeds": SEEDS,
         "workers": 1,  # one worker process at a time; a test below runs two
+        "cells_per_worker": 8,  # fewer than the 12 cells, so a worker is replaced
         # TensorFlow sums in an order set by its thread count: the same count for one worker
         # and for two, so that their tables match exactly.
         "threads_per_worker": 1,
@@ -576,7 +576,7 @@ def test_cells_train_in_worker_processes_and_two_workers_give_the_same_table(
 
     project, one = compared
     # One worker at a time, replaced after compare.cells_per_worker cells; never this process.
-    per_worker = CompareConfig().cells_per_worker
+    per_worker = SHRUNK["compare"]["cells_per_worker"]
     by_worker = cell_runs_by_worker(one)
     full, rest = divmod(sum(len(runs) for runs in by_worker.values()), per_worker)
     expected = sorted([per_worker] * full + ([rest] if rest else []))
