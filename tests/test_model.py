@@ -321,7 +321,8 @@ def test_fine_tuning_trains_the_top_blocks_but_never_batch_norm_statistics() -> 
 def test_a_fine_tuning_stage_traces_its_training_step_once(monkeypatch) -> None:
     """Keras makes the optimizer's slots while it traces the first training step, and
     TensorFlow then traces a step that made variables a second time: for a whole MobileNet at
-    96 px that is 1.8 s more in every stage (docs/performance.md). The stage makes them first."""
+    96 px that is about 1.7 s more in every stage (docs/performance.md). The stage makes them
+    first."""
     import tensorflow as tf
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
