@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 from mlflow import MlflowClient
-from prefect import tags, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
@@ -47,6 +47,7 @@ from tasks.comparison import (
 )
 from tasks.comparison_table import StrategyOutcome
 from tasks.config import load_and_check
+from tasks.prefect_server import after_lost_prefect_call
 from tasks.report import StageSummary
 from tasks.tracking import (
     RunRef,
@@ -566,17 +567,24 @@ class _RecyclingExecutor(ProcessPoolExecutor):
 # --- Prefect steps -------------------------------------------------------------------------------
 
 
-@task(name="train-cell", task_run_name="train-cell[{cell.id}]", cache_policy=NO_CACHE)
+@task(
+    name="train-cell",
+    task_run_name="train-cell[{cell.id}]",
+    cache_policy=NO_CACHE,
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=after_lost_prefect_call,
+)
 def train_cell_step(cell: CellSpec) -> str:
-    """One cell in this worker process; the worker's Keras state is dropped after it."""
+    """One cell in this worker process; the worker's Keras state is dropped after it.
+
+    A cell that failed on a Prefect API call its server did not answer runs once more, from the
+    stages it finished. Its task runs carry no tags: Prefect asks its server for a concurrency
+    slot before every tagged task run, and cannot retry that request once it is refused.
+    """
     refuse_if_stopping()
     try:
-        with tags(
-            f"strategy:{cell.strategy}",
-            f"labels-per-class:{cell.labels_per_class}",
-            f"seed:{cell.seed}",
-        ):
-            return train_cell(cell)
+        return train_cell(cell)
     finally:
         release_models()
 

@@ -126,3 +126,32 @@ def _start_watched_server() -> str:
         )
         _watchdogs.append(watchdog)  # the pipe stays open while this process holds the object
     return server.api_url
+
+
+# Statuses a busy or restarting Prefect server answers with; Prefect's client retries them too.
+_BUSY_STATUSES = {408, 429, 500, 502, 503, 504}
+
+
+def lost_prefect_call(error: BaseException | None) -> bool:
+    """Whether `error`, or an error it came from, is a Prefect API call the server never answered
+    or answered busy, for example SQLite locked under a loaded temporary server (503).
+
+    Such a failure says nothing about the work itself: the work may run again.
+    """
+    import httpx
+
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, httpx.TransportError):
+            return True
+        if isinstance(error, httpx.HTTPStatusError):
+            return error.response.status_code in _BUSY_STATUSES
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def after_lost_prefect_call(task, task_run, state) -> bool:
+    """A task's `retry_condition_fn`: retry only when it failed on a lost Prefect API call."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    return lost_prefect_call(error)
