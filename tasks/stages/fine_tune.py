@@ -13,6 +13,9 @@ from tasks.run_names import for_stage
 from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
 from tasks.train import TrainingHistory, fine_tune, image_splits
 
+# Rows a test pass through the activation cache reads at a time.
+EVALUATION_BATCH = 256
+
 
 @dataclass(frozen=True)
 class FineTuneBlocks:
@@ -121,7 +124,9 @@ def fine_tune_stage_on_activations(
     train, _ = activation_dataset(cached["train"], batch, shuffle_seed=config.seed)
     validation = activation_dataset(cached["val"], batch)[0] if "val" in cached else None
     history = stage.fit(cut.top, train, validation, config)
-    test, count = activation_dataset(cached["test"], batch)
+    # No gradients are kept in a test pass, so a larger batch costs little memory and saves the
+    # per-batch work of reading rows from the cache file.
+    test, count = activation_dataset(cached["test"], max(batch, EVALUATION_BATCH))
     evaluation = evaluate_model(cut.top, test, count, inputs.table.classes)
     return StageResult(history, evaluation)
 
