@@ -89,15 +89,19 @@ def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
 
 
 def _signal_exit_status(error: BaseException) -> int | None:
-    """128 + the signal's number when `error` is how a signal stopped the flow; else None."""
+    """128 + the signal's number when `error` is how a signal stopped the flow, or was raised
+    while handling that (`tasks.tracking.stopped_by_signal`); else None."""
     from prefect.exceptions import TerminationSignal
 
-    if isinstance(error, TerminationSignal):
-        return 128 + error.signal
-    if isinstance(error, KeyboardInterrupt):
-        return 128 + 2
-    if isinstance(error, SystemExit) and isinstance(error.code, int) and error.code > 128:
-        return error.code
+    from conf.errors import error_chain
+
+    for link in error_chain(error):
+        if isinstance(link, TerminationSignal):
+            return 128 + link.signal
+        if isinstance(link, KeyboardInterrupt):
+            return 128 + 2
+        if isinstance(link, SystemExit) and isinstance(link.code, int) and link.code > 128:
+            return link.code
     return None
 
 
@@ -142,10 +146,14 @@ _QUIET_DEFAULTS = {
 
 
 class _NoTracebackForExpectedErrors(logging.Filter):
-    """Prefect logs a failed task or flow with its traceback; an expected error needs none."""
+    """Prefect logs a failed task or flow with its traceback; an expected error needs none, nor
+    does a stop that a signal asked for."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], ExpectedError):
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and (
+            isinstance(error, ExpectedError) or _signal_exit_status(error) is not None
+        ):
             record.exc_info, record.exc_text = None, None
         return True
 

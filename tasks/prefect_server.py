@@ -17,6 +17,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from conf.errors import error_chain
+
 # Runs in the watchdog: wait for the pipe to close, then stop the server (SIGTERM, then
 # SIGKILL), but only while the pid still names a Prefect server, not a process that reused it.
 _WATCHDOG = """
@@ -140,14 +142,11 @@ def lost_prefect_call(error: BaseException | None) -> bool:
     """
     import httpx
 
-    seen: set[int] = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, httpx.TransportError):
+    for link in error_chain(error):
+        if isinstance(link, httpx.TransportError):
             return True
-        if isinstance(error, httpx.HTTPStatusError):
-            return error.response.status_code in _BUSY_STATUSES
-        error = error.__cause__ or error.__context__
+        if isinstance(link, httpx.HTTPStatusError):
+            return link.response.status_code in _BUSY_STATUSES
     return False
 
 

@@ -33,7 +33,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from conf.errors import ExpectedError
+from conf.errors import ExpectedError, error_chain
 from tasks.checkpoints import (
     CHECKPOINT_TAG,
     LINEAGE_TAG,
@@ -117,11 +117,9 @@ def _from_tracking_client(error: BaseException | None) -> bool:
     import requests
     from mlflow.exceptions import MlflowException
 
-    while error is not None:
-        if isinstance(error, MlflowException | requests.RequestException):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    return any(
+        isinstance(link, MlflowException | requests.RequestException) for link in error_chain(error)
+    )
 
 
 def ui_hint(uri: str, project_root: Path, experiment_id: str | None = None) -> str:
@@ -639,6 +637,20 @@ def stop_requested() -> bool:
     return _stop_requested.is_set()
 
 
+def stopped_by_signal(error: BaseException) -> bool:
+    """Whether `error` is how a signal stopped this process, or was raised while handling that.
+
+    Inside a flow, SIGTERM raises Prefect's TerminationSignal, and Prefect's own handling of it
+    fails (ValueError: Task run is not set) when it lands while a task run is being created.
+    """
+    from prefect.exceptions import TerminationSignal
+
+    return any(
+        isinstance(link, KeyboardInterrupt | SystemExit | TerminationSignal)
+        for link in error_chain(error)
+    )
+
+
 def close_run_after_failure(run: RunRef, error: BaseException) -> None:
     """Close `run` and the stage runs it has open: KILLED after a signal, FAILED after an error.
 
@@ -646,12 +658,7 @@ def close_run_after_failure(run: RunRef, error: BaseException) -> None:
     A run its server cannot take now stays RUNNING until the next run in its experiment finds
     its heartbeat stopped and closes it as KILLED.
     """
-    from prefect.exceptions import TerminationSignal
-
-    signalled = stop_requested() or isinstance(
-        error, KeyboardInterrupt | SystemExit | TerminationSignal
-    )
-    status = "KILLED" if signalled else "FAILED"
+    status = "KILLED" if stop_requested() or stopped_by_signal(error) else "FAILED"
     runs = [*heartbeat.children_of(run.run_id), run.run_id]
     for run_id in runs:
         heartbeat.forget(run_id)
