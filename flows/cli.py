@@ -82,27 +82,12 @@ def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
             ready()
             return function(*(args or (config, overrides)))
     except BaseException as error:
-        code = _signal_exit_status(error)
+        from tasks.tracking import signal_exit_status
+
+        code = signal_exit_status(error)
         if code is None:
             raise
         _leave_now(code)
-
-
-def _signal_exit_status(error: BaseException) -> int | None:
-    """128 + the signal's number when `error` is how a signal stopped the flow, or was raised
-    while handling that (`tasks.tracking.stopped_by_signal`); else None."""
-    from prefect.exceptions import TerminationSignal
-
-    from conf.errors import error_chain
-
-    for link in error_chain(error):
-        if isinstance(link, TerminationSignal):
-            return 128 + link.signal
-        if isinstance(link, KeyboardInterrupt):
-            return 128 + 2
-        if isinstance(link, SystemExit) and isinstance(link.code, int) and link.code > 128:
-            return link.code
-    return None
 
 
 def _leave_now(code: int) -> NoReturn:
@@ -150,9 +135,11 @@ class _NoTracebackForExpectedErrors(logging.Filter):
     does a stop that a signal asked for."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        from tasks.tracking import signal_exit_status
+
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and (
-            isinstance(error, ExpectedError) or _signal_exit_status(error) is not None
+            isinstance(error, ExpectedError) or signal_exit_status(error) is not None
         ):
             record.exc_info, record.exc_text = None, None
         return True

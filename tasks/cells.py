@@ -280,8 +280,7 @@ def peak_rss_mb() -> float:
 def release_models() -> None:
     """Drop Keras' global state and collect, so a worker that runs many cells does not grow.
 
-    `free_memory=True` runs Python's collector; a second collection found nothing and cost a
-    third of a second a cell."""
+    `free_memory=True` runs Python's collector; a second collection found nothing."""
     import keras
 
     keras.backend.clear_session(free_memory=True)

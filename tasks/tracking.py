@@ -637,18 +637,24 @@ def stop_requested() -> bool:
     return _stop_requested.is_set()
 
 
-def stopped_by_signal(error: BaseException) -> bool:
-    """Whether `error` is how a signal stopped this process, or was raised while handling that.
+def signal_exit_status(error: BaseException) -> int | None:
+    """128 + the signal's number when `error` is how a signal stopped this process, or was
+    raised while handling that; else None.
 
     Inside a flow, SIGTERM raises Prefect's TerminationSignal, and Prefect's own handling of it
     fails (ValueError: Task run is not set) when it lands while a task run is being created.
+    Outside, this project's handlers raise SystemExit(128 + the signal's number).
     """
     from prefect.exceptions import TerminationSignal
 
-    return any(
-        isinstance(link, KeyboardInterrupt | SystemExit | TerminationSignal)
-        for link in error_chain(error)
-    )
+    for link in error_chain(error):
+        if isinstance(link, TerminationSignal):
+            return 128 + link.signal
+        if isinstance(link, KeyboardInterrupt):
+            return 128 + 2
+        if isinstance(link, SystemExit) and isinstance(link.code, int) and link.code > 128:
+            return link.code
+    return None
 
 
 def close_run_after_failure(run: RunRef, error: BaseException) -> None:
@@ -658,7 +664,8 @@ def close_run_after_failure(run: RunRef, error: BaseException) -> None:
     A run its server cannot take now stays RUNNING until the next run in its experiment finds
     its heartbeat stopped and closes it as KILLED.
     """
-    status = "KILLED" if stop_requested() or stopped_by_signal(error) else "FAILED"
+    killed = stop_requested() or signal_exit_status(error) is not None
+    status = "KILLED" if killed else "FAILED"
     runs = [*heartbeat.children_of(run.run_id), run.run_id]
     for run_id in runs:
         heartbeat.forget(run_id)

@@ -53,7 +53,7 @@ def _compile(model, learning_rate: float, jit_compile: bool, steps_per_execution
     )
     # With TensorFlow, Keras creates the optimizer's slot variables while it traces the first
     # training step, and a tf.function that creates variables is traced a second time. Made here,
-    # the step is traced once: about 1.7 s less a stage for the whole MobileNet at 96 px.
+    # the step is traced once (docs/performance.md has what that saves).
     model.optimizer.build(model.trainable_variables)
 
 

@@ -366,12 +366,12 @@ def test_a_sigterm_that_lands_while_prefect_creates_a_task_run_is_still_a_stop(
     as KILLED, and the log line without a traceback (a plain error keeps its traceback)."""
     import logging
 
-    from flows.cli import _NoTracebackForExpectedErrors, _signal_exit_status
-    from tasks.tracking import RunRef, close_run_after_failure
+    from flows.cli import _NoTracebackForExpectedErrors
+    from tasks.tracking import RunRef, close_run_after_failure, signal_exit_status
 
     error = _sigterm_while_a_task_run_is_created()
-    assert _signal_exit_status(error) == 128 + signal.SIGTERM
-    assert _signal_exit_status(ValueError("a bug")) is None
+    assert signal_exit_status(error) == 128 + signal.SIGTERM
+    assert signal_exit_status(ValueError("a bug")) is None
 
     client = MlflowClient(mlflow_uri)
     experiment = client.create_experiment("stopped-while-creating-a-task-run")
