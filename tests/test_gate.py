@@ -8,7 +8,19 @@ import math
 import numpy as np
 import pytest
 
-from tasks.gate import PairedPredictions, decide_paired, mcnemar_exact, metric_difference
+from tasks.gate import (
+    PLANNED_PASS_CHANCE,
+    ClassCheck,
+    Interval,
+    McNemar,
+    PairedEvidence,
+    PairedPredictions,
+    decide_paired,
+    judge_paired,
+    mcnemar_exact,
+    metric_difference,
+    non_inferiority_power,
+)
 
 CLASSES = tuple(f"class_{index}" for index in range(10))
 
@@ -57,6 +69,13 @@ def predictions(rng, labels, accuracy, wrong_class=None):
     return np.where(right, labels, shifted)
 
 
+def retrain(rng, labels, champion, accuracy, share=0.1):
+    """A retrain of `champion`: the same answers but on a random `share` of the images, where it
+    is right with probability `accuracy` (seed retrains agree on most images)."""
+    redrawn = rng.random(len(labels)) < share
+    return np.where(redrawn, predictions(rng, labels, accuracy), champion)
+
+
 def gate(champion, challenger, labels, mode, **settings):
     pairs = PairedPredictions(labels, champion, challenger, CLASSES)
     options = {"alpha": 0.05, "margin": 0.01, "max_class_drop": 0.05, "resamples": 1000}
@@ -70,10 +89,16 @@ def labels() -> np.ndarray:
 
 def test_an_equivalent_retrain_passes_non_inferiority_and_fails_superiority(labels) -> None:
     rng = np.random.default_rng(1)
-    champion, challenger = predictions(rng, labels, 0.85), predictions(rng, labels, 0.85)
-    assert gate(champion, challenger, labels, "non_inferiority").promote
+    champion = predictions(rng, labels, 0.85)
+    challenger = retrain(rng, labels, champion, 0.85)
+    report = gate(champion, challenger, labels, "non_inferiority")
+    assert report.promote and report.difference.low >= -0.01
+    assert report.reason.startswith("the data show it at most 0.01 worse than the champion: its")
     report = gate(champion, challenger, labels, "superiority")
-    assert not report.promote and "not shown better" in report.reason
+    assert not report.promote
+    assert report.reason.startswith(
+        "the data do not show it better than the champion by more than 0.01: its 95% lower bound"
+    )
 
 
 def test_a_clearly_better_challenger_passes_both_modes(labels) -> None:
@@ -90,10 +115,14 @@ def test_superiority_asks_for_more_than_the_margin(labels) -> None:
     champion, challenger = predictions(rng, labels, 0.84), predictions(rng, labels, 0.87)
     plain = gate(champion, challenger, labels, "superiority", margin=0.0)
     assert plain.promote and plain.difference.low > 0
-    assert plain.reason.startswith("better than the champion with 95% confidence")
+    low = plain.difference.low
+    assert (
+        plain.reason
+        == f"the data show it better than the champion: its 95% lower bound {low:+.4f} is above +0"
+    )
     demanding = gate(champion, challenger, labels, "superiority", margin=0.05)
     assert not demanding.promote and demanding.difference.low < 0.05
-    assert "not shown better than the champion by more than 0.05" in demanding.reason
+    assert "do not show it better than the champion by more than 0.05" in demanding.reason
 
 
 def test_a_clearly_worse_challenger_fails_both_modes(labels) -> None:
@@ -109,9 +138,11 @@ def test_a_class_that_collapses_is_named_even_when_the_total_holds(labels) -> No
     about the same, non-inferiority alone would pass, the per-class check stops it."""
     rng = np.random.default_rng(4)
     champion = predictions(rng, labels, 0.85)
-    challenger = predictions(rng, labels, 0.94, wrong_class=3)
+    challenger = np.where(labels == 3, (labels + 1) % 10, champion)
+    mended = np.flatnonzero((labels != 3) & (champion != labels))[:285]
+    challenger[mended] = labels[mended]  # 255 lost on class_3, 285 won elsewhere
     report = gate(champion, challenger, labels, "non_inferiority")
-    assert report.difference.high >= -0.01  # the total alone would pass
+    assert report.difference.low >= -0.01  # the total alone would pass
     assert not report.promote and report.dropped_classes == ["class_3"]
     assert "class_3" in report.reason and report.tags()["gate.dropped_classes"] == "class_3"
     record = json.loads(report.to_json())
@@ -121,3 +152,87 @@ def test_a_class_that_collapses_is_named_even_when_the_total_holds(labels) -> No
 def test_predictions_of_different_lengths_are_refused() -> None:
     with pytest.raises(ValueError, match="same, non-empty list"):
         PairedPredictions(np.zeros(3), np.zeros(3), np.zeros(2), ("a",))
+
+
+def evidence(estimate: float, low: float, high: float, images: int = 10_000) -> PairedEvidence:
+    """The evidence of a gate decision as its tags record it (no class changes)."""
+    return PairedEvidence(
+        "accuracy", images, 0.90, Interval(estimate, low, high), McNemar(300, 181, 1e-3), ()
+    )
+
+
+def test_non_inferiority_rejects_a_challenger_the_interval_shows_worse_than_the_margin() -> None:
+    """The decision `make compare` once promoted: the whole interval below 0, its lower end
+    past -0.01. The data do not show it at most 0.01 worse, so it is not served."""
+    report = judge_paired(evidence(-0.0119, -0.0175, -0.0061), "non_inferiority", 0.01, 0.10)
+    assert not report.promote
+    assert report.reason == (
+        "the data do not show it at most 0.01 worse than the champion: its 95% lower bound "
+        "-0.0175 is below -0.01"
+    )
+    assert "with 95% confidence" not in report.summary()  # no claim the interval does not give
+
+
+@pytest.mark.parametrize(
+    ("low", "high"), [(-0.0099, -0.0012), (-0.0100, 0.0), (-0.004, 0.006), (0.002, 0.01)]
+)
+def test_non_inferiority_promotes_a_challenger_whose_interval_stays_within_the_margin(
+    low, high
+) -> None:
+    """Below 0 but within -margin is what non-inferiority tolerates: at most 0.01 worse."""
+    report = judge_paired(evidence((low + high) / 2, low, high), "non_inferiority", 0.01, 0.10)
+    assert report.promote
+    assert report.reason.startswith("the data show it at most 0.01 worse than the champion")
+    tags = report.tags()
+    assert (tags["gate.margin"], tags["gate.interval"]) == ("0.01", f"[{low:.6f}, {high:.6f}]")
+
+
+def test_a_rejection_for_want_of_test_images_says_how_many_would_do() -> None:
+    """The estimate is as good as the champion's, but 300 images leave the bound far below it."""
+    report = judge_paired(evidence(0.0, -0.03, 0.03, images=300), "non_inferiority", 0.01, 0.10)
+    assert not report.promote
+    # The bound would have to come 0.03 -> 0.01 closer: (0.03 / 0.01)^2 = 9 times the images.
+    assert "300 test images leave its bound 0.0300 below it; about 2,700 would show it" in (
+        report.reason
+    )
+
+
+def class_change(name: str, low: float, high: float) -> ClassCheck:
+    return ClassCheck(name, 30, 0.8, 0.8 + (low + high) / 2, Interval((low + high) / 2, low, high))
+
+
+def test_the_per_class_check_fails_open() -> None:
+    """A class of 30 test images cannot rule out a drop of 0.10 (its interval reaches past it):
+    that alone rejects nothing. A drop the data show does."""
+    wide = PairedEvidence(
+        "accuracy",
+        300,
+        0.90,
+        Interval(0.0, -0.004, 0.004),
+        McNemar(2, 2, 1.0),
+        (class_change("shirt", -0.25, 0.18), class_change("coat", -0.6, -0.3)),
+    )
+    report = judge_paired(wide, "non_inferiority", 0.01, 0.10)
+    assert report.dropped_classes == ["coat"] and not report.promote
+    assert report.reason.endswith(
+        "; the data show recall dropped by more than 0.1 for coat (upper bound -0.3000)"
+    )
+    shirt_only = PairedEvidence(**{**wide.__dict__, "classes": wide.classes[:1]})
+    assert judge_paired(shirt_only, "non_inferiority", 0.01, 0.10).promote
+
+
+def test_the_test_set_check_knows_the_images_a_margin_needs() -> None:
+    """At the images it names, an as-good challenger passes with the planned chance; with a
+    few of them it mostly fails, and the warning says so with the numbers."""
+    enough = non_inferiority_power(10_000, 0.05, 0.01, disagreement=0.06)
+    # 0.06 * ((1.6449 + 1.2816) / 0.01)^2 = 5,138.5 images.
+    assert enough.images_needed == 5_139 and enough.enough
+    at_needed = non_inferiority_power(enough.images_needed, 0.05, 0.01, disagreement=0.06)
+    assert at_needed.pass_chance == pytest.approx(PLANNED_PASS_CHANCE, abs=0.001)
+    small = non_inferiority_power(300, 0.05, 0.01, disagreement=0.06)
+    assert not small.enough and small.pass_chance < 0.2
+    assert small.margin_needed == pytest.approx(2.9264 * math.sqrt(0.06 / 300), abs=1e-4)
+    assert small.warning().startswith("registry: with 300 test images the non_inferiority gate")
+    assert "About 5,139 test images would make that 90%; with these, registry.margin 0.041" in (
+        small.warning()
+    )

@@ -39,14 +39,15 @@ def table(tmp_path: Path):
     return load_image_table(tmp_path / "images", val_fraction=0.0, test_fraction=0.5, seed=0)
 
 
-def brightness_model(sign: float) -> keras.Model:
-    """Mean brightness decides: `sign` 1 says light for bright images, -1 the opposite."""
+def brightness_model(sign: float, threshold: float = 125.0) -> keras.Model:
+    """Mean brightness decides: `sign` 1 says light for images brighter than `threshold`, -1
+    the opposite."""
     pixels = keras.Input((SIZE, SIZE, 3))
     mean = keras.layers.GlobalAveragePooling2D()(pixels)
     logits = keras.layers.Dense(2, activation="softmax")(mean)
     model = keras.Model(pixels, logits)
     model.layers[-1].set_weights(
-        [np.array([[-sign, sign]] * 3) / 30.0, np.array([sign * 12.5, -sign * 12.5])]
+        [np.array([[-sign, sign]] * 3) / 30.0, np.array([sign, -sign]) * threshold / 10.0]
     )
     return model
 
@@ -127,6 +128,64 @@ def test_the_paired_gate_rejects_a_challenger_that_gets_a_class_wrong(
     assert not decision.promote
     assert sorted(decision.report.dropped_classes) == ["dark", "light"]
     assert aliased_version(mlflow_uri, name, CHAMPION).version == first.version
+
+
+@pytest.fixture
+def graded(tmp_path: Path):
+    """2,000 images of even grey, all but 2 of each class in the test split: 1,000 dark (level
+    60) and 1,000 light, of which 6 are at level 130 and 18 at level 140. A model that calls
+    light above level t misses the light images below t, so its threshold sets exactly which
+    test images it gets wrong."""
+    folder = tmp_path / "graded"
+    folder.mkdir()
+    levels = {"dark": [60] * 1000, "light": [130] * 6 + [140] * 18 + [200] * 976}
+    rows = []
+    for label, values in levels.items():
+        for index, level in enumerate(values):
+            Image.new("RGB", (SIZE, SIZE), (level,) * 3).save(folder / f"{label}-{index}.png")
+            rows.append(
+                f"{label}-{index}.png,{label},{'train' if index >= len(values) - 2 else 'test'}"
+            )
+    (folder / "manifest.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    return load_image_table(folder / "manifest.csv", val_fraction=0.0, test_fraction=0.0, seed=0)
+
+
+def test_non_inferiority_serves_a_challenger_within_the_margin_and_not_one_past_it(
+    mlflow_uri, graded, tmp_path
+) -> None:
+    """The champion gets every test image right. A challenger that misses 24 of the 1,996 is
+    1.2 points worse: its interval lies below 0 and reaches past -0.01, so it is rejected (the
+    rule before promoted it: the interval's upper end was within the margin). One that misses 6
+    is 0.3 points worse: its interval lies below 0 too, but within the margin, so it is served."""
+    name = "paired-margin"
+    loaded = loaded_config(tmp_path, name, gate="non_inferiority", margin=0.01)
+    first_run, first = registered(mlflow_uri, name, brightness_model(1.0, 100.0), graded)
+    assert promote(mlflow_uri, first_run, first, graded, loaded).promote
+    client = MlflowClient(mlflow_uri)
+
+    worse_run, worse = registered(mlflow_uri, name, brightness_model(1.0, 150.0), graded)
+    decision = promote(mlflow_uri, worse_run, worse, graded, loaded)
+    interval = decision.report.difference
+    assert interval.estimate == pytest.approx(-24 / 1996)
+    assert interval.high < 0 and interval.low < -0.01 <= interval.high  # as in the issue
+    assert not decision.promote
+    assert "the data do not show it at most 0.01 worse than the champion" in decision.reason
+    tags = client.get_model_version(name, worse.version).tags
+    assert tags["promotion.decision"] == "rejected" and tags["gate.margin"] == "0.01"
+    assert float(tags["gate.interval"].strip("[]").split(",")[0]) < -0.01
+    assert aliased_version(mlflow_uri, name, CHAMPION).version == first.version
+
+    close_run, close = registered(mlflow_uri, name, brightness_model(1.0, 135.0), graded)
+    decision = promote(mlflow_uri, close_run, close, graded, loaded)
+    interval = decision.report.difference
+    assert interval.estimate == pytest.approx(-6 / 1996)
+    assert interval.low >= -0.01 and interval.high < 0
+    assert decision.promote
+    assert "the data show it at most 0.01 worse than the champion" in decision.reason
+    tags = client.get_model_version(name, close.version).tags
+    assert tags["promotion.decision"] == "promoted"
+    assert float(tags["gate.interval"].strip("[]").split(",")[0]) >= -0.01
+    assert aliased_version(mlflow_uri, name, CHAMPION).version == close.version
 
 
 def test_the_threshold_gate_rejects_an_equivalent_retrain_short_of_min_improvement(
