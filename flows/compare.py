@@ -30,7 +30,7 @@ from tasks.comparison import (
 )
 from tasks.config import load_pipeline_config
 from tasks.data import load_images, pull_data_version
-from tasks.promotion import promote_if_better, register_challenger_step
+from tasks.promotion import check_gate_power, promote_if_better, register_challenger_step
 from tasks.registry import PromotionDecision
 from tasks.run_names import label_flow_run
 from tasks.tracking import RunRef, close_run_after_failure
@@ -78,6 +78,7 @@ def compare_strategies(
     data_version = pull_data_version(loaded)
     label_flow_run("compare", loaded.config.registry.model_name, data_version, plan.strategy_names)
     table = load_images(loaded, data_version)
+    check_gate_power(loaded.config.registry, table)
     check_label_budgets(table, plan.label_budgets, loaded.config.seed)
     comparison = start_comparison_run(loaded, plan, table, data_version)
     try:

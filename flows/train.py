@@ -9,7 +9,7 @@ from prefect import flow
 from tasks.config import check_training_inputs, load_pipeline_config
 from tasks.data import load_images, pull_data_version
 from tasks.model import build_classifier_for
-from tasks.promotion import promote_if_better, register_challenger_step
+from tasks.promotion import check_gate_power, promote_if_better, register_challenger_step
 from tasks.registry import PromotionDecision
 from tasks.report import StageSummary, publish_report
 from tasks.run_names import label_flow_run
@@ -63,6 +63,7 @@ def train_classifier(
     data_version = pull_data_version(loaded)
     label_flow_run("train", loaded.config.registry.model_name, data_version, [STRATEGY])
     table = load_images(loaded, data_version)
+    check_gate_power(loaded.config.registry, table)
     classifier = build_classifier_for(loaded, len(table.classes))
     stages = transfer_stages(loaded.config)
     run = start_tracking(loaded, table, data_version, strategy=STRATEGY)
