@@ -239,10 +239,11 @@ class RegistryConfig(Section):
     )
     gate: Literal["threshold", "non_inferiority", "superiority"] = Field(
         "non_inferiority",
-        description="non_inferiority: promote unless the challenger is worse than the champion "
-        "by more than margin, so a retrain that is as good gets served; superiority: only if it "
-        "is better by more than margin. Both judge the two models on the same test images (tasks/gate.py). "
-        "threshold: promote when the challenger's score beats the champion's by min_improvement.",
+        description="non_inferiority: promote when the data show the challenger at most margin "
+        "worse than the champion (the lower bound of challenger - champion is at least -margin); "
+        "superiority: only when they show it better by more than margin. Both judge the two "
+        "models on the same test images (tasks/gate.py). threshold: promote when the "
+        "challenger's score beats the champion's by min_improvement.",
     )
     min_improvement: float = Field(
         0.0,
@@ -257,15 +258,18 @@ class RegistryConfig(Section):
         ge=0.0,
         lt=1.0,
         description="The difference that matters. non_inferiority: how much worse than the "
-        "champion the challenger may be; superiority: how much better it must be (0: any).",
+        "champion the data may leave the challenger; superiority: how much better it must be "
+        "shown (0: any). A small test set cannot resolve a small margin: the flow warns before "
+        "training, with the test images the margin needs.",
     )
     max_class_drop: float = Field(
         0.10,
         ge=0.0,
         le=1.0,
-        description="The paired gate rejects a challenger whose recall of any class is lower "
-        "than the champion's by more than this, with confidence 1 - alpha. Retrains that differ "
-        "only in their seed moved the demo's 'shirt' recall by up to 0.074.",
+        description="The paired gate rejects a challenger when the data show its recall of a "
+        "class lower than the champion's by more than this, with confidence 1 - alpha. It fails "
+        "open: a class too small to show a drop rejects nothing. Retrains that differ only in "
+        "their seed moved the demo's 'shirt' recall by up to 0.074.",
     )
 
     @model_validator(mode="after")
