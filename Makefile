@@ -88,8 +88,8 @@ compare: demo-data ## Compare strategies at several label budgets on the demo da
 test: install fashion-mnist ## Run the test suite (unit, integration and slow end-to-end tests)
 	$(BIN)/python -m pytest
 
-lint: install ## ruff and mypy
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy conf tasks flows
+lint: install ## ruff, mypy, and the import contracts in pyproject.toml (lint-imports)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy conf tasks flows && $(BIN)/lint-imports
 
 mlflow-ui: install ## Open the MLflow UI on the local store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000
