@@ -20,7 +20,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The stages in dvc.yaml call `transferflow`, which `dvc repro` finds on PATH.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: help install fashion-mnist demo-data demo train compare test lint mlflow-ui clean bench prefect-server serve stop-server
+.PHONY: help install fashion-mnist demo-data demo train compare test test-fast lint mlflow-ui clean bench prefect-server serve stop-server
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -88,8 +88,11 @@ compare: demo-data ## Compare strategies at several label budgets on the demo da
 test: install fashion-mnist ## Run the test suite (unit, integration and slow end-to-end tests)
 	$(BIN)/python -m pytest
 
-lint: install ## ruff and mypy
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy conf tasks flows
+test-fast: install fashion-mnist ## Run the unit tests only (no slow, integration or training marker), for the edit-run loop
+	$(BIN)/python -m pytest -m "not slow and not integration and not training"
+
+lint: install ## ruff, mypy, and the import contracts in pyproject.toml (lint-imports)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy conf tasks flows && $(BIN)/lint-imports --no-logo
 
 mlflow-ui: install ## Open the MLflow UI on the local store at http://127.0.0.1:5000
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port 5000

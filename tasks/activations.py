@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import keras
 import numpy as np
 import pandas as pd
-from keras.src.ops.function import make_node_key
 
 from tasks.compute import layer_precision
 from tasks.features import (
@@ -28,6 +27,7 @@ from tasks.features import (
     picked_rows,
     weights_fingerprint,
 )
+from tasks.keras_internals import is_own_call
 from tasks.model import unfrozen_layer_names
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def split_at_cut(classifier, trainable_layers: set[str] | None = None) -> CutMod
         inputs = [
             t
             for index, node in enumerate(operation._inbound_nodes)
-            if make_node_key(operation, index) in base._nodes
+            if is_own_call(base, operation, index)
             for t in node.input_tensors
         ]
         producers = {t._keras_history.operation.name for t in inputs}

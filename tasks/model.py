@@ -21,12 +21,16 @@ from typing import Any, Literal
 
 import keras
 import numpy as np
-from keras.src.utils import file_utils
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.errors import ExpectedError
 from tasks.compute import MIXED_FLOAT16, device_description, layer_precision
+from tasks.keras_internals import (
+    file_matches_hash,
+    initializer_seeds_drawn_from,
+    weights_fetched_through,
+)
 
 APPLICATIONS_DOCS = "https://keras.io/api/applications/"
 
@@ -103,10 +107,17 @@ def architecture_names() -> list[str]:
         for name in dir(keras.applications)
         if name[:1].isupper()
         and callable(getattr(keras.applications, name))
-        and getattr(getattr(keras.applications, name), "__module__", "").startswith(
-            "keras.src.applications."
+        and isinstance(
+            getattr(keras.applications, _family_name(getattr(keras.applications, name)), None),
+            ModuleType,
         )
     ]
+
+
+def _family_name(constructor: Any) -> str:
+    """The name of the module that defines `constructor`, e.g. ResNet50 -> "resnet"; the public
+    keras.applications module of that name holds its preprocess_input."""
+    return getattr(constructor, "__module__", "").rpartition(".")[2]
 
 
 def check_architecture(name: str) -> None:
@@ -131,8 +142,7 @@ def _constructor(architecture: str) -> Callable[..., keras.Model]:
 
 def _family(architecture: str) -> ModuleType:
     """The public keras.applications module of an architecture, e.g. ResNet50 -> resnet."""
-    module_name = _constructor(architecture).__module__.rsplit(".", 1)[-1]
-    return getattr(keras.applications, module_name)
+    return getattr(keras.applications, _family_name(_constructor(architecture)))
 
 
 # --- weights -------------------------------------------------------------------------------------
@@ -173,7 +183,7 @@ def _stop_at_weights_download() -> Iterator[None]:
     alpha and input size, ...); asking the constructor itself avoids copying Keras' naming rules.
     Other threads keep the real get_file.
     """
-    real_get_file = file_utils.get_file
+    real_get_file = keras.utils.get_file
     owner = threading.get_ident()
 
     def get_file(fname: Any = None, origin: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -187,12 +197,8 @@ def _stop_at_weights_download() -> Iterator[None]:
             cache_subdir=kwargs.get("cache_subdir", "datasets"),
         )
 
-    with _intercept_lock:
-        file_utils.get_file = get_file
-        try:
-            yield
-        finally:
-            file_utils.get_file = real_get_file
+    with _intercept_lock, weights_fetched_through(get_file):
+        yield
 
 
 # What each base's constructor asked get_file for, and the weights files whose hash was checked
@@ -227,7 +233,7 @@ def _imagenet_weights_file(architecture: str, image_size: int, options: dict[str
         stat = path.stat()
         seen = (str(path), stat.st_size, stat.st_mtime_ns)
         if wanted.file_hash and seen not in _checked_weights:
-            if not file_utils.validate_file(str(path), wanted.file_hash):
+            if not file_matches_hash(str(path), wanted.file_hash):
                 raise WeightsNotFoundError(
                     f"{path} is not the genuine ImageNet weights file of {architecture} (its "
                     f"hash differs from {wanted.file_hash}). Replace it with the file from "
@@ -236,7 +242,7 @@ def _imagenet_weights_file(architecture: str, image_size: int, options: dict[str
             _checked_weights.add(seen)
         return path
     try:
-        downloaded = file_utils.get_file(
+        downloaded = keras.utils.get_file(
             wanted.fname,
             wanted.origin,
             cache_subdir=wanted.cache_subdir,
@@ -747,14 +753,8 @@ def initializers_seeded(seed: int) -> Iterator[None]:
     (Prefect's, MLflow's) draw from too: a random base (`base.weights: null`) built right after
     `keras.utils.set_random_seed` could still differ from one run of the same seed to the next.
     """
-    from keras.src.random import seed_generator
-
-    shared = seed_generator.python_random
-    seed_generator.python_random = Random(seed)
-    try:
+    with initializer_seeds_drawn_from(Random(seed)):
         yield
-    finally:
-        seed_generator.python_random = shared
 
 
 # --- Prefect steps -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import pytest
 
 from tests.tiny_stages import fresh_classifier, setting, train_stage
 
+pytestmark = pytest.mark.training
+
 
 @pytest.mark.parametrize(
     ("architecture", "head"),

@@ -40,6 +40,7 @@ def test_augmented_training_images_change_every_epoch_and_validation_images_neve
     np.testing.assert_array_equal(first_batch(validation), first_batch(changed_validation))
 
 
+@pytest.mark.training
 def test_a_stage_that_augments_trains_through_the_whole_model_and_says_why(
     tmp_path: Path, tiny_table, caplog
 ) -> None:

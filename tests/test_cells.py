@@ -5,7 +5,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 
+import pytest
+
 from tasks.cells import _RecyclingExecutor
+
+pytestmark = pytest.mark.integration
 
 
 def test_a_worker_that_leaves_after_its_tasks_is_replaced_while_tasks_wait() -> None:

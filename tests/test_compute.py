@@ -36,6 +36,7 @@ def computing(tmp_path: Path, precision: str, jit_compile: bool = False) -> Load
     return LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
 
 
+@pytest.mark.training
 def test_mixed_float16_with_xla_trains_the_head_and_every_run_names_its_device(
     tmp_path: Path, tiny_table, mlflow_uri: str
 ) -> None:
@@ -67,6 +68,7 @@ def test_mixed_float16_with_xla_trains_the_head_and_every_run_names_its_device(
         assert device.startswith("GPU:0") if HAS_GPU else device == "CPU"
 
 
+@pytest.mark.training
 def test_mixed_float16_fine_tunes_through_activations_of_its_own(
     tmp_path: Path, tiny_table
 ) -> None:

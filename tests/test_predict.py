@@ -71,6 +71,7 @@ def expected_predictions(model, paths: list[Path]) -> dict[str, tuple[int, float
     return found
 
 
+@pytest.mark.integration
 def test_predict_writes_a_class_name_and_probability_for_every_image(
     registered, unique_name: str, tmp_path: Path
 ) -> None:

@@ -23,6 +23,8 @@ from tasks.registry import CHAMPION, ModelVersionRef, aliased_version
 from tasks.tracking import RunRef
 from tests.serving_models import register_serving_model
 
+pytestmark = pytest.mark.integration
+
 CLASSES = ("dark", "light")
 SIZE = 32
 

@@ -34,6 +34,8 @@ from tasks.registry import (
     rollback_champion,
 )
 
+pytestmark = pytest.mark.integration
+
 ROLLBACK_IN_ANOTHER_PROCESS = """
 import sys
 from tasks.registry import rollback_champion

@@ -21,6 +21,8 @@ from tasks.registry import load_keras_model
 from tests.servers import BIN, free_port, start, stop, tail, wait_healthy
 from tests.serving_models import register_serving_model, tiny_classifier
 
+pytestmark = pytest.mark.integration
+
 CLASSES = ["boot", "coat", "shirt"]
 SIZE = 32
 
