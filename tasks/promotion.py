@@ -27,7 +27,7 @@ from prefect.tasks import exponential_backoff
 from conf.schema import RegistryConfig
 from tasks.config import LoadedConfig
 from tasks.evaluate import Evaluation, score_predictions
-from tasks.gate import GatePower, PairedPredictions, decide_paired, non_inferiority_power
+from tasks.gate import PairedPredictions, decide_paired, non_inferiority_power
 from tasks.registry import (
     ModelVersionRef,
     PromotionDecision,
@@ -299,15 +299,19 @@ def threshold_decider(
 
 
 @task(name="check-gate-power", cache_policy=NO_CACHE)
-def check_gate_power(registry: RegistryConfig, table) -> GatePower | None:
+def check_gate_power(registry: RegistryConfig, table) -> None:
     """Before training: can the test split show a retrain as good as the champion to be within
-    the margin? A warning with the test images (or margin) that would, where it mostly cannot."""
+    the margin? A warning with the test images (or margin) that would, where it mostly cannot.
+
+    Returns nothing: Prefect links a task's result to every later task input holding one of its
+    parts, and a result carrying the config's own alpha and margin would link this task to all
+    of them in the run graph.
+    """
     if registry.gate != "non_inferiority":
-        return None
+        return
     power = non_inferiority_power(len(table.split("test")), registry.alpha, registry.margin)
     if not power.enough:
         run_logger().warning(power.warning())
-    return power
 
 
 # MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
