@@ -216,25 +216,26 @@ def table_for(saved, per_class: int | None, trials: int, settings, seed: int) ->
     repeats = 1 if per_class is None else max(1, -(-trials * 2 // len(pairs)))
     aa = [judged(models[a], models[b], next(draws)) for a, b in pairs for _ in range(repeats)]
     lines = [row("A/A: seed retrains, every ordered pair (**promoted**)", aa, True)]
-    for drop in DROPS:
+
+    def worsened_trials(drop: float, within: int | None = None) -> list[Verdicts]:
+        """Each trial: an A/A pair whose challenger loses `drop` (of class `within` alone)."""
         verdicts = []
         for trial in range(trials):
             a, b = pairs[trial % len(pairs)]
             index = next(draws)
+            labels = labels_all[index]
+            scope = None if within is None else labels == within
             challenger = models[b].copy()
-            challenger[index] = worsened(rng, labels_all[index], models[b][index], drop)
+            challenger[index] = worsened(rng, labels, models[b][index], drop, scope)
             verdicts.append(judged(models[a], challenger, index))
+        return verdicts
+
+    for drop in DROPS:
+        verdicts = worsened_trials(drop)
         lines.append(row(f"challenger {drop * 100:g} points worse", verdicts, False, drop))
     shirt = classes.index("shirt")
     for drop in CLASS_DROPS:
-        verdicts = []
-        for trial in range(trials):
-            a, b = pairs[trial % len(pairs)]
-            index = next(draws)
-            challenger = models[b].copy()
-            labels = labels_all[index]
-            challenger[index] = worsened(rng, labels, models[b][index], drop, labels == shirt)
-            verdicts.append(judged(models[a], challenger, index))
+        verdicts = worsened_trials(drop, shirt)
         lines.append(row(f"shirt's recall {drop * 100:g} points lower", verdicts, False))
     first, second = (classes.index(name) for name in SWAPPED)
     swaps = [
