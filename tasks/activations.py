@@ -27,7 +27,7 @@ from tasks.features import (
     picked_rows,
     weights_fingerprint,
 )
-from tasks.keras_internals import is_own_call
+from tasks.keras_internals import calls, is_own_call, producer
 from tasks.model import unfrozen_layer_names
 
 log = logging.getLogger(__name__)
@@ -92,20 +92,20 @@ def split_at_cut(classifier, trainable_layers: set[str] | None = None) -> CutMod
         # Only the base's own call of each layer: every split adds calls of the same layers.
         inputs = [
             t
-            for index, node in enumerate(operation._inbound_nodes)
+            for index, node in enumerate(calls(operation))
             if is_own_call(base, operation, index)
             for t in node.input_tensors
         ]
-        producers = {t._keras_history.operation.name for t in inputs}
+        producers = {producer(t)[0].name for t in inputs}
         if operation.name in trainable or producers & top_part:
             top_part.add(operation.name)
             for tensor in inputs:
-                if tensor._keras_history.operation.name not in top_part:
+                if producer(tensor)[0].name not in top_part:
                     crossing[id(tensor)] = tensor
     if len(crossing) != 1:
         return f"{len(crossing)} tensors cross from the frozen layers to the trainable ones"
     (cut,) = crossing.values()
-    if cut._keras_history.operation is base.layers[0]:
+    if producer(cut)[0] is base.layers[0]:
         return "the whole base is trainable: nothing below it is frozen"
     pixels = classifier.model.input
     preprocess = classifier.model.layers[1]
@@ -120,7 +120,7 @@ def split_at_cut(classifier, trainable_layers: set[str] | None = None) -> CutMod
     return CutModels(
         trunk=trunk,
         top=top,
-        cut=cut._keras_history.operation.name,
+        cut=producer(cut)[0].name,
         tensor=cut,
         precision=classifier.precision,
     )

@@ -43,6 +43,18 @@ def keras_home() -> str:
     return str(_keras_home())
 
 
+def producer(tensor: Any) -> tuple[Any, int]:
+    """The operation (layer) whose call made the symbolic `tensor`, and which of its calls."""
+    operation, node_index, _ = tensor._keras_history
+    return operation, node_index
+
+
+def calls(operation: Any) -> list[Any]:
+    """Each call of `operation` in functional graphs, in order: its `input_tensors`,
+    `output_tensors`, and `is_input` for an Input's own node."""
+    return list(operation._inbound_nodes)
+
+
 def is_own_call(model: keras.Model, operation: Any, node_index: int) -> bool:
     """Whether the `node_index`-th call of `operation` is one of `model`'s own graph.
 

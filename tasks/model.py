@@ -27,8 +27,10 @@ from prefect.cache_policies import NO_CACHE
 from conf.errors import ExpectedError
 from tasks.compute import MIXED_FLOAT16, device_description, layer_precision
 from tasks.keras_internals import (
+    calls,
     file_matches_hash,
     initializer_seeds_drawn_from,
+    producer,
     weights_fetched_through,
 )
 
@@ -453,8 +455,8 @@ def _graph(model: keras.Model) -> _Graph:
     seen: set[int] = set()
     while pending:
         tensor = pending.pop()
-        operation, node_index, _ = tensor._keras_history
-        node = operation._inbound_nodes[node_index]
+        operation, node_index = producer(tensor)
+        node = calls(operation)[node_index]
         if id(node) in seen:
             continue
         seen.add(id(node))
@@ -465,7 +467,7 @@ def _graph(model: keras.Model) -> _Graph:
             continue
         for source in node.input_tensors:
             last_use[id(source)] = max(last_use.get(id(source), -1), here)
-            source_op = source._keras_history[0]
+            source_op, _ = producer(source)
             consumers[position[id(source_op)]].add(here)
             pending.append(source)
     for out in model.outputs:

@@ -20,9 +20,11 @@ import numpy as np
 import pytest
 
 from tasks.keras_internals import (
+    calls,
     file_matches_hash,
     initializer_seeds_drawn_from,
     is_own_call,
+    producer,
     weights_fetched_through,
 )
 
@@ -104,6 +106,25 @@ def test_own_calls_are_the_models_and_later_calls_are_not() -> None:
 
     assert is_own_call(model, dense, 0)
     assert not is_own_call(model, dense, 1)
+
+
+def test_a_tensor_names_the_call_that_made_it_and_the_call_its_inputs() -> None:
+    """The graph walks (memory planning, the activation cache's cut) follow tensors back to the
+    layer call that made them, and from a call to the tensors it took."""
+    inputs = keras.Input((3,))
+    first, second = keras.layers.Dense(4, name="first"), keras.layers.Dense(2, name="second")
+    hidden = first(inputs)
+    model = keras.Model(inputs, second(hidden))
+    second(keras.Input((4,)))  # a later call: the model's own stays the first
+
+    operation, index = producer(model.output)
+    assert (operation, index) == (second, 0)
+    call = calls(second)[index]
+    assert call.input_tensors == [hidden] and call.output_tensors == [model.output]
+    assert producer(call.input_tensors[0]) == (first, 0)
+    assert len(calls(second)) == 2
+    (entry,) = calls(producer(inputs)[0])
+    assert entry.is_input and not calls(first)[0].is_input
 
 
 def _unseeded_kernel() -> np.ndarray:
