@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.gate import PairedPredictions, judge_paired, paired_evidence
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "conf" / "default.yaml"
 SWAPPED = ("ankle_boot", "shirt")
@@ -114,8 +116,6 @@ GATES = ("threshold", "non_inferiority", "non_inferiority_before", "superiority"
 
 def judge(labels, classes, champion, challenger, settings) -> Verdicts:
     """Every gate's decision on one pair, from one bootstrap of the evidence."""
-    from tasks.gate import PairedPredictions, judge_paired, paired_evidence
-
     evidence = paired_evidence(
         PairedPredictions(labels, champion, challenger, classes),
         metric="accuracy",
@@ -177,10 +177,10 @@ def subsets(rng, labels, per_class: int | None) -> Iterator[np.ndarray]:
             )
 
 
-def rates(verdicts: list[Verdicts], gates=GATES) -> dict[str, float]:
+def rates(verdicts: list[Verdicts]) -> dict[str, float]:
     """The share promoted under each gate, and the share each per-class rule flagged."""
     count = len(verdicts)
-    shares = {gate: sum(v.promoted[gate] for v in verdicts) / count for gate in gates}
+    shares = {gate: sum(v.promoted[gate] for v in verdicts) / count for gate in GATES}
     shares["class_open"] = sum(v.open_dropped for v in verdicts) / count
     shares["class_closed"] = sum(v.closed_dropped for v in verdicts) / count
     return shares
@@ -202,7 +202,9 @@ def row(name: str, verdicts: list[Verdicts], promoted: bool, drop: float | None 
     return f"| {name} | {len(verdicts)} | " + " | ".join(cells) + " |"
 
 
-def table_for(saved, per_class: int | None, trials: int, settings, seed: int) -> list[str]:
+def table_for(
+    saved, per_class: int | None, trials: int, settings, seed: int
+) -> tuple[list[str], list[Verdicts]]:
     """The A/A, power, class-drop and planted rows at one test size."""
     rng = np.random.default_rng(seed)
     labels_all, classes = saved["labels"], tuple(str(name) for name in saved["classes"])

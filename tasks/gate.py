@@ -385,8 +385,8 @@ def decide_paired(
 
 
 # The share of test images on which a retrain and the champion it is as good as disagree (one
-# right, the other wrong), assumed before either exists. Seed retrains of the demo config
-# disagree on 5 to 7 % (docs/promotion-gate.md); weaker models disagree more.
+# right, the other wrong), assumed before either exists: above what seed retrains of the demo
+# config show, below what undertrained models show (docs/promotion-gate.md has the figures).
 PLANNING_DISAGREEMENT = 0.08
 PLANNED_PASS_CHANCE = 0.9
 
@@ -401,7 +401,7 @@ class GatePower:
     margin: float
     disagreement: float
     pass_chance: float
-    images_needed: int  # for the pass chance to reach PLANNED_PASS_CHANCE
+    images_needed: int | None  # for the pass chance to reach PLANNED_PASS_CHANCE; None: none do
     margin_needed: float  # the margin that reaches it with these images
 
     @property
@@ -413,9 +413,18 @@ class GatePower:
             f"registry: with {self.images:,} test images the non_inferiority gate can hardly show "
             f"a retrain as good as the champion to be at most {self.margin:g} worse: it would pass "
             f"about {self.pass_chance:.0%} of the time (alpha {self.alpha:g}, models that disagree "
-            f"on {self.disagreement:.0%} of the images), and be rejected otherwise. About "
-            f"{self.images_needed:,} test images would make that {PLANNED_PASS_CHANCE:.0%}; with "
-            f"these, registry.margin {self.margin_needed:.3f} would."
+            f"on {self.disagreement:.0%} of the images), and be rejected otherwise. "
+            f"{self._images_advice()}registry.margin {self.margin_needed:.3f} would make that "
+            f"{PLANNED_PASS_CHANCE:.0%} with these images."
+        )
+
+    def _images_advice(self) -> str:
+        if (
+            self.images_needed is None
+        ):  # margin 0: an as-good retrain is rejected 1 - alpha of times
+            return "No number of test images helps with a margin of 0; "
+        return (
+            f"About {self.images_needed:,} test images would make that {PLANNED_PASS_CHANCE:.0%}; "
         )
 
 
@@ -429,7 +438,7 @@ def non_inferiority_power(
     z_power = stats.norm.ppf(PLANNED_PASS_CHANCE)
     error = math.sqrt(disagreement / images) if images else math.inf
     chance = float(stats.norm.cdf(margin / error - z_alpha)) if error else 1.0
-    needed = math.ceil(disagreement * ((z_alpha + z_power) / margin) ** 2) if margin else 0
+    needed = math.ceil(disagreement * ((z_alpha + z_power) / margin) ** 2) if margin else None
     return GatePower(
         images=images,
         alpha=alpha,

@@ -233,6 +233,19 @@ def test_the_test_set_check_knows_the_images_a_margin_needs() -> None:
     assert not small.enough and small.pass_chance < 0.2
     assert small.margin_needed == pytest.approx(2.9264 * math.sqrt(0.06 / 300), abs=1e-4)
     assert small.warning().startswith("registry: with 300 test images the non_inferiority gate")
-    assert "About 5,139 test images would make that 90%; with these, registry.margin 0.041" in (
+    assert "About 5,139 test images would make that 90%; registry.margin 0.041 would" in (
         small.warning()
     )
+
+
+def test_with_no_margin_the_test_set_check_names_a_margin_not_a_number_of_images() -> None:
+    """Under a margin of 0 an as-good retrain passes only alpha of the time, however many
+    test images there are: the warning must not promise that more images would help."""
+    power = non_inferiority_power(1_000_000, 0.05, 0.0, disagreement=0.06)
+    assert power.pass_chance == pytest.approx(0.05, abs=1e-6) and not power.enough
+    assert power.images_needed is None
+    warning = power.warning()
+    assert "No number of test images helps with a margin of 0; registry.margin 0.001 would" in (
+        warning
+    )
+    assert "About" not in warning
