@@ -53,7 +53,7 @@ $(VENV)/installed-cuda: pyproject.toml deploy/cuda_requirements.py
 	$(PIP) install --quiet -r $(VENV)/requirements-cuda.txt 2>&1 | grep -v '^WARNING: Location' || true
 	$(PIP) install --quiet --no-deps -e . 2>&1 | grep -v '^WARNING: Location' || true
 	$(BIN)/python -c 'import tensorflow as tf, keras, mlflow, prefect, dvc, pandas, pytest; \
-	  from tasks.compute import device_description; print("TensorFlow trains on:", device_description())'
+	  from tasks.model.compute import device_description; print("TensorFlow trains on:", device_description())'
 	rm -f $(VENV)/installed-cpu && echo cuda >$(TF_BUILD_FILE) && touch $@
 
 install: $(VENV)/installed-$(TF_BUILD) ## Create .venv and install the project (GPU=1: TensorFlow's CUDA build, GPU=0: back to the CPU one)

@@ -40,7 +40,7 @@ def forward_throughput(feature_extractor, size: int, batch: int = 128, batches: 
     import numpy as np
     import tensorflow as tf
 
-    from tasks.inference import inference_step
+    from tasks.inference.forward import inference_step
 
     images = tf.constant(
         np.random.default_rng(0).uniform(0, 255, (batch, size, size, 3)), tf.float32
@@ -57,7 +57,7 @@ def trace_seconds(feature_extractor, size: int) -> float:
     """The one-time cost of compiling the inference step for a model (once per model and process)."""
     import tensorflow as tf
 
-    from tasks.inference import inference_step
+    from tasks.inference.forward import inference_step
 
     images = tf.zeros((1, size, size, 3), tf.float32)
     started = time.perf_counter()
@@ -78,8 +78,8 @@ def extraction_rounds(
     pass is compared with the limit measured beside it, and rounds alternate which goes first.
     Returns (limit, extraction) images/s per round, the image count and the first read's files/s.
     """
-    from tasks.data import image_dataset, load_image_table
-    from tasks.features import FeatureKey, cached_features
+    from tasks.data.images import image_dataset, load_image_table
+    from tasks.inference.features import FeatureKey, cached_features
 
     config = loaded.config
     table = load_image_table(loaded.path(config.data.path), 0.1, 0.2, config.seed)
@@ -193,7 +193,7 @@ def compare_vs_one_by_one(work: Path, budget: int) -> tuple[float, list[tuple[st
     from prefect import flow
 
     from flows.compare import compare_strategies
-    from tasks.config import load_and_check
+    from tasks.stages.preflight import load_and_check
 
     declared = load_and_check(str(COMPARE_CONFIG)).config.compare.strategies
     strategies = [
@@ -238,11 +238,11 @@ def peak_rss(images_per_class: int, work: Path, size: int) -> dict[str, float]:
 import json, shutil, sys
 sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
-from tasks.activations import ActivationKey, activation_dataset, features_and_cuts, split_at_cut
-from tasks.demo_data import write_demo_dataset
-from tasks.data import load_image_table, check_images, image_dataset
-from tasks.features import FeatureKey, Wanted, cached_features, cached_outputs
-from tasks.model import build_base, build_classifier, unfrozen_layer_names
+from tasks.inference.activations import ActivationKey, activation_dataset, features_and_cuts, split_at_cut
+from tasks.data.demo import write_demo_dataset
+from tasks.data.images import load_image_table, check_images, image_dataset
+from tasks.inference.features import FeatureKey, Wanted, cached_features, cached_outputs
+from tasks.model.classifier import build_base, build_classifier, unfrozen_layer_names
 root = Path({str(work)!r}) / "rss-{images_per_class}"
 if not (root / "manifest.csv").is_file():
     write_demo_dataset(root, train_per_class={images_per_class}, val_per_class=0, test_per_class=1, seed=0)
@@ -296,10 +296,10 @@ def finetune_seconds(loaded, work: Path, rounds: int = 3) -> dict[str, float]:
     import keras
     from prefect import flow
 
-    from tasks.activations import cuts_ahead
-    from tasks.data import load_image_table
-    from tasks.features import extract_frozen_features
-    from tasks.model import build_classifier_for
+    from tasks.data.images import load_image_table
+    from tasks.inference.activations import cuts_ahead
+    from tasks.inference.features import extract_frozen_features
+    from tasks.model.classifier import build_classifier_for
     from tasks.stages.base import StageInputs
     from tasks.stages.plan import transfer_stages
 
@@ -363,7 +363,7 @@ def finetune_seconds(loaded, work: Path, rounds: int = 3) -> dict[str, float]:
 
 def measure_training(args, loaded, overrides, work: Path, figures: dict[str, float]) -> None:
     """1, 2, 3, 5 and 6: the forward-pass limit, extraction, the training flow, memory, tracking."""
-    from tasks.model import build_classifier_for
+    from tasks.model.classifier import build_classifier_for
 
     size = loaded.config.data.image_size
     extractor = build_classifier_for.fn(loaded, 10).feature_extractor
@@ -481,7 +481,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from tasks.config import load_and_check
+    from tasks.stages.preflight import load_and_check
 
     loaded = load_and_check(args.config)
     size = loaded.config.data.image_size

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.gate import PairedPredictions, judge_paired, paired_evidence
+from tasks.registry.gate import PairedPredictions, judge_paired, paired_evidence
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "conf" / "default.yaml"
@@ -67,10 +67,10 @@ def collect(config: Path, seeds: int, fine_tune: bool, out: Path) -> None:
     """Train the seeds and the one-epoch model; keep labels, classes and predictions in `out`."""
     work = Path(tempfile.mkdtemp(prefix="gate-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    from tasks.config import load_and_check
-    from tasks.data import load_images
-    from tasks.promotion import version_predictions
-    from tasks.registry import registered_version
+    from tasks.data.images import load_images
+    from tasks.registry.promotion import version_predictions
+    from tasks.registry.versions import registered_version
+    from tasks.stages.preflight import load_and_check
 
     started = time.monotonic()
     extra = [] if fine_tune else ["fine_tune.stages=[]"]
@@ -269,7 +269,7 @@ def main() -> None:
     parser.add_argument("--alpha", type=float, help="instead of the config's registry.alpha")
     args = parser.parse_args()
 
-    from tasks.config import load_and_check
+    from tasks.stages.preflight import load_and_check
 
     registry = load_and_check(str(args.config)).config.registry
     for setting in ("margin", "alpha"):

@@ -50,7 +50,7 @@ def resume_after_kill(config: str, overrides: list[str], work: Path) -> tuple[in
     command = [TRANSFERFLOW, "train", "-c", config]
     for setting in settings:
         command += ["-s", setting]
-    from tasks.config import load_and_check
+    from tasks.stages.preflight import load_and_check
 
     stages = ["feature_extraction"] + [
         f"fine_tune_{n}" for n in range(1, len(load_and_check(config).config.fine_tune.stages) + 1)
@@ -87,7 +87,7 @@ def resume_after_kill(config: str, overrides: list[str], work: Path) -> tuple[in
 
 
 def _transfer_strategies(stage_epochs: int | None = None) -> list[dict]:
-    from tasks.config import load_and_check
+    from tasks.stages.preflight import load_and_check
 
     declared = load_and_check(str(COMPARE_CONFIG)).config.compare.strategies
     chosen = []

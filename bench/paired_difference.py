@@ -20,7 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.intervals import ScoreInterval, over_seeds
+from tasks.comparison.intervals import ScoreInterval, over_seeds
 
 
 @dataclass(frozen=True)

@@ -242,7 +242,7 @@ class RegistryConfig(Section):
         description="non_inferiority: promote when the data show the challenger at most margin "
         "worse than the champion (the lower bound of challenger - champion is at least -margin); "
         "superiority: only when they show it better by more than margin. Both judge the two "
-        "models on the same test images (tasks/gate.py). threshold: promote when the "
+        "models on the same test images (tasks/registry/gate.py). threshold: promote when the "
         "challenger's score beats the champion's by min_improvement.",
     )
     min_improvement: float = Field(

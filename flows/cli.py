@@ -12,7 +12,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 
 from conf.errors import ExpectedError
-from tasks.credentials import move_tracking_credentials, redact_url
+from tasks.runtime.credentials import move_tracking_credentials, redact_url
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -35,7 +35,7 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., None]], Callab
             except ExpectedError as error:
                 _fail(error)
             except Exception as error:
-                from tasks.tracking import tracking_server_lost
+                from tasks.tracking.runs import tracking_server_lost
 
                 lost = tracking_server_lost(error)
                 if lost is None:
@@ -55,7 +55,7 @@ def _fail(error: Exception) -> None:
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     # An exception rather than Python's default death, so that runs close as KILLED and
     # Prefect's temporary server stops at exit. Inside a flow Prefect raises its own first.
-    from tasks.tracking import note_stop_requested
+    from tasks.tracking.runs import note_stop_requested
 
     note_stop_requested()
     raise SystemExit(128 + signum)
@@ -70,8 +70,8 @@ def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
     import signal
 
     from conf import load_config
-    from tasks.prefect_server import local_prefect_server
-    from tasks.timeouts import bounded_prefect_calls
+    from tasks.runtime.prefect_server import local_prefect_server
+    from tasks.runtime.timeouts import bounded_prefect_calls
 
     budget = load_config(config, overrides).timeouts.prefect_api_seconds
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -82,7 +82,7 @@ def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
             ready()
             return function(*(args or (config, overrides)))
     except BaseException as error:
-        from tasks.tracking import signal_exit_status
+        from tasks.tracking.runs import signal_exit_status
 
         code = signal_exit_status(error)
         if code is None:
@@ -97,7 +97,7 @@ def _leave_now(code: int) -> NoReturn:
     waiting for a cell that will never run would hold the command forever; so the temporary
     server is stopped here and the process ends without that join.
     """
-    from tasks.prefect_server import stop_local_server
+    from tasks.runtime.prefect_server import stop_local_server
 
     try:
         stop_local_server()
@@ -135,7 +135,7 @@ class _NoTracebackForExpectedErrors(logging.Filter):
     does a stop that a signal asked for."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.tracking import signal_exit_status
+        from tasks.tracking.runs import signal_exit_status
 
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and (
@@ -158,8 +158,8 @@ def _environment() -> None:
 def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
     from conf import project_root
-    from tasks.run_log import registration_line, resumed_line, stage_line
-    from tasks.tracking import ui_hint
+    from tasks.runtime.run_log import registration_line, resumed_line, stage_line
+    from tasks.tracking.runs import ui_hint
 
     result = _run_flow("flows.train:train_classifier", config, list(set_ or []))
     typer.echo("")
@@ -187,7 +187,7 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
 @command()
 def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) -> None:
     """Compare strategies (from scratch, feature extraction, fine-tuning) at several label budgets."""
-    from tasks.run_log import registration_line
+    from tasks.runtime.run_log import registration_line
 
     result = _run_flow("flows.compare:compare_strategies", config, list(set_ or []))
     typer.echo("")
@@ -256,7 +256,7 @@ def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None
 @command()
 def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the scheduled flow once: train only if data.dvc or the config changed since the champion."""
-    from tasks.run_log import registration_line
+    from tasks.runtime.run_log import registration_line
 
     result = _run_flow("flows.retrain:retrain_classifier", config, list(set_ or []))
     typer.echo(f"Retraining check: {result.decision.reason}")
@@ -333,7 +333,7 @@ def promote(
     config: ConfigOption = "conf/default.yaml",
 ) -> None:
     """Make a registered version the champion by hand, bypassing the gate (recorded on it)."""
-    from tasks.registry import promote_version
+    from tasks.registry.versions import promote_version
 
     _show_move(_registry_action(lambda uri: promote_version(uri, model, version, reason), config))
 
@@ -343,7 +343,7 @@ def rollback(
     model: ModelNameOption, reason: ReasonOption = "", config: ConfigOption = "conf/default.yaml"
 ) -> None:
     """Move the champion back to the version that held it before (repeat to go further back)."""
-    from tasks.registry import rollback_champion
+    from tasks.registry.versions import rollback_champion
 
     _show_move(_registry_action(lambda uri: rollback_champion(uri, model, reason), config))
 
@@ -351,7 +351,7 @@ def rollback(
 def _registry_action(action, config: str):
     """Run a promotion or rollback on MLFLOW_TRACKING_URI, else the project's store."""
     from conf import project_root
-    from tasks.tracking_server import check_tracking_server, tracking_uri
+    from tasks.runtime.tracking_server import check_tracking_server, tracking_uri
 
     uri = tracking_uri(project_root(config))
     check_tracking_server(uri)
@@ -379,7 +379,7 @@ def predict(
 ) -> None:
     """Label every image in a folder with a registered model; write path,label,probability."""
     from conf import load_config, project_root
-    from tasks.tracking_server import tracking_uri
+    from tasks.runtime.tracking_server import tracking_uri
 
     if model is None:
         model = f"models:/{load_config(config).registry.model_name}@champion"

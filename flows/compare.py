@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 from prefect import flow
 
-from tasks.cells import (
+from tasks.comparison.cells import (
     CellSpec,
     cache_shared_features,
     cell_task_runner,
@@ -18,7 +18,7 @@ from tasks.cells import (
     train_cell_on_pool,
     train_cell_step,
 )
-from tasks.comparison import (
+from tasks.comparison.strategies import (
     ComparisonFiles,
     check_label_budgets,
     log_cell_summaries,
@@ -28,12 +28,12 @@ from tasks.comparison import (
     start_comparison_run,
     summarize_comparison,
 )
-from tasks.config import load_pipeline_config
-from tasks.data import load_images, pull_data_version
-from tasks.promotion import check_gate_power, promote_if_better, register_challenger_step
-from tasks.registry import PromotionDecision
-from tasks.run_names import label_flow_run
-from tasks.tracking import RunRef, close_run_after_failure
+from tasks.data.images import load_images, pull_data_version
+from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
+from tasks.registry.versions import PromotionDecision
+from tasks.runtime.run_names import label_flow_run
+from tasks.stages.preflight import load_pipeline_config
+from tasks.tracking.runs import RunRef, close_run_after_failure
 
 DEFAULT_CONFIG = "conf/compare.yaml"
 

@@ -7,9 +7,14 @@ from typing import cast
 
 from prefect import Flow, flow
 
-from tasks.cells import CellSpec, check_cell_data, train_cell_step, use_tensorflow_threads
-from tasks.config import load_pipeline_config
-from tasks.data import pull_data_version
+from tasks.comparison.cells import (
+    CellSpec,
+    check_cell_data,
+    train_cell_step,
+    use_tensorflow_threads,
+)
+from tasks.data.images import pull_data_version
+from tasks.stages.preflight import load_pipeline_config
 
 
 @flow(name="train-comparison-cell", flow_run_name="cell {cell.id}", log_prints=True)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from tasks.config import load_pipeline_config
-from tasks.data import pinned_data_version, push_data_version, track_data_version
-from tasks.demo_data import build_demo_dataset, write_demo_report
+from tasks.data.demo import build_demo_dataset, write_demo_report
+from tasks.data.images import pinned_data_version, push_data_version, track_data_version
+from tasks.stages.preflight import load_pipeline_config
 
 DEFAULT_CONFIG = "conf/default.yaml"
 

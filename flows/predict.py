@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import flow
 
-from tasks.predict import (
+from tasks.registry.predict import (
     PredictionResult,
     list_images_step,
     load_serving_model_step,

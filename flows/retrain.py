@@ -10,14 +10,14 @@ from prefect import Flow, flow
 from prefect.schedules import Cron
 
 from flows.train import DEFAULT_CONFIG, TrainingResult, train_classifier
-from tasks.config import load_and_check, load_pipeline_config
-from tasks.freshness import (
+from tasks.registry.freshness import (
     ProjectUpdate,
     RetrainDecision,
     check_for_changes,
     publish_decision,
     update_checkout,
 )
+from tasks.stages.preflight import load_and_check, load_pipeline_config
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ def dvc_project(base: Path, config: dict) -> Path:
     """A team's repository in base/origin: conf/ plus conf/test.yaml = `config`, and the demo cut
     that config's `demo:` section describes in data/, tracked by DVC, pushed to base/remote and
     committed on branch main."""
-    from tasks.demo_data import write_demo_dataset
+    from tasks.data.demo import write_demo_dataset
 
     origin, remote = base / "origin", base / "remote"
     origin.mkdir(parents=True)

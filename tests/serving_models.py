@@ -10,10 +10,10 @@ import mlflow
 import mlflow.tensorflow
 from mlflow import MlflowClient
 
-from tasks.model import build_classifier
-from tasks.registry import ModelVersionRef, register_challenger
-from tasks.serving import log_serving_model
-from tasks.tracking import ensure_experiment, model_requirements, using_tracking_uri
+from tasks.model.classifier import build_classifier
+from tasks.registry.serving import log_serving_model
+from tasks.registry.versions import ModelVersionRef, register_challenger
+from tasks.tracking.runs import ensure_experiment, model_requirements, using_tracking_uri
 
 
 def tiny_classifier(classes: list[str], size: int) -> keras.Model:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conf import ConfigError, PipelineConfig, load_config
+from tasks.stages.fitting import image_splits
 from tasks.stages.plan import scratch_stages, transfer_stages
-from tasks.train import image_splits
 from tests.tiny_stages import setting, train_stage
 
 ROOT = Path(__file__).resolve().parents[1]

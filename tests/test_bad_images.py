@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conf import ConfigError, load_config
-from tasks.data import UndecodableImagesError
+from tasks.data.images import UndecodableImagesError
 
 pytestmark = pytest.mark.slow
 

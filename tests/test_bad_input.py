@@ -15,10 +15,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conf import ConfigError
-from tasks.data import DataNotFoundError, DvcPullError, EmptyDatasetError, UndecodableImagesError
-from tasks.features import CacheDirError
-from tasks.model import UnfreezeTooDeepError, UnknownArchitectureError, WeightsNotFoundError
-from tasks.tracking_server import TrackingServerUnreachableError
+from tasks.data.images import (
+    DataNotFoundError,
+    DvcPullError,
+    EmptyDatasetError,
+    UndecodableImagesError,
+)
+from tasks.inference.features import CacheDirError
+from tasks.model.classifier import (
+    UnfreezeTooDeepError,
+    UnknownArchitectureError,
+    WeightsNotFoundError,
+)
+from tasks.runtime.tracking_server import TrackingServerUnreachableError
 from tests.servers import free_port
 
 pytestmark = pytest.mark.slow

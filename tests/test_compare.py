@@ -16,17 +16,17 @@ import yaml
 from mlflow import MlflowClient
 
 from conf import load_config
-from tasks.cells import cell_id
-from tasks.comparison import (
+from tasks.comparison.cells import cell_id
+from tasks.comparison.strategies import (
     LabelBudgetError,
     NoStrategiesError,
     keep_labels_per_class,
     resolve_strategies,
     stages_on_same_base,
 )
-from tasks.comparison_table import COLUMNS, RUN_COLUMNS
-from tasks.config import LoadedConfig
-from tasks.data import ImageTable
+from tasks.comparison.table import COLUMNS, RUN_COLUMNS
+from tasks.data.images import ImageTable
+from tasks.stages.preflight import LoadedConfig
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
 from tests.servers import fresh_name
 
@@ -131,7 +131,7 @@ def test_from_scratch_batch_norm_statistics_are_measured_not_left_at_their_start
     import keras
     import numpy as np
 
-    from tasks.model import measure_batch_norm_statistics
+    from tasks.model.classifier import measure_batch_norm_statistics
 
     inputs = keras.Input((4, 4, 3))
     trained = keras.layers.BatchNormalization(name="trained")(inputs)
@@ -192,7 +192,7 @@ def compared(tmp_path_factory, tracking_server: str, prefect_api: str):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.compare import compare_strategies
-    from tasks.demo_data import write_demo_dataset
+    from tasks.data.demo import write_demo_dataset
 
     project = tmp_path_factory.mktemp("compare") / "project"
     shutil.copytree(CONF, project / "conf", ignore=shutil.ignore_patterns("__pycache__", "*.py"))

@@ -12,16 +12,16 @@ import tensorflow as tf
 from mlflow import MlflowClient
 
 from conf import PipelineConfig
-from tasks.activations import split_at_cut
-from tasks.config import LoadedConfig
-from tasks.features import extract_frozen_features
-from tasks.model import BaseOptionsError, build_classifier_for
-from tasks.registry import config_fingerprint
+from tasks.inference.activations import split_at_cut
+from tasks.inference.features import extract_frozen_features
+from tasks.model.classifier import BaseOptionsError, build_classifier_for
+from tasks.registry.versions import config_fingerprint
 from tasks.stages.base import StageInputs
 from tasks.stages.fine_tune import fine_tune_stage_on_activations
 from tasks.stages.plan import transfer_stages
+from tasks.stages.preflight import LoadedConfig
 from tasks.stages.runner import lineage_keys, run_stages
-from tasks.tracking import finish_tracking, start_tracking
+from tasks.tracking.runs import finish_tracking, start_tracking
 from tests.tiny_stages import setting
 
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))

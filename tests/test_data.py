@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.data import (
+from tasks.data.images import (
     DataNotFoundError,
     DataVersionMismatchError,
     DvcPullError,

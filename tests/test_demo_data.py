@@ -10,13 +10,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.data import load_image_table
-from tasks.demo_data import (
+from tasks.data.demo import (
     CLASS_NAMES,
     FashionMnistNotFoundError,
     load_fashion_mnist,
     write_demo_dataset,
 )
+from tasks.data.images import load_image_table
 
 
 @pytest.fixture(scope="module")

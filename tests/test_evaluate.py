@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.evaluate import confusion_matrix_figure, score_predictions
+from tasks.inference.evaluate import confusion_matrix_figure, score_predictions
 
 CLASSES = ("cat", "dog", "owl")
 

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
-from tasks.features import (
+from tasks.inference.features import (
     CacheDirError,
     FeatureKey,
     cached_features,
@@ -206,11 +206,11 @@ def test_a_damaged_entry_is_recomputed_with_a_warning_naming_the_file(
     size = bad.stat().st_size
     damage(bad)
 
-    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+    with caplog.at_level(logging.WARNING, logger="tasks.inference.features"):
         healed = cached_features(extractor, data, frame, KEY, tmp_path)
 
     assert not healed.reused and extractor.images == 20  # one more forward pass
-    (warning,) = [r for r in caplog.records if r.name == "tasks.features"]
+    (warning,) = [r for r in caplog.records if r.name == "tasks.inference.features"]
     assert warning.levelno == logging.WARNING
     assert str(bad) in warning.getMessage() and problem in warning.getMessage()
     assert "recomputing" in warning.getMessage()
@@ -221,7 +221,7 @@ def test_a_damaged_entry_is_recomputed_with_a_warning_naming_the_file(
         assert bad.stat().st_size == size
     again = cached_features(extractor, data, frame, KEY, tmp_path)
     assert again.reused and extractor.images == 20  # healthy: reused without a warning
-    assert len([r for r in caplog.records if r.name == "tasks.features"]) == 1
+    assert len([r for r in caplog.records if r.name == "tasks.inference.features"]) == 1
 
 
 def test_an_intact_entry_is_reused_silently(tmp_path: Path, caplog) -> None:
@@ -230,7 +230,7 @@ def test_an_intact_entry_is_reused_silently(tmp_path: Path, caplog) -> None:
     cached_features(extractor, data, frame, KEY, tmp_path)
     with caplog.at_level(logging.WARNING):
         assert cached_features(extractor, data, frame, KEY, tmp_path).reused
-    assert not [r for r in caplog.records if r.name == "tasks.features"]
+    assert not [r for r in caplog.records if r.name == "tasks.inference.features"]
 
 
 # --- permissions and the folder ------------------------------------------------------------------
@@ -281,7 +281,7 @@ def test_check_cache_dir_refuses_a_read_only_folder(tmp_path: Path) -> None:
 
 def test_rows_read_on_demand_are_the_stored_rows(tmp_path: Path) -> None:
     """Fine-tuning reads its cached activations a batch of rows at a time, in shuffled order."""
-    from tasks.features import StoredRows
+    from tasks.inference.features import StoredRows
 
     stored = np.random.default_rng(0).random((50, 3, 4), dtype=np.float32)
     np.save(tmp_path / "rows.npy", stored)

@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from conf import ConfigError, load_config
-from tasks.config import LoadedConfig
-from tasks.freshness import (
+from tasks.registry.freshness import (
     GitPullError,
     ProjectUpdate,
     decide_retraining,
@@ -18,7 +17,8 @@ from tasks.freshness import (
     git_pull,
     training_data_version,
 )
-from tasks.registry import ModelVersionRef
+from tasks.registry.versions import ModelVersionRef
+from tasks.stages.preflight import LoadedConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DATA = "0123abcd.dir"
@@ -108,7 +108,7 @@ def test_bad_schedule_is_named(override: str, named: str) -> None:
 
 
 def test_moving_the_schedule_or_the_gate_does_not_make_the_next_run_retrain() -> None:
-    from tasks.registry import config_fingerprint
+    from tasks.registry.versions import config_fingerprint
 
     def fingerprint(*overrides: str) -> str:
         return config_fingerprint(

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tasks.gate import (
+from tasks.registry.gate import (
     PLANNED_PASS_CHANCE,
     ClassCheck,
     Interval,

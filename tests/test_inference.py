@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tasks.data import image_dataset
-from tasks.inference import forward_pass, inference_step, low_priority_batches
+from tasks.data.images import image_dataset
+from tasks.inference.forward import forward_pass, inference_step, low_priority_batches
 
 
 def small_model() -> keras.Model:

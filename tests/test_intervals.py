@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 
 from conf import load_config
-from tasks.comparison_table import pick_winner, summarize_cells
-from tasks.config import LoadedConfig
-from tasks.evaluate import score_predictions
-from tasks.intervals import on_test_set, over_seeds
-from tasks.report import StageSummary
-from tasks.tracking import RunRef, StageRecord
+from tasks.comparison.intervals import on_test_set, over_seeds
+from tasks.comparison.table import pick_winner, summarize_cells
+from tasks.inference.evaluate import score_predictions
+from tasks.report.summary import StageSummary
+from tasks.stages.preflight import LoadedConfig
+from tasks.tracking.runs import RunRef, StageRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("bag", "coat", "shirt", "shoe")
@@ -71,7 +71,7 @@ LOADED = LoadedConfig(load_config(ROOT / "conf" / "compare.yaml"), ROOT)
 
 
 def outcome(strategy, budget, seed, accuracy, params, seconds=10.0, validation_loss=0.5):
-    from tasks.comparison_table import StrategyOutcome
+    from tasks.comparison.table import StrategyOutcome
 
     scores = evaluation(accuracy, seed=seed)
     stage = StageSummary(strategy, scores.accuracy, scores.macro_f1, params, 1e-3, 5, seconds)

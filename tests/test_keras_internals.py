@@ -1,4 +1,4 @@
-"""The private Keras pieces of tasks/keras_internals.py still behave as the pipeline relies on.
+"""The private Keras pieces of tasks/runtime/keras_internals.py still behave as the pipeline relies on.
 
 A Keras upgrade that moves or changes one of them fails here, by name, rather than as a silent
 change in which weights load, where the dataset is read from, or which seeds a random base gets.
@@ -19,7 +19,7 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.keras_internals import (
+from tasks.runtime.keras_internals import (
     calls,
     file_matches_hash,
     initializer_seeds_drawn_from,
@@ -75,7 +75,7 @@ def test_keras_home_is_where_the_dataset_loader_reads(tmp_path: Path) -> None:
         import gzip, os
         import numpy as np
         import keras
-        from tasks.keras_internals import keras_home
+        from tasks.runtime.keras_internals import keras_home
 
         os.environ["KERAS_HOME"] = {str(later)!r}
         folder = os.path.join(keras_home(), "datasets", "fashion-mnist")

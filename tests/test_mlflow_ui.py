@@ -16,9 +16,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from tasks.evaluate import score_predictions
-from tasks.registry import MODEL_DESCRIPTION, register_challenger
-from tasks.tracking import (
+from tasks.inference.evaluate import score_predictions
+from tasks.registry.versions import MODEL_DESCRIPTION, register_challenger
+from tasks.tracking.runs import (
     PER_CLASS_TABLE,
     ensure_experiment,
     finish_run,
@@ -42,7 +42,7 @@ def logged(tmp_path_factory):
     """A git project whose pipeline run has a trained head and a fine-tuning stage after it."""
     import keras
 
-    from tasks.train import TrainingHistory
+    from tasks.stages.fitting import TrainingHistory
 
     project = tmp_path_factory.mktemp("project")
     (project / "params.yaml").write_text("seed: 1\n")

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.model import (
+from tasks.model.classifier import (
     UnknownArchitectureError,
     WeightsNotFoundError,
     architecture_names,
@@ -326,7 +326,7 @@ def test_a_fine_tuning_stage_traces_its_training_step_once(monkeypatch) -> None:
     import tensorflow as tf
     from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
 
-    from tasks.train import fine_tune
+    from tasks.stages.fitting import fine_tune
 
     traced = []
     train_step = TensorFlowTrainer.train_step  # runs only while the step is being traced
@@ -382,8 +382,8 @@ def test_a_random_base_is_the_same_for_a_seed_while_other_threads_draw_random_nu
     """Keras seeds unseeded initializers from Python's global `random`; a thread drawing from
     it (as Prefect's and MLflow's may) must not change the base a seed builds."""
     from conf import PipelineConfig
-    from tasks.config import LoadedConfig
-    from tasks.model import build_classifier_for
+    from tasks.model.classifier import build_classifier_for
+    from tasks.stages.preflight import LoadedConfig
 
     tree = {"base": {"architecture": "MobileNetV2", "weights": None}, "data": {"image_size": 32}}
     loaded = LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)

@@ -24,7 +24,7 @@ def registered(server_uri: str, unique_name: str, tmp_path: Path):
 
     v1 is the plain tensorflow-flavor model that versions registered before serving models were.
     """
-    from tasks.registry import promote_version, register_challenger
+    from tasks.registry.versions import promote_version, register_challenger
 
     model = tiny_classifier(CLASSES, SIZE)
     example = tmp_path / "example.png"
@@ -61,7 +61,7 @@ def write_images(folder: Path) -> list[Path]:
 
 def expected_predictions(model, paths: list[Path]) -> dict[str, tuple[int, float]]:
     """The same model run directly on the pipeline's decoding of each image, one at a time."""
-    from tasks.data import image_dataset
+    from tasks.data.images import image_dataset
 
     frame = pd.DataFrame({"path": [str(p) for p in paths], "label": "x"})
     found = {}

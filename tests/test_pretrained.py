@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.slow, needs_imagenet_weights]
 @pytest.fixture(scope="module")
 def fashion_subset(tmp_path_factory):
     """40 training and 20 test images per class of real Fashion-MNIST, as PNG files."""
-    from tasks.data import load_image_table
-    from tasks.demo_data import write_demo_dataset
+    from tasks.data.demo import write_demo_dataset
+    from tasks.data.images import load_image_table
 
     root = tmp_path_factory.mktemp("fmnist") / "subset"
     write_demo_dataset(root, train_per_class=40, val_per_class=0, test_per_class=20, seed=1)
@@ -25,11 +25,11 @@ def fashion_subset(tmp_path_factory):
 
 def head_accuracy(weights: str | None, table) -> float:
     """Feature extraction as the pipeline does it: frozen base, cached features, a trained head."""
-    from tasks.data import image_dataset
-    from tasks.evaluate import score_predictions
-    from tasks.inference import forward_pass
-    from tasks.model import build_base, build_classifier
-    from tasks.train import train_head
+    from tasks.data.images import image_dataset
+    from tasks.inference.evaluate import score_predictions
+    from tasks.inference.forward import forward_pass
+    from tasks.model.classifier import build_base, build_classifier
+    from tasks.stages.fitting import train_head
 
     base = build_base("MobileNet", weights, 96, {"alpha": 0.25})
     classifier = build_classifier(base, "MobileNet", 10, "avg", 0.2, 0, seed=0)

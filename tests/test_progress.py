@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tasks.inference import forward_pass
-from tasks.train import train_head
+from tasks.inference.forward import forward_pass
+from tasks.stages.fitting import train_head
 
 
 def test_each_epoch_logs_its_stage_loss_and_validation_scores(

@@ -14,13 +14,13 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conf import PipelineConfig
-from tasks import promotion
-from tasks.config import LoadedConfig
-from tasks.data import load_image_table
-from tasks.evaluate import evaluate_on_images, score_predictions
-from tasks.promotion import load_problem, promote_if_better, version_predictions
-from tasks.registry import CHAMPION, ModelVersionRef, aliased_version
-from tasks.tracking import RunRef
+from tasks.registry import promotion
+from tasks.data.images import load_image_table
+from tasks.inference.evaluate import evaluate_on_images, score_predictions
+from tasks.registry.promotion import load_problem, promote_if_better, version_predictions
+from tasks.registry.versions import CHAMPION, ModelVersionRef, aliased_version
+from tasks.stages.preflight import LoadedConfig
+from tasks.tracking.runs import RunRef
 from tests.serving_models import register_serving_model
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tasks.registry import (
+from tasks.registry.versions import (
     CHAMPION,
     LOCK_SUFFIX,
     ModelVersionRef,
@@ -38,7 +38,7 @@ pytestmark = pytest.mark.integration
 
 ROLLBACK_IN_ANOTHER_PROCESS = """
 import sys
-from tasks.registry import rollback_champion
+from tasks.registry.versions import rollback_champion
 move = rollback_champion(*sys.argv[1:])
 print(move.previous, move.champion)
 """

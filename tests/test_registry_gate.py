@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.registry import ModelVersionRef, decide_promotion
+from tasks.registry.versions import ModelVersionRef, decide_promotion
 
 CHAMPION = ModelVersionRef("m", "3", "run", {})
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.evaluate import score_predictions
-from tasks.report import StageSummary, write_dvc_reports
-from tasks.train import TrainingHistory
+from tasks.inference.evaluate import score_predictions
+from tasks.report.summary import StageSummary, write_dvc_reports
+from tasks.stages.fitting import TrainingHistory
 
 CLASSES = ("cat", "dog", "owl")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from tasks.credentials import move_tracking_credentials, redact_url
+from tasks.runtime.credentials import move_tracking_credentials, redact_url
 from tests.repositories import DVC, dvc_project, run
 from tests.servers import free_port, mlflow_server
 from tests.test_resume import train_command
@@ -98,7 +98,7 @@ def test_mlflow_client_gets_the_moved_credentials_for_the_clean_uri(
     """The clean URI the project hands around still gets MLflow's client the user and password."""
     from mlflow.utils.credentials import get_default_host_creds
 
-    from tasks.tracking_server import tracking_uri
+    from tasks.runtime.tracking_server import tracking_uri
 
     for name in _CREDENTIAL_VARIABLES:
         monkeypatch.setenv(name, "")  # not delenv: then monkeypatch unsets what the move sets
@@ -110,7 +110,7 @@ def test_mlflow_client_gets_the_moved_credentials_for_the_clean_uri(
 
 
 def test_a_dvc_remote_that_fails_is_named_without_its_password_or_token(tmp_path: Path) -> None:
-    from tasks.data import DvcPullError, pull_data
+    from tasks.data.images import DvcPullError, pull_data
 
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)

@@ -6,9 +6,14 @@ import json
 from pathlib import Path
 
 from conf import load_config
-from tasks.cells import in_dependency_order, plan_cells
-from tasks.comparison import ComparisonPlan, resolve_strategies, shared_prefix, stage_path
-from tasks.config import LoadedConfig
+from tasks.comparison.cells import in_dependency_order, plan_cells
+from tasks.comparison.strategies import (
+    ComparisonPlan,
+    resolve_strategies,
+    shared_prefix,
+    stage_path,
+)
+from tasks.stages.preflight import LoadedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # A ladder of fine-tuning depths, each beginning with the shallower one's stages.

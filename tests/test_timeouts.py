@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tasks.timeouts import ServerTimeoutError, bound_mlflow_calls, call_within
+from tasks.runtime.timeouts import ServerTimeoutError, bound_mlflow_calls, call_within
 
 
 @pytest.mark.parametrize("budget", [20, 30, 45, 60, 120, 900])

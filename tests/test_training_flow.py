@@ -18,8 +18,8 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from tasks.compute import device_description
-from tasks.tracking import using_tracking_uri
+from tasks.model.compute import device_description
+from tasks.tracking.runs import using_tracking_uri
 from tests.conftest import HAVE_IMAGENET_WEIGHTS, needs_imagenet_weights
 from tests.repositories import dvc_project, run
 
@@ -259,7 +259,7 @@ def test_prefect_names_the_runs_and_logs_the_story(first_run) -> None:
     )
     from prefect.logging.handlers import APILogHandler
 
-    from tasks.run_log import registration_line, stage_line
+    from tasks.runtime.run_log import registration_line, stage_line
 
     clone, result = first_run
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import keras
 
 from conf import PipelineConfig
-from tasks.config import LoadedConfig
-from tasks.model import build_base, build_classifier
+from tasks.model.classifier import build_base, build_classifier
 from tasks.stages.base import StageInputs
 from tasks.stages.plan import transfer_stages
+from tasks.stages.preflight import LoadedConfig
 
 SIZE = 32
 

@@ -9,11 +9,11 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from conf.schema import AugmentationConfig
-    from tasks.config import LoadedConfig
-    from tasks.data import ImageTable
-    from tasks.evaluate import Evaluation
-    from tasks.model import Classifier
-    from tasks.train import TrainingHistory
+    from tasks.data.images import ImageTable
+    from tasks.inference.evaluate import Evaluation
+    from tasks.model.classifier import Classifier
+    from tasks.stages.fitting import TrainingHistory
+    from tasks.stages.preflight import LoadedConfig
 
 
 @dataclass(frozen=True)

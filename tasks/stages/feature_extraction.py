@@ -9,9 +9,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import FeatureExtractionConfig
-from tasks.run_names import for_stage
+from tasks.runtime.run_names import for_stage
 from tasks.stages.base import StageInputs, StageResult
-from tasks.train import TrainingHistory, train_head
+from tasks.stages.fitting import TrainingHistory, train_head
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class HeadOnFeatures:
     def features(self, inputs: StageInputs) -> dict:
         """Every split's frozen features, with the activations at the cuts of the fine-tuning
         stages to come (this strategy's and `inputs.shared_stages`), from the cache or cached."""
-        from tasks.activations import cuts_ahead
-        from tasks.features import extract_frozen_features
+        from tasks.inference.activations import cuts_ahead
+        from tasks.inference.features import extract_frozen_features
 
         return for_stage(extract_frozen_features, self.name)(
             inputs.classifier,
@@ -53,7 +53,7 @@ class HeadOnFeatures:
         )
 
     def train(self, inputs: StageInputs) -> StageResult:
-        from tasks.evaluate import evaluate_on_features
+        from tasks.inference.evaluate import evaluate_on_features
 
         features = self.features(inputs)
         history = for_stage(train_new_head, self.name)(

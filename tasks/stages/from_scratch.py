@@ -9,9 +9,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.schema import AugmentationConfig
-from tasks.run_names import for_stage
+from tasks.runtime.run_names import for_stage
 from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
-from tasks.train import TrainingHistory, fit_from_scratch, image_splits
+from tasks.stages.fitting import TrainingHistory, fit_from_scratch, image_splits
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class FromScratch:
         return "Every layer, BatchNorm included, trained from random weights: the baseline."
 
     def train(self, inputs: StageInputs) -> StageResult:
-        from tasks.evaluate import evaluate_on_images
+        from tasks.inference.evaluate import evaluate_on_images
 
         history = for_stage(train_from_scratch, self.name)(
             inputs.classifier, inputs.table, self, inputs.loaded.config
@@ -60,8 +60,8 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
 
     BatchNorm statistics come from up to 512 training images (see fit_from_scratch).
     """
-    from tasks.data import image_dataset
-    from tasks.model import make_fully_trainable
+    from tasks.data.images import image_dataset
+    from tasks.model.classifier import make_fully_trainable
 
     make_fully_trainable(classifier.base)
     train, validation = image_splits(table, config, stage.augmentation)

@@ -17,7 +17,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from tasks.checkpoints import (
+from tasks.inference.evaluate import Evaluation
+from tasks.report.summary import StageSummary
+from tasks.runtime.run_log import log_stage_scores
+from tasks.runtime.run_names import for_stage
+from tasks.runtime.timeouts import retry_if_store_locked
+from tasks.stages.base import Stage, StageInputs
+from tasks.stages.fitting import TrainingHistory
+from tasks.tracking.checkpoints import (
     LINEAGE_VERSION,
     StageCheckpoint,
     find_checkpoint,
@@ -25,19 +32,12 @@ from tasks.checkpoints import (
     read_checkpoint,
     restore_checkpoint,
 )
-from tasks.evaluate import Evaluation
-from tasks.report import StageSummary
-from tasks.run_log import log_stage_scores
-from tasks.run_names import for_stage
-from tasks.stages.base import Stage, StageInputs
-from tasks.timeouts import retry_if_store_locked
-from tasks.tracking import (
+from tasks.tracking.runs import (
     RunRef,
     StageRecord,
     log_resumed_stage,
     log_stage_run,
 )
-from tasks.train import TrainingHistory
 
 # MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
 _BACKOFF = exponential_backoff(backoff_factor=2)
@@ -137,7 +137,7 @@ def trunk_lineage(inputs: StageInputs) -> dict[str, Any]:
 
     Image paths count relative to the project, so a clone elsewhere finds the same stages.
     """
-    from tasks.features import weights_fingerprint
+    from tasks.inference.features import weights_fingerprint
 
     config = inputs.loaded.config
     return {

@@ -1,6 +1,6 @@
 """The comparison's results: every seed's run, each strategy's interval per budget, the winner.
 
-A strategy's score at a budget is the mean over its seeds with an interval (tasks/intervals.py).
+A strategy's score at a budget is the mean over its seeds with an interval (tasks/comparison/intervals.py).
 Strategies whose intervals overlap the best one's cannot be told apart on this evidence, so the
 winner is the cheapest of them: fewest trainable parameters, then least training time.
 """
@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from tasks.config import LoadedConfig
-from tasks.evaluate import Evaluation
-from tasks.intervals import ScoreInterval, score_interval
-from tasks.registry import ModelVersionRef, PromotionDecision
-from tasks.report import StageSummary
-from tasks.tracking import RunRef, StageRecord
+from tasks.comparison.intervals import ScoreInterval, score_interval
+from tasks.inference.evaluate import Evaluation
+from tasks.registry.versions import ModelVersionRef, PromotionDecision
+from tasks.report.summary import StageSummary
+from tasks.stages.preflight import LoadedConfig
+from tasks.tracking.runs import RunRef, StageRecord
 
 SCRATCH_STAGE = "from_scratch"
 METRICS = ("accuracy", "macro_f1")

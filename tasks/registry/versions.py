@@ -23,11 +23,11 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conf.errors import ExpectedError
-from tasks.credentials import redact_url
+from tasks.runtime.credentials import redact_url
 
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
-    from tasks.config import LoadedConfig
-    from tasks.gate import GateReport
+    from tasks.registry.gate import GateReport
+    from tasks.stages.preflight import LoadedConfig
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -190,7 +190,7 @@ def register_challenger(
     `description` becomes the version's; a registered model without a description of its own
     gets one that says what its aliases mean.
     """
-    from tasks.tracking import using_tracking_uri
+    from tasks.tracking.runs import using_tracking_uri
 
     with using_tracking_uri(uri):
         version = mlflow.register_model(model_uri, name, tags={**tags, "run_id": run_id})
@@ -205,8 +205,8 @@ def register_challenger(
 
 def load_keras_model(model_uri: str, uri: str):
     """A registered or logged model loaded back as Keras, to score it on fresh data."""
-    from tasks.serving import keras_model_of
-    from tasks.tracking import using_tracking_uri
+    from tasks.registry.serving import keras_model_of
+    from tasks.tracking.runs import using_tracking_uri
 
     with using_tracking_uri(uri):
         return keras_model_of(model_uri)

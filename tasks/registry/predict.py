@@ -14,17 +14,17 @@ from prefect.cache_policies import NO_CACHE
 
 from conf import project_root
 from conf.errors import ExpectedError
-from tasks.credentials import redact_url
-from tasks.data import (
+from tasks.data.images import (
     DataNotFoundError,
     EmptyDatasetError,
     UndecodableImagesError,
     find_undecodable_images,
     images_under,
 )
-from tasks.registry import ModelVersionRef, registered_version
-from tasks.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
-from tasks.tracking_server import tracking_uri
+from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
+from tasks.registry.versions import ModelVersionRef, registered_version
+from tasks.runtime.credentials import redact_url
+from tasks.runtime.tracking_server import tracking_uri
 
 
 class ServingModelError(ExpectedError, ValueError):
@@ -33,7 +33,7 @@ class ServingModelError(ExpectedError, ValueError):
 
 @dataclass(frozen=True)
 class ServingModel:
-    """A serving model (tasks/serving.py) loaded as a pyfunc, with the version it came from."""
+    """A serving model (tasks/registry/serving.py) loaded as a pyfunc, with the version it came from."""
 
     model_uri: str
     version: ModelVersionRef | None
@@ -107,8 +107,8 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     """
     import mlflow.pyfunc
 
-    from tasks.tracking import using_tracking_uri
-    from tasks.tracking_server import check_tracking_server
+    from tasks.runtime.tracking_server import check_tracking_server
+    from tasks.tracking.runs import using_tracking_uri
 
     check_tracking_server(uri)
     version = resolve_version(uri, model_uri)

@@ -9,15 +9,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf import PipelineConfig, load_config, project_root
-from tasks.features import check_cache_dir
-from tasks.model import (
+from tasks.inference.features import check_cache_dir
+from tasks.model.classifier import (
     base_block_count,
     check_architecture,
     check_unfreeze_depths,
     resolve_weights,
 )
-from tasks.timeouts import bound_mlflow_calls
-from tasks.tracking_server import check_tracking_server, tracking_uri
+from tasks.runtime.timeouts import bound_mlflow_calls
+from tasks.runtime.tracking_server import check_tracking_server, tracking_uri
 
 
 @dataclass(frozen=True)

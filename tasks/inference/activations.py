@@ -18,8 +18,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from tasks.compute import layer_precision
-from tasks.features import (
+from tasks.inference.features import (
     CachedFeatures,
     FrozenBaseKey,
     Wanted,
@@ -27,8 +26,9 @@ from tasks.features import (
     picked_rows,
     weights_fingerprint,
 )
-from tasks.keras_internals import calls, is_own_call, producer
-from tasks.model import unfrozen_layer_names
+from tasks.model.classifier import unfrozen_layer_names
+from tasks.model.compute import layer_precision
+from tasks.runtime.keras_internals import calls, is_own_call, producer
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +213,7 @@ def cached_activations(
     With `train_pool` (a comparison's), the pool's training images are one entry shared by its
     budgets and seeds, as for the frozen features.
     """
-    from tasks.data import image_dataset
+    from tasks.data.images import image_dataset
 
     config = loaded.config
     wanted = activation_key(cut, loaded, data_version)
@@ -234,7 +234,7 @@ def cached_activations(
 def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: int | None = None):
     """(trunk output, label) batches, shuffled the way the image batches would be.
 
-    `tasks.data.image_dataset` shuffles one element per image with the same buffer and seed, so
+    `tasks.data.images.image_dataset` shuffles one element per image with the same buffer and seed, so
     both paths see the images in the same order in every epoch. Only indices go through tf.data:
     each batch's rows are read from the cache file, so memory holds a few batches, not the cache.
     """

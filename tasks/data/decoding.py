@@ -1,6 +1,6 @@
 """Image files to classifier input: the one decoding that training, batch prediction and serving share.
 
-The registered serving model carries this module (and tasks/inference.py) in its code, so it
+The registered serving model carries this module (and tasks/inference/forward.py) in its code, so it
 imports nothing from the project but those and TensorFlow.
 """
 

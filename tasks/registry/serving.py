@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 
-from tasks.serving_model import (
+from tasks.registry.serving_model import (
     CLASSES_ARTIFACT,
     IMAGE_COLUMN,
     KERAS_MODEL_ARTIFACT,
@@ -25,8 +25,16 @@ from tasks.serving_model import (
 )
 
 SERVING_MODEL_NAME = "serving_model"
-# What the serving model imports from the project: shipped with it as its code.
-_SHIPPED_MODULES = ("__init__.py", "image_decoding.py", "inference.py", "serving_model.py")
+# What the serving model imports from the project, relative to tasks/: shipped with it as its code.
+_SHIPPED_MODULES = (
+    "__init__.py",
+    "data/__init__.py",
+    "data/decoding.py",
+    "inference/__init__.py",
+    "inference/forward.py",
+    "registry/__init__.py",
+    "registry/serving_model.py",
+)
 
 
 class ClassNameClashError(ValueError):
@@ -59,8 +67,8 @@ def log_serving_model(
     from mlflow.models import Model
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
-    from tasks.serving_model import ImageClassifier
-    from tasks.tracking import model_requirements, using_tracking_uri
+    from tasks.registry.serving_model import ImageClassifier
+    from tasks.tracking.runs import model_requirements, using_tracking_uri
 
     clash = {LABEL_COLUMN, PROBABILITY_COLUMN} & set(classes)
     if clash:
@@ -127,9 +135,10 @@ def _shipped_code(staging: Path) -> Path:
     """A `tasks` package holding only the modules the serving model imports."""
     package = staging / "code" / "tasks"
     package.mkdir(parents=True)
-    here = Path(__file__).parent
+    tasks = Path(__file__).parents[1]
     for module in _SHIPPED_MODULES:
-        shutil.copy(here / module, package / module)
+        (package / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(tasks / module, package / module)
     return package
 
 

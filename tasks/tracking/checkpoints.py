@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from mlflow import MlflowClient
 
-from tasks.evaluate import Evaluation
+from tasks.inference.evaluate import Evaluation
 
 if TYPE_CHECKING:
-    from tasks.train import TrainingHistory
+    from tasks.stages.fitting import TrainingHistory
 
 # Bump when training code changes what a stage with the same settings produces.
 LINEAGE_VERSION = 1
@@ -87,7 +87,7 @@ def read_checkpoint(uri: str, run_id: str) -> StageCheckpoint:
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
         local = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{_RESULT}", folder)
         result = json.loads(Path(local).read_text())
-    from tasks.train import TrainingHistory
+    from tasks.stages.fitting import TrainingHistory
 
     history = result["history"]
     history["epochs"] = {name: tuple(values) for name, values in history["epochs"].items()}

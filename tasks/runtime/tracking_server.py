@@ -1,6 +1,6 @@
 """Where runs are tracked: the store's URI, and whether its server answers.
 
-Apart from tasks/tracking.py so that the registry commands (promote, rollback) find and check
+Apart from tasks/tracking/runs.py so that the registry commands (promote, rollback) find and check
 their store without loading Prefect, TensorFlow or MLflow's tracking machinery.
 """
 
@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from conf.errors import ExpectedError
-from tasks.credentials import move_tracking_credentials, redact_url
+from tasks.runtime.credentials import move_tracking_credentials, redact_url
 
 
 def tracking_uri(project_root: Path) -> str:

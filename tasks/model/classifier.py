@@ -25,8 +25,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.errors import ExpectedError
-from tasks.compute import MIXED_FLOAT16, device_description, layer_precision
-from tasks.keras_internals import (
+from tasks.model.compute import MIXED_FLOAT16, device_description, layer_precision
+from tasks.runtime.keras_internals import (
     calls,
     file_matches_hash,
     initializer_seeds_drawn_from,
@@ -221,7 +221,7 @@ def _weights_request(architecture: str, image_size: int, options: dict[str, Any]
             else:  # pragma: no cover - a Keras that no longer fetches through get_file
                 raise RuntimeError(
                     f"keras.applications.{architecture} did not ask for a weights file; "
-                    "tasks.model cannot locate its ImageNet weights in this Keras version"
+                    "tasks.model.classifier cannot locate its ImageNet weights in this Keras version"
                 ) from None
     return _weights_requests[key]
 
@@ -779,7 +779,7 @@ def build_classifier_for(loaded, num_classes: int) -> Classifier:
             precision=config.compute.precision,
         )
     if config.compute.precision == MIXED_FLOAT16 and device_description() == "CPU":
-        from tasks.run_log import run_logger
+        from tasks.runtime.run_log import run_logger
 
         run_logger().warning(
             "compute.precision is mixed_float16 but TensorFlow sees no GPU: training runs in "

@@ -11,8 +11,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tasks.registry import ModelVersionRef, PromotionDecision
-    from tasks.report import StageSummary
+    from tasks.registry.versions import ModelVersionRef, PromotionDecision
+    from tasks.report.summary import StageSummary
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:

@@ -12,12 +12,12 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from tasks.config import LoadedConfig
-from tasks.credentials import redact_url
-from tasks.evaluate import Evaluation, confusion_matrix_figure
-from tasks.registry import ModelVersionRef, PromotionDecision
-from tasks.tracking import SKIPPED_IMAGES_ARTIFACT, RunRef, ui_hint
-from tasks.train import TrainingHistory
+from tasks.inference.evaluate import Evaluation, confusion_matrix_figure
+from tasks.registry.versions import ModelVersionRef, PromotionDecision
+from tasks.runtime.credentials import redact_url
+from tasks.stages.fitting import TrainingHistory
+from tasks.stages.preflight import LoadedConfig
+from tasks.tracking.runs import SKIPPED_IMAGES_ARTIFACT, RunRef, ui_hint
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Strategy comparison: strategies resolved from conf, label budgets and seeds, and its records.
 
-The table, the intervals and the winner rule are in tasks/comparison_table.py.
+The table, the intervals and the winner rule are in tasks/comparison/table.py.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
 from conf.schema import PipelineConfig
-from tasks.comparison_table import (
+from tasks.comparison.table import (
     CellSummary,
     ComparisonSummary,
     StrategyOutcome,
@@ -30,15 +30,15 @@ from tasks.comparison_table import (
     markdown_comparison,
     summarize_comparison_outcomes,
 )
-from tasks.config import LoadedConfig, check_training_config
-from tasks.data import ImageTable
-from tasks.registry import ModelVersionRef, PromotionDecision
-from tasks.report import StageSummary
+from tasks.data.images import ImageTable
+from tasks.registry.versions import ModelVersionRef, PromotionDecision
+from tasks.report.summary import StageSummary
+from tasks.runtime.timeouts import retry_if_store_locked
 from tasks.stages.base import Stage
 from tasks.stages.from_scratch import FromScratch
 from tasks.stages.plan import scratch_stages, transfer_stages
-from tasks.timeouts import retry_if_store_locked
-from tasks.tracking import (
+from tasks.stages.preflight import LoadedConfig, check_training_config
+from tasks.tracking.runs import (
     RunRef,
     close_run_after_failure,
     ensure_experiment,
@@ -161,7 +161,7 @@ def stages_on_same_base(strategies: Sequence[Strategy], strategy: Strategy) -> t
 def check_strategy(strategy: Strategy) -> None:
     """Fail now, not hours in, on an unknown architecture, bad options, missing weights or a
     fine-tuning stage deeper than the base."""
-    from tasks.model import check_architecture
+    from tasks.model.classifier import check_architecture
 
     check_architecture(strategy.loaded.config.base.architecture)
     try:

@@ -19,8 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError
-from tasks.credentials import redact_url
-from tasks.timeouts import call_within
+from tasks.runtime.credentials import redact_url
+from tasks.runtime.timeouts import call_within
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -249,13 +249,13 @@ def image_dataset(
 ) -> tf.data.Dataset:
     """Batches of (float32 RGB images in [0, 255] of image_size x image_size, int32 labels).
 
-    Files are read and decoded on the fly (tasks/image_decoding.py), so memory holds only a few
+    Files are read and decoded on the fly (tasks/data/decoding.py), so memory holds only a few
     batches. Only paths are shuffled (a full shuffle is then cheap), reshuffled each epoch.
     `augment`, a Keras layer, changes each batch at random (training=True): new changes every epoch.
     """
     import tensorflow as tf  # imported here so listing or checking data does not load TensorFlow
 
-    from tasks.image_decoding import image_batches
+    from tasks.data.decoding import image_batches
 
     paths = tf.constant(frame["path"].tolist(), dtype=tf.string)
     labels = tf.constant(_label_ids(frame, tuple(classes)), dtype=tf.int32)

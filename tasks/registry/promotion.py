@@ -2,7 +2,7 @@
 
 Two gates, chosen by `registry.gate`:
 - `non_inferiority` (the default) / `superiority`: both models predict the same test images and
-  the paired difference decides, with a per-class recall check (tasks/gate.py);
+  the paired difference decides, with a per-class recall check (tasks/registry/gate.py);
 - `threshold`: the challenger's score must beat the champion's by `min_improvement`.
 """
 
@@ -25,10 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.schema import RegistryConfig
-from tasks.config import LoadedConfig
-from tasks.evaluate import Evaluation, score_predictions
-from tasks.gate import PairedPredictions, decide_paired, non_inferiority_power
-from tasks.registry import (
+from tasks.inference.evaluate import Evaluation, score_predictions
+from tasks.registry.gate import PairedPredictions, decide_paired, non_inferiority_power
+from tasks.registry.versions import (
     ModelVersionRef,
     PromotionDecision,
     config_fingerprint,
@@ -38,9 +37,10 @@ from tasks.registry import (
     record_decision,
     register_challenger,
 )
-from tasks.run_log import log_promotion, run_logger
-from tasks.timeouts import retry_if_store_locked
-from tasks.tracking import RunRef, StageRecord
+from tasks.runtime.run_log import log_promotion, run_logger
+from tasks.runtime.timeouts import retry_if_store_locked
+from tasks.stages.preflight import LoadedConfig
+from tasks.tracking.runs import RunRef, StageRecord
 
 
 @dataclass(frozen=True)
@@ -64,8 +64,8 @@ def version_predictions(
     contents, so a version is run over a test set once: the gate of the retrain after the one
     that registered it reads them back (checked against the split's labels) instead.
     """
-    from tasks.data import image_dataset
-    from tasks.inference import forward_pass
+    from tasks.data.images import image_dataset
+    from tasks.inference.forward import forward_pass
 
     classes = json.loads(version.tags.get("classes", "null") or "null")
     if classes is not None and tuple(classes) != tuple(table.classes):
@@ -189,8 +189,8 @@ def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | Non
     import mlflow.pyfunc
     import pandas as pd
 
-    from tasks.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
-    from tasks.tracking import using_tracking_uri
+    from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
+    from tasks.tracking.runs import using_tracking_uri
 
     paths = table.split("test").head(8)["path"]
     request = pd.DataFrame({IMAGE_COLUMN: [Path(path).read_bytes() for path in paths]})
@@ -333,9 +333,9 @@ def register_challenger_step(
     data_version: str,
     notes: dict[str, str] | None = None,
 ) -> ModelVersionRef:
-    """Register the final stage's model, packaged for serving (tasks/serving.py) on the stage's
+    """Register the final stage's model, packaged for serving (tasks/registry/serving.py) on the stage's
     run, recording what it was trained on (and `notes`)."""
-    from tasks.serving import log_serving_model
+    from tasks.registry.serving import log_serving_model
 
     config = loaded.config
     if record.model_uri is None:
@@ -377,7 +377,7 @@ def promote_if_better(
 ) -> PromotionDecision:
     """Check the challenger loads from the registry, apply the gate, promote if it passed;
     the decision goes to the run's log as the command prints it."""
-    from tasks.tracking_server import tracking_uri
+    from tasks.runtime.tracking_server import tracking_uri
 
     config = loaded.config
     metric = config.evaluation.primary_metric

@@ -34,7 +34,16 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.errors import ExpectedError, error_chain
-from tasks.checkpoints import (
+from tasks.inference.evaluate import Evaluation, confusion_matrix_figure
+from tasks.model.compute import DEVICE_TAG, device_description
+from tasks.runtime.credentials import redact_url
+from tasks.runtime.timeouts import retry_if_store_locked
+from tasks.runtime.tracking_server import (
+    TrackingServerUnreachableError,
+    check_tracking_server,
+    tracking_uri,
+)
+from tasks.tracking.checkpoints import (
     CHECKPOINT_TAG,
     LINEAGE_TAG,
     MODEL_URI_TAG,
@@ -42,20 +51,11 @@ from tasks.checkpoints import (
     StageCheckpoint,
     write_checkpoint,
 )
-from tasks.compute import DEVICE_TAG, device_description
-from tasks.credentials import redact_url
-from tasks.evaluate import Evaluation, confusion_matrix_figure
-from tasks.liveness import HEARTBEAT_TAG, close_stale_runs, heartbeat, liveness_tags
-from tasks.timeouts import retry_if_store_locked
-from tasks.tracking_server import (
-    TrackingServerUnreachableError,
-    check_tracking_server,
-    tracking_uri,
-)
+from tasks.tracking.liveness import HEARTBEAT_TAG, close_stale_runs, heartbeat, liveness_tags
 
 if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
     from tasks.stages.base import StageInputs, StageResult
-    from tasks.train import TrainingHistory
+    from tasks.stages.fitting import TrainingHistory
 
 # MLflow caps a param value at 6000 characters; ours are far shorter, but be safe.
 _PARAM_LIMIT = 6000
@@ -798,7 +798,7 @@ def log_stage_run(
     `description` says what the stage trains; `first_step` is the number of epochs the stages
     before it ran.
     """
-    from tasks.data import image_dataset
+    from tasks.data.images import image_dataset
 
     config, table = inputs.loaded.config, inputs.table
     example_frame = table.split("test").head(1)

@@ -33,8 +33,7 @@ from pydantic import BaseModel, ConfigDict
 
 from conf.errors import ExpectedError
 from conf.schema import CompareConfig
-from tasks.checkpoints import RESUMED_TAG, read_checkpoint
-from tasks.comparison import (
+from tasks.comparison.strategies import (
     ComparisonPlan,
     Strategy,
     keep_labels_per_class,
@@ -45,11 +44,12 @@ from tasks.comparison import (
     stage_path,
     stages_on_same_base,
 )
-from tasks.comparison_table import StrategyOutcome
-from tasks.config import load_and_check
-from tasks.prefect_server import after_lost_prefect_call
-from tasks.report import StageSummary
-from tasks.tracking import (
+from tasks.comparison.table import StrategyOutcome
+from tasks.report.summary import StageSummary
+from tasks.runtime.prefect_server import after_lost_prefect_call
+from tasks.stages.preflight import load_and_check
+from tasks.tracking.checkpoints import RESUMED_TAG, read_checkpoint
+from tasks.tracking.runs import (
     RunRef,
     StageRecord,
     close_run_after_failure,
@@ -194,8 +194,8 @@ def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
     Reads the image table from the project as the comparison did (the comparison has already
     pulled the data and checked every image).
     """
-    from tasks.data import load_image_table
-    from tasks.model import build_classifier_for
+    from tasks.data.images import load_image_table
+    from tasks.model.classifier import build_classifier_for
     from tasks.stages.base import StageInputs
 
     loaded = load_and_check(cell.config_path, cell.overrides)
@@ -487,8 +487,8 @@ def start_worker(url: str | None, threads: int) -> None:
     parent = os.getppid()
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     # What every cell imports, imported while the worker waits for its first cell.
-    import tasks.data
-    import tasks.model
+    import tasks.data.images
+    import tasks.model.classifier
     import tasks.stages.runner  # noqa: F401
 
     use_tensorflow_threads(threads)

@@ -35,7 +35,7 @@ class EpochLog(keras.callbacks.Callback):
         self.stage = stage
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
-        from tasks.run_log import epoch_line, run_logger
+        from tasks.runtime.run_log import epoch_line, run_logger
 
         line = epoch_line(self.stage, epoch + 1, self.params.get("epochs", epoch + 1), logs or {})
         run_logger().info(line)
@@ -43,7 +43,7 @@ class EpochLog(keras.callbacks.Callback):
 
 def _compile(model, learning_rate: float, jit_compile: bool, steps_per_execution: int = 1) -> None:
     """Adam on sparse cross-entropy; Keras wraps the optimizer to scale the loss of a model
-    built under mixed_float16 (tasks.model builds every model it trains that way)."""
+    built under mixed_float16 (tasks.model.classifier builds every model it trains that way)."""
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),
@@ -183,7 +183,7 @@ class _MeasuredBatchNorm(keras.callbacks.Callback):
         self.images = images
 
     def on_test_begin(self, logs=None) -> None:
-        from tasks.model import measure_batch_norm_statistics
+        from tasks.model.classifier import measure_batch_norm_statistics
 
         measure_batch_norm_statistics(self.model, self.images)
 
@@ -209,7 +209,7 @@ def fit_from_scratch(
     one class in inference mode. The statistics are measured on `images` (training images)
     before each validation and once more at the end, for the weights the model keeps.
     """
-    from tasks.model import measure_batch_norm_statistics
+    from tasks.model.classifier import measure_batch_norm_statistics
 
     keras.utils.set_random_seed(seed)
     history = _fit(
@@ -248,7 +248,7 @@ def augmentation_layers(settings, seed: int) -> keras.Sequential | None:
 def image_splits(table, config, augmentation=None):
     """The shuffled training images, augmented when `augmentation` (an AugmentationConfig) is on,
     and the validation images (None when there are none)."""
-    from tasks.data import image_dataset
+    from tasks.data.images import image_dataset
 
     size, batch = config.data.image_size, config.data.batch_size
     augment = augmentation_layers(augmentation, config.seed) if augmentation else None

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from tasks.evaluate import Evaluation
-from tasks.gate import metric_score, paired_bootstrap
+from tasks.inference.evaluate import Evaluation
+from tasks.registry.gate import metric_score, paired_bootstrap
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf import ExpectedError
-from tasks.inference import forward_batches
+from tasks.inference.forward import forward_batches
 
 log = logging.getLogger(__name__)
 
@@ -495,8 +495,8 @@ def extract_frozen_features(
     so every label budget and seed of a comparison reads the same entry. `cuts` (CutModels of
     the fine-tuning stages to come) have their activations cached by the same pass.
     """
-    from tasks.activations import activation_key, features_and_cuts
-    from tasks.data import image_dataset
+    from tasks.data.images import image_dataset
+    from tasks.inference.activations import activation_key, features_and_cuts
 
     config = loaded.config
     key = FeatureKey(

@@ -59,7 +59,7 @@ def label_flow_run(
     from prefect import get_client
     from prefect.runtime import flow_run
 
-    from tasks.run_log import run_logger
+    from tasks.runtime.run_log import run_logger
 
     labels = flow_run_labels(action, model_name, data_version, strategies)
     run_id = flow_run.get_id()

@@ -11,16 +11,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from conf.errors import ExpectedError
-from tasks.config import LoadedConfig
-from tasks.data import fingerprint_files, pinned_data_version
-from tasks.registry import (
+from tasks.data.images import fingerprint_files, pinned_data_version
+from tasks.registry.versions import (
     CHALLENGER,
     CHAMPION,
     ModelVersionRef,
     aliased_version,
     config_fingerprint,
 )
-from tasks.tracking_server import tracking_uri
+from tasks.runtime.tracking_server import tracking_uri
+from tasks.stages.preflight import LoadedConfig
 
 
 class GitPullError(ExpectedError, RuntimeError):

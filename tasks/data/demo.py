@@ -60,7 +60,7 @@ def keras_dataset_dir() -> Path:
     `/tmp/.keras` when that folder is not writable; a folder that does not exist yet counts as not
     writable, so it is created first to keep Keras from silently moving to `/tmp`.
     """
-    from tasks.keras_internals import keras_home
+    from tasks.runtime.keras_internals import keras_home
 
     home = Path(os.path.expanduser(keras_home()))
     with contextlib.suppress(OSError):  # an unwritable home is handled just below

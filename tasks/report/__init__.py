@@ -1,0 +1,1 @@
+"""What a finished run tells its user: the Prefect summary artifact, DVC metrics and plots."""

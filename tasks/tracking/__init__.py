@@ -1,0 +1,1 @@
+"""What MLflow records of a run: parent and stage runs, checkpoints, liveness of their owners."""
