@@ -297,10 +297,9 @@ def finetune_seconds(loaded, work: Path, rounds: int = 3) -> dict[str, float]:
     from prefect import flow
 
     from tasks.data.images import load_image_table
-    from tasks.inference.activations import cuts_ahead
-    from tasks.inference.features import extract_frozen_features
     from tasks.model.classifier import build_classifier_for
     from tasks.stages.base import StageInputs
+    from tasks.stages.frozen_features import cuts_ahead, extract_frozen_features
     from tasks.stages.plan import transfer_stages
 
     config = loaded.config
@@ -324,7 +323,7 @@ def finetune_seconds(loaded, work: Path, rounds: int = 3) -> dict[str, float]:
         keras.utils.set_random_seed(config.seed)
         classifier = build_classifier_for.fn(setting, len(table.classes))
         started = time.perf_counter()
-        cuts = cuts_ahead(classifier, setting, table, None)
+        cuts = cuts_ahead(classifier, setting.config, table, None, transfer_stages(setting.config))
         extract_frozen_features.fn(classifier, table, setting, "bench", None, cuts)
         extraction = time.perf_counter() - started
         if not train:

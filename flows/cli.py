@@ -158,7 +158,7 @@ def _environment() -> None:
 def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
     from conf import project_root
-    from tasks.runtime.run_log import registration_line, resumed_line, stage_line
+    from tasks.runtime.run_log import registration_line, resumed_line
     from tasks.tracking.runs import ui_hint
 
     result = _run_flow("flows.train:train_classifier", config, list(set_ or []))
@@ -167,7 +167,7 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
         typer.echo(f"Resumed:      {resumed_line(done.stage, done.run_id)}")
     typer.echo("Test scores per stage:")
     for stage in result.stages:
-        typer.echo(f"  {stage_line(stage)}")
+        typer.echo(f"  {stage.line()}")
     typer.echo(
         f"MLflow run:   {result.run_id} (experiment {result.experiment_id}) on "
         f"{redact_url(result.tracking_uri)}"

@@ -10,12 +10,13 @@ from tasks.data.images import load_images, pull_data_version
 from tasks.model.classifier import build_classifier_for
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
 from tasks.registry.versions import PromotionDecision
-from tasks.report.summary import StageSummary, publish_report
+from tasks.report.summary import publish_report
 from tasks.runtime.run_names import label_flow_run
 from tasks.stages.base import StageInputs
 from tasks.stages.plan import transfer_stages
 from tasks.stages.preflight import check_training_inputs, load_pipeline_config
 from tasks.stages.runner import run_stages
+from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import close_run_after_failure, finish_tracking, start_tracking
 
 DEFAULT_CONFIG = "conf/default.yaml"

@@ -13,11 +13,11 @@ from mlflow import MlflowClient
 
 from conf import PipelineConfig
 from tasks.inference.activations import split_at_cut
-from tasks.inference.features import extract_frozen_features
 from tasks.model.classifier import BaseOptionsError, build_classifier_for
 from tasks.registry.versions import config_fingerprint
 from tasks.stages.base import StageInputs
 from tasks.stages.fine_tune import fine_tune_stage_on_activations
+from tasks.stages.frozen_features import extract_frozen_features
 from tasks.stages.plan import transfer_stages
 from tasks.stages.preflight import LoadedConfig
 from tasks.stages.runner import lineage_keys, run_stages

@@ -12,8 +12,8 @@ from conf import load_config
 from tasks.comparison.intervals import on_test_set, over_seeds
 from tasks.comparison.table import pick_winner, summarize_cells
 from tasks.inference.evaluate import score_predictions
-from tasks.report.summary import StageSummary
 from tasks.stages.preflight import LoadedConfig
+from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import RunRef, StageRecord
 
 ROOT = Path(__file__).resolve().parents[1]

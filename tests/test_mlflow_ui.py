@@ -42,7 +42,7 @@ def logged(tmp_path_factory):
     """A git project whose pipeline run has a trained head and a fine-tuning stage after it."""
     import keras
 
-    from tasks.stages.fitting import TrainingHistory
+    from tasks.tracking.history import TrainingHistory
 
     project = tmp_path_factory.mktemp("project")
     (project / "params.yaml").write_text("seed: 1\n")

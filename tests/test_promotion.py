@@ -14,9 +14,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conf import PipelineConfig
-from tasks.registry import promotion
 from tasks.data.images import load_image_table
 from tasks.inference.evaluate import evaluate_on_images, score_predictions
+from tasks.registry import promotion
 from tasks.registry.promotion import load_problem, promote_if_better, version_predictions
 from tasks.registry.versions import CHAMPION, ModelVersionRef, aliased_version
 from tasks.stages.preflight import LoadedConfig

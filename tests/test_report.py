@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from tasks.inference.evaluate import score_predictions
-from tasks.report.summary import StageSummary, write_dvc_reports
-from tasks.stages.fitting import TrainingHistory
+from tasks.report.summary import write_dvc_reports
+from tasks.tracking.history import StageSummary, TrainingHistory
 
 CLASSES = ("cat", "dog", "owl")
 

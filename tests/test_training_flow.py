@@ -259,7 +259,7 @@ def test_prefect_names_the_runs_and_logs_the_story(first_run) -> None:
     )
     from prefect.logging.handlers import APILogHandler
 
-    from tasks.runtime.run_log import registration_line, stage_line
+    from tasks.runtime.run_log import registration_line
 
     clone, result = first_run
 
@@ -307,7 +307,7 @@ def test_prefect_names_the_runs_and_logs_the_story(first_run) -> None:
         assert any(m.startswith(line) and m.endswith("reused)") for m in messages), messages
 
     for summary in result.stages:  # the lines `transferflow train` prints
-        assert f"Test scores: {stage_line(summary)}" in messages, messages
+        assert f"Test scores: {summary.line()}" in messages, messages
     assert any(m.startswith("Test scores: fine_tune_2 ") and "macro-F1" in m for m in messages)
     number = r"\d+\.\d{4}"
     epoch_line = re.compile(

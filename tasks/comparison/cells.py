@@ -45,10 +45,10 @@ from tasks.comparison.strategies import (
     stages_on_same_base,
 )
 from tasks.comparison.table import StrategyOutcome
-from tasks.report.summary import StageSummary
 from tasks.runtime.prefect_server import after_lost_prefect_call
 from tasks.stages.preflight import load_and_check
 from tasks.tracking.checkpoints import RESUMED_TAG, read_checkpoint
+from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import (
     RunRef,
     StageRecord,

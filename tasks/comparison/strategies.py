@@ -32,12 +32,12 @@ from tasks.comparison.table import (
 )
 from tasks.data.images import ImageTable
 from tasks.registry.versions import ModelVersionRef, PromotionDecision
-from tasks.report.summary import StageSummary
 from tasks.runtime.timeouts import retry_if_store_locked
 from tasks.stages.base import Stage
 from tasks.stages.from_scratch import FromScratch
 from tasks.stages.plan import scratch_stages, transfer_stages
 from tasks.stages.preflight import LoadedConfig, check_training_config
+from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import (
     RunRef,
     close_run_after_failure,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
@@ -153,28 +152,6 @@ def cut_for_stage(classifier, stage, config, images: int) -> CutModels | str:
             f"fine_tune.activation_cache_mb ({budget:g})"
         )
     return cut
-
-
-def cuts_ahead(
-    classifier, loaded, table, train_pool: pd.DataFrame | None, shared_stages: Sequence = ()
-) -> list[CutModels]:
-    """The cuts of the config's fine-tuning stages, and of `shared_stages` (other strategies' on
-    the same frozen base), that will train through the cache.
-
-    The feature pass computes them with the features: it runs the whole base anyway, so they
-    cost only their writing, where each stage would otherwise run its trunk over every image.
-    """
-    from tasks.stages.fine_tune import FineTuneBlocks
-    from tasks.stages.plan import transfer_stages
-
-    images = images_to_cache(table, train_pool)
-    cuts: dict[str, CutModels] = {}
-    for stage in [*transfer_stages(loaded.config), *shared_stages]:
-        if isinstance(stage, FineTuneBlocks):
-            cut = cut_for_stage(classifier, stage, loaded.config, images)
-            if not isinstance(cut, str):
-                cuts.setdefault(cut.cut, cut)
-    return list(cuts.values())
 
 
 def features_and_cuts(classifier, cuts: list[CutModels]) -> keras.Model:

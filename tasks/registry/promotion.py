@@ -37,7 +37,7 @@ from tasks.registry.versions import (
     record_decision,
     register_challenger,
 )
-from tasks.runtime.run_log import log_promotion, run_logger
+from tasks.runtime.run_log import registration_line, run_logger
 from tasks.runtime.timeouts import retry_if_store_locked
 from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.runs import RunRef, StageRecord
@@ -397,3 +397,11 @@ def promote_if_better(
         decision = promote_through_gate(uri, challenger, run.run_id, metric, score, decide)
     log_promotion(challenger, decision)
     return decision
+
+
+def log_promotion(challenger: ModelVersionRef, decision: PromotionDecision) -> None:
+    logger = run_logger()
+    logger.info(
+        "Registered: %s", registration_line(challenger.name, challenger.version, decision.promote)
+    )
+    logger.info("Decision: %s", decision.reason)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,34 +14,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks.inference.evaluate import Evaluation, confusion_matrix_figure
 from tasks.registry.versions import ModelVersionRef, PromotionDecision
 from tasks.runtime.credentials import redact_url
-from tasks.stages.fitting import TrainingHistory
 from tasks.stages.preflight import LoadedConfig
+from tasks.tracking.history import StageSummary, TrainingHistory
 from tasks.tracking.runs import SKIPPED_IMAGES_ARTIFACT, RunRef, ui_hint
-
-
-@dataclass(frozen=True)
-class StageSummary:
-    """One stage's headline figures."""
-
-    stage: str
-    test_accuracy: float
-    test_macro_f1: float
-    trainable_params: int
-    learning_rate: float
-    epochs_run: int
-    train_seconds: float
-
-    @classmethod
-    def of(cls, stage: str, history: TrainingHistory, evaluation: Evaluation) -> StageSummary:
-        return cls(
-            stage=stage,
-            test_accuracy=evaluation.accuracy,
-            test_macro_f1=evaluation.macro_f1,
-            trainable_params=history.trainable_params,
-            learning_rate=history.learning_rate,
-            epochs_run=history.epochs_run,
-            train_seconds=history.seconds,
-        )
 
 
 def markdown_summary(

@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tasks.registry.versions import ModelVersionRef, PromotionDecision
-    from tasks.report.summary import StageSummary
 
 
 def run_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -27,11 +22,11 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
-def stage_line(summary: StageSummary) -> str:
+def stage_line(stage: str, accuracy: float, macro_f1: float, epochs: int, seconds: float) -> str:
     """One stage's test scores, effort and time, e.g. `fine_tune_1  accuracy 0.8123 ...`."""
     return (
-        f"{summary.stage:<20} accuracy {summary.test_accuracy:.4f}  macro-F1 "
-        f"{summary.test_macro_f1:.4f}  ({summary.epochs_run} epochs, {summary.train_seconds:.0f} s)"
+        f"{stage:<20} accuracy {accuracy:.4f}  macro-F1 {macro_f1:.4f}  "
+        f"({epochs} epochs, {seconds:.0f} s)"
     )
 
 
@@ -53,18 +48,3 @@ def epoch_line(stage: str, epoch: int, epochs: int, logs: Mapping[str, float]) -
     )
     metrics = ", ".join(f"{name} {float(logs[name]):.4f}" for name in shown)
     return f"{stage} epoch {epoch}/{epochs}: {metrics}"
-
-
-def log_stage_scores(summary: StageSummary, resumed_from: str | None = None) -> None:
-    logger = run_logger()
-    if resumed_from is not None:
-        logger.info("Resumed: %s", resumed_line(summary.stage, resumed_from))
-    logger.info("Test scores: %s", stage_line(summary))
-
-
-def log_promotion(challenger: ModelVersionRef, decision: PromotionDecision) -> None:
-    logger = run_logger()
-    logger.info(
-        "Registered: %s", registration_line(challenger.name, challenger.version, decision.promote)
-    )
-    logger.info("Decision: %s", decision.reason)

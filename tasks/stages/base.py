@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+from tasks.tracking.history import StageResult
+
 if TYPE_CHECKING:
     import pandas as pd
 
     from conf.schema import AugmentationConfig
     from tasks.data.images import ImageTable
-    from tasks.inference.evaluate import Evaluation
     from tasks.model.classifier import Classifier
-    from tasks.stages.fitting import TrainingHistory
     from tasks.stages.preflight import LoadedConfig
 
 
@@ -32,14 +32,6 @@ class StageInputs:
     data_version: str
     feature_pool: pd.DataFrame | None = None
     shared_stages: tuple[Stage, ...] = ()
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """A trained stage: its per-epoch history and its scores on the held-out test split."""
-
-    history: TrainingHistory
-    evaluation: Evaluation
 
 
 class Stage(Protocol):

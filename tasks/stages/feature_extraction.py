@@ -10,8 +10,10 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import FeatureExtractionConfig
 from tasks.runtime.run_names import for_stage
-from tasks.stages.base import StageInputs, StageResult
-from tasks.stages.fitting import TrainingHistory, train_head
+from tasks.stages.base import Stage, StageInputs
+from tasks.stages.fitting import train_head
+from tasks.stages.frozen_features import cuts_ahead, extract_frozen_features
+from tasks.tracking.history import StageResult, TrainingHistory
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,8 @@ class HeadOnFeatures:
 
     settings: FeatureExtractionConfig
     name: str = "feature_extraction"
+    # The stages after it on the same base: the feature pass caches their activations too.
+    ahead: tuple[Stage, ...] = ()
 
     def lineage(self) -> dict[str, Any]:
         # Where features are cached changes nothing they are.
@@ -34,9 +38,6 @@ class HeadOnFeatures:
     def features(self, inputs: StageInputs) -> dict:
         """Every split's frozen features, with the activations at the cuts of the fine-tuning
         stages to come (this strategy's and `inputs.shared_stages`), from the cache or cached."""
-        from tasks.inference.activations import cuts_ahead
-        from tasks.inference.features import extract_frozen_features
-
         return for_stage(extract_frozen_features, self.name)(
             inputs.classifier,
             inputs.table,
@@ -45,10 +46,10 @@ class HeadOnFeatures:
             inputs.feature_pool,
             cuts_ahead(
                 inputs.classifier,
-                inputs.loaded,
+                inputs.loaded.config,
                 inputs.table,
                 inputs.feature_pool,
-                inputs.shared_stages,
+                [*self.ahead, *inputs.shared_stages],
             ),
         )
 

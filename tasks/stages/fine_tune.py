@@ -10,8 +10,9 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import AugmentationConfig, FineTuneStage
 from tasks.runtime.run_names import for_stage
-from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
-from tasks.stages.fitting import TrainingHistory, fine_tune, image_splits
+from tasks.stages.base import StageInputs, augmentation_lineage
+from tasks.stages.fitting import fine_tune, image_splits
+from tasks.tracking.history import StageResult, TrainingHistory
 
 # Rows a test pass through the activation cache reads at a time.
 EVALUATION_BATCH = 256

@@ -4,26 +4,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import keras
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TrainingHistory:
-    """Per-epoch metrics of one stage (Keras names: loss, accuracy, val_loss, val_accuracy)."""
-
-    epochs: dict[str, tuple[float, ...]]
-    best_epoch: int
-    seconds: float
-    trainable_params: int
-    learning_rate: float
-    stopped_early: bool = field(default=False)
-
-    @property
-    def epochs_run(self) -> int:
-        return len(self.epochs.get("loss", ()))
+from tasks.tracking.history import TrainingHistory
 
 
 class EpochLog(keras.callbacks.Callback):

@@ -10,8 +10,9 @@ from prefect.cache_policies import NO_CACHE
 
 from conf.schema import AugmentationConfig
 from tasks.runtime.run_names import for_stage
-from tasks.stages.base import StageInputs, StageResult, augmentation_lineage
-from tasks.stages.fitting import TrainingHistory, fit_from_scratch, image_splits
+from tasks.stages.base import StageInputs, augmentation_lineage
+from tasks.stages.fitting import fit_from_scratch, image_splits
+from tasks.tracking.history import StageResult, TrainingHistory
 
 
 @dataclass(frozen=True)

@@ -13,18 +13,17 @@ def transfer_stages(config: PipelineConfig) -> list[Stage]:
     """The head on the frozen base, then each configured unfreezing stage at its falling rate."""
     head = config.feature_extraction
     rates = config.fine_tune.learning_rates(head.learning_rate)
-    stages: list[Stage] = [HeadOnFeatures(head)]
-    for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1):
-        stages.append(
-            FineTuneBlocks(
-                stage,
-                rate,
-                config.fine_tune.patience,
-                f"fine_tune_{number}",
-                config.fine_tune.augmentation,
-            )
+    fine_tuning = tuple(
+        FineTuneBlocks(
+            stage,
+            rate,
+            config.fine_tune.patience,
+            f"fine_tune_{number}",
+            config.fine_tune.augmentation,
         )
-    return stages
+        for number, (stage, rate) in enumerate(zip(config.fine_tune.stages, rates, strict=True), 1)
+    )
+    return [HeadOnFeatures(head, ahead=fine_tuning), *fine_tuning]
 
 
 def scratch_stages(config: PipelineConfig, epochs: int) -> list[Stage]:

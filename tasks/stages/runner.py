@@ -18,12 +18,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from tasks.inference.evaluate import Evaluation
-from tasks.report.summary import StageSummary
-from tasks.runtime.run_log import log_stage_scores
+from tasks.runtime.run_log import resumed_line, run_logger
 from tasks.runtime.run_names import for_stage
 from tasks.runtime.timeouts import retry_if_store_locked
 from tasks.stages.base import Stage, StageInputs
-from tasks.stages.fitting import TrainingHistory
 from tasks.tracking.checkpoints import (
     LINEAGE_VERSION,
     StageCheckpoint,
@@ -32,6 +30,7 @@ from tasks.tracking.checkpoints import (
     read_checkpoint,
     restore_checkpoint,
 )
+from tasks.tracking.history import StageSummary, TrainingHistory
 from tasks.tracking.runs import (
     RunRef,
     StageRecord,
@@ -83,7 +82,7 @@ def run_stages(
                     stage.name,
                     stage.params(),
                     checkpoint,
-                    inputs,
+                    inputs.table,
                     key,
                     description=stage.describe(),
                     first_step=_steps_so_far(summaries),
@@ -102,7 +101,10 @@ def run_stages(
                 stage.name,
                 stage.params(),
                 result,
-                inputs,
+                inputs.classifier.model,
+                inputs.table,
+                inputs.loaded.config.data.image_size,
+                inputs.loaded.project,
                 key,
                 description=stage.describe(),
                 first_step=_steps_so_far(summaries),
@@ -199,3 +201,10 @@ def find_finished_stages(run: RunRef, keys: list[str]) -> list[StageCheckpoint]:
 def resume_classifier(run: RunRef, checkpoint: StageCheckpoint, classifier) -> None:
     """Load the last finished stage's variables into the freshly built classifier."""
     restore_checkpoint(run.tracking_uri, checkpoint.run_id, classifier.model)
+
+
+def log_stage_scores(summary: StageSummary, resumed_from: str | None = None) -> None:
+    logger = run_logger()
+    if resumed_from is not None:
+        logger.info("Resumed: %s", resumed_line(summary.stage, resumed_from))
+    logger.info("Test scores: %s", summary.line())

@@ -14,15 +14,13 @@ import json
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from mlflow import MlflowClient
 
 from tasks.inference.evaluate import Evaluation
-
-if TYPE_CHECKING:
-    from tasks.stages.fitting import TrainingHistory
+from tasks.tracking.history import TrainingHistory
 
 # Bump when training code changes what a stage with the same settings produces.
 LINEAGE_VERSION = 1
@@ -87,8 +85,6 @@ def read_checkpoint(uri: str, run_id: str) -> StageCheckpoint:
     with tempfile.TemporaryDirectory(prefix="checkpoint-") as folder:
         local = client.download_artifacts(run_id, f"{CHECKPOINT_DIR}/{_RESULT}", folder)
         result = json.loads(Path(local).read_text())
-    from tasks.stages.fitting import TrainingHistory
-
     history = result["history"]
     history["epochs"] = {name: tuple(values) for name, values in history["epochs"].items()}
     return StageCheckpoint(

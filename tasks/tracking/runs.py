@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -51,11 +51,8 @@ from tasks.tracking.checkpoints import (
     StageCheckpoint,
     write_checkpoint,
 )
+from tasks.tracking.history import StageResult, TrainingHistory
 from tasks.tracking.liveness import HEARTBEAT_TAG, close_stale_runs, heartbeat, liveness_tags
-
-if TYPE_CHECKING:  # the training module loads Keras; tracking alone should not
-    from tasks.stages.base import StageInputs, StageResult
-    from tasks.stages.fitting import TrainingHistory
 
 # MLflow caps a param value at 6000 characters; ours are far shorter, but be safe.
 _PARAM_LIMIT = 6000
@@ -787,7 +784,10 @@ def log_stage_run(
     stage: str,
     params: dict,
     result: StageResult,
-    inputs: StageInputs,
+    model,
+    table,
+    image_size: int,
+    project: Path,
     lineage: str,
     *,
     description: str,
@@ -795,16 +795,17 @@ def log_stage_run(
 ) -> StageRecord:
     """Log a trained stage as a nested run: its model loadable as a pyfunc, and its checkpoint.
 
-    `description` says what the stage trains; `first_step` is the number of epochs the stages
+    `model` is the trained Keras classifier, `table` the images it trained and was tested on
+    (one test image, at `image_size`, is the model's input example); if the tracking server is
+    lost, the model is kept under `project`. `description` says what the stage trains; `first_step` is the number of epochs the stages
     before it ran.
     """
     from tasks.data.images import image_dataset
 
-    config, table = inputs.loaded.config, inputs.table
     example_frame = table.split("test").head(1)
-    example = next(
-        iter(image_dataset(example_frame, table.classes, config.data.image_size, batch_size=1))
-    )[0].numpy()
+    example = next(iter(image_dataset(example_frame, table.classes, image_size, batch_size=1)))[
+        0
+    ].numpy()
     try:
         return log_stage(
             run,
@@ -816,8 +817,8 @@ def log_stage_run(
                 description, result.history, result.evaluation, first_step
             ),
             first_step=first_step,
-            splits=_split_frames(inputs.table),
-            model=inputs.classifier.model,
+            splits=_split_frames(table),
+            model=model,
             signature_example=example,
             pip_requirements=model_requirements(),
             tags={LINEAGE_TAG: lineage},
@@ -827,7 +828,7 @@ def log_stage_run(
         lost = tracking_server_lost(error, run.tracking_uri)
         if lost is None:
             raise
-        kept = save_unlogged_model(inputs.classifier.model, inputs.loaded.project, run, stage)
+        kept = save_unlogged_model(model, project, run, stage)
         raise TrackingServerLostError(
             f"{lost} The {stage} stage trained but could not be logged: its model is saved at "
             f"{kept}."
@@ -855,7 +856,7 @@ def log_resumed_stage(
     stage: str,
     params: dict,
     checkpoint: StageCheckpoint,
-    inputs: StageInputs,
+    table,
     lineage: str,
     *,
     description: str,
@@ -881,7 +882,7 @@ def log_resumed_stage(
             resumed_from=checkpoint.run_id,
         ),
         first_step=first_step,
-        splits=_split_frames(inputs.table),
+        splits=_split_frames(table),
         tags={RESUMED_TAG: checkpoint.run_id, LINEAGE_TAG: lineage},
     )
     return StageRecord(stage, record.run_id, checkpoint.model_uri)
