@@ -242,7 +242,9 @@ from tasks.inference.activations import ActivationKey, activation_dataset, featu
 from tasks.data.demo import write_demo_dataset
 from tasks.data.images import load_image_table, check_images, image_dataset
 from tasks.inference.features import FeatureKey, Wanted, cached_features, cached_outputs
-from tasks.model.classifier import build_base, build_classifier, unfrozen_layer_names
+from tasks.model.bases import build_base
+from tasks.model.blocks import unfrozen_layer_names
+from tasks.model.classifier import build_classifier
 root = Path({str(work)!r}) / "rss-{images_per_class}"
 if not (root / "manifest.csv").is_file():
     write_demo_dataset(root, train_per_class={images_per_class}, val_per_class=0, test_per_class=1, seed=0)

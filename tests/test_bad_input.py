@@ -22,11 +22,8 @@ from tasks.data.images import (
     UndecodableImagesError,
 )
 from tasks.inference.features import CacheDirError
-from tasks.model.classifier import (
-    UnfreezeTooDeepError,
-    UnknownArchitectureError,
-    WeightsNotFoundError,
-)
+from tasks.model.bases import UnknownArchitectureError, WeightsNotFoundError
+from tasks.model.blocks import UnfreezeTooDeepError
 from tasks.runtime.tracking_server import TrackingServerUnreachableError
 from tests.servers import free_port
 

@@ -131,7 +131,7 @@ def test_from_scratch_batch_norm_statistics_are_measured_not_left_at_their_start
     import keras
     import numpy as np
 
-    from tasks.model.classifier import measure_batch_norm_statistics
+    from tasks.model.batch_norm import measure_batch_norm_statistics
 
     inputs = keras.Input((4, 4, 3))
     trained = keras.layers.BatchNormalization(name="trained")(inputs)

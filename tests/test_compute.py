@@ -13,7 +13,8 @@ from mlflow import MlflowClient
 
 from conf import PipelineConfig
 from tasks.inference.activations import split_at_cut
-from tasks.model.classifier import BaseOptionsError, build_classifier_for
+from tasks.model.bases import BaseOptionsError
+from tasks.model.classifier import build_classifier_for
 from tasks.registry.versions import config_fingerprint
 from tasks.stages.base import StageInputs
 from tasks.stages.fine_tune import fine_tune_stage_on_activations

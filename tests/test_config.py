@@ -15,7 +15,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def test_every_config_file_validates(path: Path) -> None:
     config = load_config(path)
     assert isinstance(config, PipelineConfig)
-    from tasks.model.classifier import check_architecture
+    from tasks.model.bases import check_architecture
 
     check_architecture(config.base.architecture)
 

@@ -16,18 +16,17 @@ import keras
 import numpy as np
 import pytest
 
-from tasks.model.classifier import (
+from tasks.model.bases import (
     UnknownArchitectureError,
     WeightsNotFoundError,
     architecture_names,
-    base_blocks,
     build_base,
-    build_classifier,
     check_architecture,
     preprocessing_layer,
     resolve_weights,
-    unfreeze_top_blocks,
 )
+from tasks.model.blocks import base_blocks, unfreeze_top_blocks
+from tasks.model.classifier import build_classifier
 
 MOBILENET_FILE = "mobilenet_2_5_224_tf_no_top.h5"
 SMALL = {"alpha": 0.25}

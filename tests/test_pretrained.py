@@ -28,7 +28,8 @@ def head_accuracy(weights: str | None, table) -> float:
     from tasks.data.images import image_dataset
     from tasks.inference.evaluate import score_predictions
     from tasks.inference.forward import forward_pass
-    from tasks.model.classifier import build_base, build_classifier
+    from tasks.model.bases import build_base
+    from tasks.model.classifier import build_classifier
     from tasks.stages.fitting import train_head
 
     base = build_base("MobileNet", weights, 96, {"alpha": 0.25})

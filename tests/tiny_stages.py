@@ -7,7 +7,8 @@ from pathlib import Path
 import keras
 
 from conf import PipelineConfig
-from tasks.model.classifier import build_base, build_classifier
+from tasks.model.bases import build_base
+from tasks.model.classifier import build_classifier
 from tasks.stages.base import StageInputs
 from tasks.stages.plan import transfer_stages
 from tasks.stages.preflight import LoadedConfig

@@ -161,7 +161,7 @@ def stages_on_same_base(strategies: Sequence[Strategy], strategy: Strategy) -> t
 def check_strategy(strategy: Strategy) -> None:
     """Fail now, not hours in, on an unknown architecture, bad options, missing weights or a
     fine-tuning stage deeper than the base."""
-    from tasks.model.classifier import check_architecture
+    from tasks.model.bases import check_architecture
 
     check_architecture(strategy.loaded.config.base.architecture)
     try:

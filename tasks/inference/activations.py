@@ -25,7 +25,7 @@ from tasks.inference.features import (
     picked_rows,
     weights_fingerprint,
 )
-from tasks.model.classifier import unfrozen_layer_names
+from tasks.model.blocks import unfrozen_layer_names
 from tasks.model.compute import layer_precision
 from tasks.runtime.keras_internals import calls, is_own_call, producer
 

@@ -95,7 +95,7 @@ def fine_tune_stage_on_activations(
         images_to_cache,
     )
     from tasks.inference.evaluate import evaluate_model
-    from tasks.model.classifier import unfreeze_top_blocks
+    from tasks.model.blocks import unfreeze_top_blocks
     from tasks.runtime.run_log import run_logger
 
     config = inputs.loaded.config
@@ -135,7 +135,7 @@ def fine_tune_stage_on_activations(
 @task(name="fine-tune-stage", cache_policy=NO_CACHE)
 def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> TrainingHistory:
     """Unfreeze the top blocks the stage names, then fine-tune the whole model at a lower rate."""
-    from tasks.model.classifier import unfreeze_top_blocks
+    from tasks.model.blocks import unfreeze_top_blocks
 
     unfreeze_top_blocks(classifier.base, stage.settings.unfreeze_blocks)
     train, validation = image_splits(table, config, stage.augmentation)

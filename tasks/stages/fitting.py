@@ -168,7 +168,7 @@ class _MeasuredBatchNorm(keras.callbacks.Callback):
         self.images = images
 
     def on_test_begin(self, logs=None) -> None:
-        from tasks.model.classifier import measure_batch_norm_statistics
+        from tasks.model.batch_norm import measure_batch_norm_statistics
 
         measure_batch_norm_statistics(self.model, self.images)
 
@@ -194,7 +194,7 @@ def fit_from_scratch(
     one class in inference mode. The statistics are measured on `images` (training images)
     before each validation and once more at the end, for the weights the model keeps.
     """
-    from tasks.model.classifier import measure_batch_norm_statistics
+    from tasks.model.batch_norm import measure_batch_norm_statistics
 
     keras.utils.set_random_seed(seed)
     history = _fit(

@@ -10,12 +10,8 @@ from prefect.cache_policies import NO_CACHE
 
 from conf import PipelineConfig, load_config, project_root
 from tasks.inference.features import check_cache_dir
-from tasks.model.classifier import (
-    base_block_count,
-    check_architecture,
-    check_unfreeze_depths,
-    resolve_weights,
-)
+from tasks.model.bases import check_architecture, resolve_weights
+from tasks.model.blocks import base_block_count, check_unfreeze_depths
 from tasks.runtime.timeouts import bound_mlflow_calls
 from tasks.runtime.tracking_server import check_tracking_server, tracking_uri
 
