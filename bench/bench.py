@@ -78,7 +78,8 @@ def extraction_rounds(
     pass is compared with the limit measured beside it, and rounds alternate which goes first.
     Returns (limit, extraction) images/s per round, the image count and the first read's files/s.
     """
-    from tasks.data.images import image_dataset, load_image_table
+    from tasks.data.stream import image_dataset
+    from tasks.data.table import load_image_table
     from tasks.inference.features import FeatureKey, cached_features
 
     config = loaded.config
@@ -240,7 +241,8 @@ sys.path.insert(0, {str(ROOT)!r})
 from pathlib import Path
 from tasks.inference.activations import ActivationKey, activation_dataset, features_and_cuts, split_at_cut
 from tasks.data.demo import write_demo_dataset
-from tasks.data.images import load_image_table, check_images, image_dataset
+from tasks.data.stream import image_dataset
+from tasks.data.table import load_image_table, check_images
 from tasks.inference.features import FeatureKey, Wanted, cached_features, cached_outputs
 from tasks.model.bases import build_base
 from tasks.model.blocks import unfrozen_layer_names
@@ -298,7 +300,7 @@ def finetune_seconds(loaded, work: Path, rounds: int = 3) -> dict[str, float]:
     import keras
     from prefect import flow
 
-    from tasks.data.images import load_image_table
+    from tasks.data.table import load_image_table
     from tasks.model.classifier import build_classifier_for
     from tasks.stages.base import StageInputs
     from tasks.stages.frozen_features import cuts_ahead, extract_frozen_features

@@ -28,7 +28,8 @@ from tasks.comparison.strategies import (
     start_comparison_run,
     summarize_comparison,
 )
-from tasks.data.images import load_images, pull_data_version
+from tasks.data.table import load_images
+from tasks.data.versioning import pull_data_version
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
 from tasks.registry.versions import PromotionDecision
 from tasks.runtime.run_names import label_flow_run

@@ -13,7 +13,7 @@ from tasks.comparison.cells import (
     train_cell_step,
     use_tensorflow_threads,
 )
-from tasks.data.images import pull_data_version
+from tasks.data.versioning import pull_data_version
 from tasks.stages.preflight import load_pipeline_config
 
 

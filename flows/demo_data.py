@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from prefect import flow
 
 from tasks.data.demo import build_demo_dataset, write_demo_report
-from tasks.data.images import pinned_data_version, push_data_version, track_data_version
+from tasks.data.versioning import pinned_data_version, push_data_version, track_data_version
 from tasks.stages.preflight import load_pipeline_config
 
 DEFAULT_CONFIG = "conf/default.yaml"

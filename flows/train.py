@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from prefect import flow
 
-from tasks.data.images import load_images, pull_data_version
+from tasks.data.table import load_images
+from tasks.data.versioning import pull_data_version
 from tasks.model.classifier import build_classifier_for
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
 from tasks.registry.versions import PromotionDecision

@@ -117,7 +117,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
 def tiny_table(tmp_path_factory: pytest.TempPathFactory):
     """Ten classes of Fashion-MNIST PNGs: 3 training, 1 validation and 2 test images each."""
     from tasks.data.demo import write_demo_dataset
-    from tasks.data.images import load_image_table
+    from tasks.data.table import load_image_table
 
     folder = tmp_path_factory.mktemp("tiny-images")
     write_demo_dataset(folder, train_per_class=3, val_per_class=1, test_per_class=2, seed=0)

@@ -18,7 +18,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conf import ConfigError, load_config
-from tasks.data.images import UndecodableImagesError
+from tasks.data.table import UndecodableImagesError
 
 pytestmark = pytest.mark.slow
 

@@ -15,12 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from conf import ConfigError
-from tasks.data.images import (
-    DataNotFoundError,
-    DvcPullError,
-    EmptyDatasetError,
-    UndecodableImagesError,
-)
+from tasks.data.errors import DataNotFoundError
+from tasks.data.table import EmptyDatasetError, UndecodableImagesError
+from tasks.data.versioning import DvcPullError
 from tasks.inference.features import CacheDirError
 from tasks.model.bases import UnknownArchitectureError, WeightsNotFoundError
 from tasks.model.blocks import UnfreezeTooDeepError

@@ -25,7 +25,7 @@ from tasks.comparison.strategies import (
     stages_on_same_base,
 )
 from tasks.comparison.table import COLUMNS, RUN_COLUMNS
-from tasks.data.images import ImageTable
+from tasks.data.table import ImageTable
 from tasks.stages.preflight import LoadedConfig
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
 from tests.servers import fresh_name

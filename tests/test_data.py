@@ -15,20 +15,17 @@ import pytest
 import yaml
 from PIL import Image
 
-from tasks.data.images import (
-    DataNotFoundError,
-    DataVersionMismatchError,
-    DvcPullError,
+from tasks.data.errors import DataNotFoundError
+from tasks.data.stream import image_dataset
+from tasks.data.table import (
     EmptyDatasetError,
     ManifestError,
     UndecodableImagesError,
     check_images,
-    data_version,
     find_undecodable_images,
-    image_dataset,
     load_image_table,
-    pull_data,
 )
+from tasks.data.versioning import DataVersionMismatchError, DvcPullError, data_version, pull_data
 
 
 def save_image(path: Path, kind: str, size: tuple[int, int] = (12, 9)) -> Path:

@@ -16,7 +16,7 @@ from tasks.data.demo import (
     load_fashion_mnist,
     write_demo_dataset,
 )
-from tasks.data.images import load_image_table
+from tasks.data.table import load_image_table
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from tasks.data.images import image_dataset
+from tasks.data.stream import image_dataset
 from tasks.inference.forward import forward_pass, inference_step, low_priority_batches
 
 

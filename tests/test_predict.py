@@ -61,7 +61,7 @@ def write_images(folder: Path) -> list[Path]:
 
 def expected_predictions(model, paths: list[Path]) -> dict[str, tuple[int, float]]:
     """The same model run directly on the pipeline's decoding of each image, one at a time."""
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
 
     frame = pd.DataFrame({"path": [str(p) for p in paths], "label": "x"})
     found = {}

@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.slow, needs_imagenet_weights]
 def fashion_subset(tmp_path_factory):
     """40 training and 20 test images per class of real Fashion-MNIST, as PNG files."""
     from tasks.data.demo import write_demo_dataset
-    from tasks.data.images import load_image_table
+    from tasks.data.table import load_image_table
 
     root = tmp_path_factory.mktemp("fmnist") / "subset"
     write_demo_dataset(root, train_per_class=40, val_per_class=0, test_per_class=20, seed=1)
@@ -25,7 +25,7 @@ def fashion_subset(tmp_path_factory):
 
 def head_accuracy(weights: str | None, table) -> float:
     """Feature extraction as the pipeline does it: frozen base, cached features, a trained head."""
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
     from tasks.inference.evaluate import score_predictions
     from tasks.inference.forward import forward_pass
     from tasks.model.bases import build_base

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conf import PipelineConfig
-from tasks.data.images import load_image_table
+from tasks.data.table import load_image_table
 from tasks.inference.evaluate import evaluate_on_images, score_predictions
 from tasks.registry import promotion
 from tasks.registry.promotion import load_problem, promote_if_better, version_predictions

@@ -110,7 +110,7 @@ def test_mlflow_client_gets_the_moved_credentials_for_the_clean_uri(
 
 
 def test_a_dvc_remote_that_fails_is_named_without_its_password_or_token(tmp_path: Path) -> None:
-    from tasks.data.images import DvcPullError, pull_data
+    from tasks.data.versioning import DvcPullError, pull_data
 
     repo = tmp_path / "repo"
     (repo / "data").mkdir(parents=True)

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from tasks.data.images import image_dataset
+from tasks.data.stream import image_dataset
 from tasks.registry.predict import load_serving_model, predict_images
 from tasks.registry.versions import load_keras_model
 from tests.servers import BIN, free_port, start, stop, tail, wait_healthy

@@ -194,7 +194,7 @@ def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
     Reads the image table from the project as the comparison did (the comparison has already
     pulled the data and checked every image).
     """
-    from tasks.data.images import load_image_table
+    from tasks.data.table import load_image_table
     from tasks.model.classifier import build_classifier_for
     from tasks.stages.base import StageInputs
 
@@ -487,7 +487,8 @@ def start_worker(url: str | None, threads: int) -> None:
     parent = os.getppid()
     threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
     # What every cell imports, imported while the worker waits for its first cell.
-    import tasks.data.images
+    import tasks.data.stream
+    import tasks.data.table
     import tasks.model.classifier
     import tasks.stages.runner  # noqa: F401
 

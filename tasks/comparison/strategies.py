@@ -30,7 +30,7 @@ from tasks.comparison.table import (
     markdown_comparison,
     summarize_comparison_outcomes,
 )
-from tasks.data.images import ImageTable
+from tasks.data.table import ImageTable
 from tasks.registry.versions import ModelVersionRef, PromotionDecision
 from tasks.runtime.timeouts import retry_if_store_locked
 from tasks.stages.base import Stage

@@ -190,7 +190,7 @@ def cached_activations(
     With `train_pool` (a comparison's), the pool's training images are one entry shared by its
     budgets and seeds, as for the frozen features.
     """
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
 
     config = loaded.config
     wanted = activation_key(cut, loaded, data_version)
@@ -211,7 +211,7 @@ def cached_activations(
 def activation_dataset(cached: CachedFeatures, batch_size: int, shuffle_seed: int | None = None):
     """(trunk output, label) batches, shuffled the way the image batches would be.
 
-    `tasks.data.images.image_dataset` shuffles one element per image with the same buffer and seed, so
+    `tasks.data.stream.image_dataset` shuffles one element per image with the same buffer and seed, so
     both paths see the images in the same order in every epoch. Only indices go through tf.data:
     each batch's rows are read from the cache file, so memory holds a few batches, not the cache.
     """

@@ -159,7 +159,7 @@ def evaluate_on_features(classifier, test_features, classes: tuple[str, ...]) ->
 @task(name="evaluate-on-test-images", cache_policy=NO_CACHE)
 def evaluate_on_images(model, table, config) -> Evaluation:
     """Score the whole model on the held-out test images."""
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
 
     frame = table.split("test")
     test = image_dataset(frame, table.classes, config.data.image_size, config.data.batch_size)

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from conf.errors import ExpectedError
-from tasks.data.images import fingerprint_files, pinned_data_version
+from tasks.data.versioning import fingerprint_files, pinned_data_version
 from tasks.registry.versions import (
     CHALLENGER,
     CHAMPION,

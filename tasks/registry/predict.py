@@ -14,8 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from conf import project_root
 from conf.errors import ExpectedError
-from tasks.data.images import (
-    DataNotFoundError,
+from tasks.data.errors import DataNotFoundError
+from tasks.data.table import (
     EmptyDatasetError,
     UndecodableImagesError,
     find_undecodable_images,

@@ -64,7 +64,7 @@ def version_predictions(
     contents, so a version is run over a test set once: the gate of the retrain after the one
     that registered it reads them back (checked against the split's labels) instead.
     """
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
     from tasks.inference.forward import forward_pass
 
     classes = json.loads(version.tags.get("classes", "null") or "null")

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from conf.schema import AugmentationConfig
-    from tasks.data.images import ImageTable
+    from tasks.data.table import ImageTable
     from tasks.model.classifier import Classifier
     from tasks.stages.preflight import LoadedConfig
 

@@ -233,7 +233,7 @@ def augmentation_layers(settings, seed: int) -> keras.Sequential | None:
 def image_splits(table, config, augmentation=None):
     """The shuffled training images, augmented when `augmentation` (an AugmentationConfig) is on,
     and the validation images (None when there are none)."""
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
 
     size, batch = config.data.image_size, config.data.batch_size
     augment = augmentation_layers(augmentation, config.seed) if augmentation else None

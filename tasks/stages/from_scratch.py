@@ -61,7 +61,7 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
 
     BatchNorm statistics come from up to 512 training images (see fit_from_scratch).
     """
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
     from tasks.model.blocks import make_fully_trainable
 
     make_fully_trainable(classifier.base)

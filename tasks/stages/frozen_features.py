@@ -10,7 +10,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.data.images import image_dataset
+from tasks.data.stream import image_dataset
 from tasks.inference.activations import (
     CutModels,
     activation_key,

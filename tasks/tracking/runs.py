@@ -800,7 +800,7 @@ def log_stage_run(
     lost, the model is kept under `project`. `description` says what the stage trains; `first_step` is the number of epochs the stages
     before it ran.
     """
-    from tasks.data.images import image_dataset
+    from tasks.data.stream import image_dataset
 
     example_frame = table.split("test").head(1)
     example = next(iter(image_dataset(example_frame, table.classes, image_size, batch_size=1)))[

@@ -1,30 +1,22 @@
-"""The data stage: pull the pinned version with DVC, list and split the images, stream them."""
+"""The image table: images listed from class folders or a manifest, split, and checked to decode."""
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.tasks import exponential_backoff
 
-from conf.errors import ExpectedError
-from tasks.runtime.credentials import redact_url
-from tasks.runtime.timeouts import call_within
-
-if TYPE_CHECKING:
-    import tensorflow as tf
-    from dvc.repo import Repo
+from tasks.data.errors import DataError, DataNotFoundError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
 SPLITS = ("train", "val", "test")
@@ -32,14 +24,6 @@ MANIFEST_NAME = "manifest.csv"
 # What image_dataset decodes, as Pillow names the formats (MPO: the JPEG of many cameras).
 # TensorFlow also reads WebP, but only to uint8, and image_dataset decodes to uint16.
 DECODABLE_FORMATS = frozenset({"PNG", "JPEG", "MPO", "GIF", "BMP"})
-
-
-class DataError(ExpectedError, ValueError):
-    """The images or their listing cannot be used as given."""
-
-
-class DataNotFoundError(DataError):
-    """A folder, manifest, .dvc file or listed image does not exist."""
 
 
 class EmptyDatasetError(DataError):
@@ -66,22 +50,6 @@ def _listing(bad: dict[str, str]) -> str:
     return "\n".join(f"  {path}: {reason}" for path, reason in sorted(bad.items()))
 
 
-class DataVersionMismatchError(DataError):
-    """The data in the workspace is not the version its .dvc file pins."""
-
-
-class DvcPullError(ExpectedError, RuntimeError):
-    """`dvc pull` could not bring the pinned data from the remote."""
-
-
-@dataclass(frozen=True)
-class DataVersion:
-    """The tracked data folder and the DVC hash that identifies its exact content."""
-
-    path: Path
-    md5: str
-
-
 @dataclass(frozen=True)
 class ImageTable:
     """Every image with its label and split; a class's index is its position in `classes`.
@@ -102,55 +70,7 @@ class ImageTable:
 
     def label_ids(self, frame: pd.DataFrame) -> np.ndarray:
         """The class index of each row, as int32."""
-        return _label_ids(frame, self.classes)
-
-
-def data_version(repo_root: Path, dvc_file: str) -> DataVersion:
-    """The data folder and hash that `dvc_file` pins, after checking the workspace holds them.
-
-    Use it instead of `pull_data` where the data is already in place, e.g. inside a `dvc repro`
-    stage that lists the folder as a dependency (`dvc repro --pull` fetches it first).
-    """
-    from dvc.repo import Repo
-
-    repo_root = Path(repo_root).absolute()
-    out = _tracked_output(repo_root, dvc_file)
-    path = Path(os.path.normpath((repo_root / dvc_file).parent / out["path"]))
-    md5 = str(out["md5"])
-    with Repo(os.fspath(repo_root)) as repo:
-        changes = repo.status(targets=[os.fspath(repo_root / dvc_file)])  # DVC resolves from cwd
-    if changes:
-        states = [
-            f"{out} {state}"
-            for entries in changes.values()
-            for entry in entries
-            if isinstance(entry, dict)
-            for out, state in entry.get("changed outs", {}).items()
-        ]
-        raise DataVersionMismatchError(
-            f"{path} is not the version {dvc_file} pins ({md5}): {', '.join(states) or changes}. "
-            f"Run `dvc checkout {dvc_file}` (or `dvc pull {dvc_file}`) to restore the pinned data, "
-            f"or `dvc add` the folder and commit {dvc_file} to pin your changes."
-        )
-    return DataVersion(path=path, md5=md5)
-
-
-def pull_data(repo_root: Path, dvc_file: str) -> DataVersion:
-    """`dvc pull` the data that `dvc_file` pins and return its folder and hash."""
-    from dvc.exceptions import CheckoutError, DownloadError, DvcException
-    from dvc.repo import Repo
-
-    repo_root = Path(repo_root).absolute()
-    out = _tracked_output(repo_root, dvc_file)  # a bad .dvc file fails before any transfer
-    with Repo(os.fspath(repo_root)) as repo:
-        remote, url = _remote_of(repo, out)
-        try:
-            repo.pull(targets=[os.fspath(repo_root / dvc_file)])  # DVC resolves targets from cwd
-        except (CheckoutError, DownloadError) as error:
-            raise DvcPullError(_unreachable_message(dvc_file, remote, url, error)) from error
-        except DvcException as error:
-            raise DvcPullError(f"`dvc pull {dvc_file}` failed: {error}") from error
-    return data_version(repo_root, dvc_file)
+        return class_indices(frame, self.classes)
 
 
 def load_image_table(
@@ -237,78 +157,6 @@ def check_images(table: ImageTable, on_bad_images: Literal["fail", "skip"] = "fa
             f"images to the class:\n{_listing(bad)}"
         )
     return ImageTable(frame=frame, classes=table.classes, skipped=tuple(sorted(bad.items())))
-
-
-def image_dataset(
-    frame: pd.DataFrame,
-    classes: Sequence[str],
-    image_size: int,
-    batch_size: int,
-    shuffle_seed: int | None = None,
-    augment: Callable | None = None,
-) -> tf.data.Dataset:
-    """Batches of (float32 RGB images in [0, 255] of image_size x image_size, int32 labels).
-
-    Files are read and decoded on the fly (tasks/data/decoding.py), so memory holds only a few
-    batches. Only paths are shuffled (a full shuffle is then cheap), reshuffled each epoch.
-    `augment`, a Keras layer, changes each batch at random (training=True): new changes every epoch.
-    """
-    import tensorflow as tf  # imported here so listing or checking data does not load TensorFlow
-
-    from tasks.data.decoding import image_batches
-
-    paths = tf.constant(frame["path"].tolist(), dtype=tf.string)
-    labels = tf.constant(_label_ids(frame, tuple(classes)), dtype=tf.int32)
-    dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
-    if shuffle_seed is not None:
-        dataset = dataset.shuffle(
-            max(len(frame), 1), seed=shuffle_seed, reshuffle_each_iteration=True
-        )
-    batches = image_batches(dataset, image_size, batch_size, files=True)
-    if augment is None:
-        return batches
-    return batches.map(lambda images, labels: (augment(images, training=True), labels)).prefetch(2)
-
-
-def _tracked_output(repo_root: Path, dvc_file: str) -> dict:
-    """The first output a .dvc file tracks: its `path`, `md5` and optional `remote`."""
-    dvc_path = repo_root / dvc_file
-    if not dvc_path.is_file():
-        raise DataNotFoundError(
-            f"{dvc_path} does not exist; track the data with `dvc add <folder>` and commit the "
-            ".dvc file, or set data.dvc_file to null to skip DVC"
-        )
-    outs = (yaml.safe_load(dvc_path.read_text()) or {}).get("outs") or [{}]
-    if "md5" not in outs[0] or "path" not in outs[0]:
-        raise DataNotFoundError(f"{dvc_path} pins no output with an md5; re-run `dvc add`")
-    return outs[0]
-
-
-def _remote_of(repo: Repo, out: dict) -> tuple[str | None, str | None]:
-    """The remote a pull would use and its URL as shown: without user, password or tokens."""
-    name = out.get("remote") or repo.config["core"].get("remote")
-    url = repo.config["remote"].get(name, {}).get("url") if name else None
-    return name, redact_url(url) if url else None
-
-
-def _unreachable_message(
-    dvc_file: str, remote: str | None, url: str | None, error: Exception
-) -> str:
-    head = f"`dvc pull {dvc_file}` could not get the data"
-    if remote is None:
-        return (
-            f"{head}: no DVC remote is configured and the local cache lacks it. Add one with "
-            f"`dvc remote add -d <name> <url>` (see `dvc remote list`). DVC said: {error}"
-        )
-    where = f"remote '{remote}' ({url})"
-    if url and "://" not in url and not os.path.isdir(url):
-        problem = f"the {where} is a local folder that does not exist"
-    else:
-        problem = f"the {where} is unreachable or does not hold this version"
-    return (
-        f"{head}: {problem}. Check `dvc remote list` and your access to it, and run `dvc push` "
-        f"from the machine that has the data. DVC said: {error}"
-    )
 
 
 def _scan_class_folders(root: Path) -> tuple[pd.DataFrame, tuple[str, ...]]:
@@ -405,7 +253,8 @@ def _untrained_classes(frame: pd.DataFrame, classes: Sequence[str]) -> list[str]
     return sorted(set(classes) - set(frame.loc[frame["split"] == "train", "label"]))
 
 
-def _label_ids(frame: pd.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
+def class_indices(frame: pd.DataFrame, classes: tuple[str, ...]) -> np.ndarray:
+    """The index in `classes` of each row's label, as int32; DataError for a label not there."""
     index = {name: i for i, name in enumerate(classes)}
     unknown = sorted(set(frame["label"]) - index.keys())
     if unknown:
@@ -437,62 +286,6 @@ def _shorten(listing: str, limit: int = 2000) -> str:
 # --- Prefect steps -------------------------------------------------------------------------------
 
 
-def _retry_failed_downloads(task, task_run, state) -> bool:
-    """Retry only interrupted transfers; a missing remote or a bad .dvc file will not heal."""
-    from dvc.exceptions import DownloadError
-
-    try:
-        state.result()
-    except DvcPullError as error:
-        return isinstance(error.__cause__, DownloadError)
-    except Exception:
-        return False
-    return False
-
-
-def fingerprint_files(path: Path) -> str:
-    """A version id for data outside DVC: names, sizes and modification times of its files."""
-    import hashlib
-
-    folder = path.parent if path.is_file() else path
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        stat = file.stat()
-        digest.update(f"{file.relative_to(folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return f"files-{digest.hexdigest()[:32]}"
-
-
-@task(
-    name="pull-data",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-    retry_condition_fn=_retry_failed_downloads,
-)
-def pull_data_version(loaded) -> str:
-    """Pull the data version the .dvc file pins and return its hash (files' fingerprint without DVC).
-
-    Inside a `dvc repro` stage DVC has already checked the data out, so the step only verifies it.
-    """
-    dvc_file = loaded.config.data.dvc_file
-    if dvc_file is None:
-        path = loaded.path(loaded.config.data.path)
-        if not path.exists():
-            raise DataNotFoundError(f"data path {path} does not exist; set data.path in the config")
-        return fingerprint_files(path)
-    if os.environ.get("DVC_STAGE"):
-        return data_version(loaded.project, dvc_file).md5
-    budget = loaded.config.timeouts.dvc_pull_seconds
-    pulled = call_within(
-        budget,
-        f"`dvc pull {dvc_file}` did not finish within timeouts.dvc_pull_seconds ({budget} s): "
-        "the DVC remote is slow or does not answer. Check the remote (`dvc remote list`, "
-        "`dvc status -c`), or raise timeouts.dvc_pull_seconds for a large first pull.",
-        lambda: pull_data(loaded.project, dvc_file),
-    )
-    return pulled.md5
-
-
 @task(name="load-images", cache_policy=NO_CACHE)
 def load_images(loaded, data_version: str) -> ImageTable:
     """Read the dataset's table and split, and check every image decodes, before any training.
@@ -508,39 +301,3 @@ def load_images(loaded, data_version: str) -> ImageTable:
         config.seed,
     )
     return check_images(table, config.data.on_bad_images)
-
-
-@task(name="read-pinned-version", cache_policy=NO_CACHE)
-def pinned_data_version(loaded) -> str | None:
-    """The hash the .dvc file pins now, or None when the repository has none yet."""
-    dvc_file = loaded.config.data.dvc_file
-    if dvc_file is None or not (loaded.project / dvc_file).is_file():
-        return None
-    return str(_tracked_output(loaded.project, dvc_file)["md5"])
-
-
-@task(name="dvc-add", cache_policy=NO_CACHE)
-def track_data_version(loaded) -> str:
-    """`dvc add` the data folder the .dvc file tracks; returns the new hash it pins."""
-    from dvc.repo import Repo
-
-    dvc_file = loaded.config.data.dvc_file or "data.dvc"
-    tracked = loaded.project / Path(dvc_file).with_suffix("")
-    with Repo(os.fspath(loaded.project)) as repo:
-        repo.add([os.fspath(tracked)])  # DVC resolves targets from cwd: pass absolute paths
-    return str(_tracked_output(loaded.project, dvc_file)["md5"])
-
-
-@task(
-    name="dvc-push",
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
-)
-def push_data_version(loaded) -> int:
-    """`dvc push` the pinned data to the repository's default remote; returns files pushed."""
-    from dvc.repo import Repo
-
-    dvc_file = loaded.config.data.dvc_file or "data.dvc"
-    with Repo(os.fspath(loaded.project)) as repo:
-        return int(repo.push(targets=[os.fspath(loaded.project / dvc_file)]))
