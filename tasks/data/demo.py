@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import struct
@@ -16,6 +17,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.errors import ExpectedError
+from tasks.runtime.keras_internals import keras_home
 
 CLASS_NAMES = (
     "t-shirt_top",
@@ -60,8 +62,6 @@ def keras_dataset_dir() -> Path:
     `/tmp/.keras` when that folder is not writable; a folder that does not exist yet counts as not
     writable, so it is created first to keep Keras from silently moving to `/tmp`.
     """
-    from tasks.runtime.keras_internals import keras_home
-
     home = Path(os.path.expanduser(keras_home()))
     with contextlib.suppress(OSError):  # an unwritable home is handled just below
         home.mkdir(parents=True, exist_ok=True)
@@ -206,8 +206,6 @@ def build_demo_dataset(loaded) -> DemoDataset:
 @task(name="write-demo-report", cache_policy=NO_CACHE)
 def write_demo_report(loaded, pinned: str | None, built: str, counts: dict[str, int]) -> Path:
     """reports/demo_data.json: the split sizes and whether the build matches the pinned version."""
-    import json
-
     report = loaded.path("reports/demo_data.json")
     report.parent.mkdir(parents=True, exist_ok=True)
     summary = {"pinned": pinned, "built": built, "matches_pin": pinned == built, "counts": counts}
