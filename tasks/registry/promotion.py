@@ -24,7 +24,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from conf.schema import RegistryConfig
+from conf.registry import RegistryConfig
 from tasks.inference.evaluate import Evaluation, score_predictions
 from tasks.registry.gate import PairedPredictions, decide_paired, non_inferiority_power
 from tasks.registry.versions import (
