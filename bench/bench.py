@@ -79,7 +79,8 @@ def extraction_rounds(
     Returns (limit, extraction) images/s per round, the image count and the first read's files/s.
     """
     from tasks.data.images import image_dataset, load_image_table
-    from tasks.inference.features import FeatureKey, cached_features
+    from tasks.inference.cached_pass import cached_features
+    from tasks.inference.features import FeatureKey
 
     config = loaded.config
     table = load_image_table(loaded.path(config.data.path), 0.1, 0.2, config.seed)
@@ -241,7 +242,8 @@ from pathlib import Path
 from tasks.inference.activations import ActivationKey, activation_dataset, features_and_cuts, split_at_cut
 from tasks.data.demo import write_demo_dataset
 from tasks.data.images import load_image_table, check_images, image_dataset
-from tasks.inference.features import FeatureKey, Wanted, cached_features, cached_outputs
+from tasks.inference.cached_pass import Wanted, cached_features, cached_outputs
+from tasks.inference.features import FeatureKey
 from tasks.model.classifier import build_base, build_classifier, unfrozen_layer_names
 root = Path({str(work)!r}) / "rss-{images_per_class}"
 if not (root / "manifest.csv").is_file():
