@@ -26,7 +26,8 @@ from prefect.tasks import exponential_backoff
 
 from conf.registry import RegistryConfig
 from tasks.inference.evaluate import Evaluation, score_predictions
-from tasks.registry.gate import PairedPredictions, decide_paired, non_inferiority_power
+from tasks.registry.gate import PairedPredictions, decide_paired
+from tasks.registry.gate_power import non_inferiority_power
 from tasks.registry.versions import (
     ModelVersionRef,
     PromotionDecision,

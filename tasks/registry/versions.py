@@ -26,7 +26,7 @@ from conf.errors import ExpectedError
 from tasks.runtime.credentials import redact_url
 
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
-    from tasks.registry.gate import GateReport
+    from tasks.registry.gate_report import GateReport
     from tasks.stages.preflight import LoadedConfig
 
 CHAMPION = "champion"
