@@ -26,16 +26,18 @@ from prefect.tasks import exponential_backoff
 
 from conf.registry import RegistryConfig
 from tasks.inference.evaluate import Evaluation, score_predictions
+from tasks.registry.decision import (
+    PromotionDecision,
+    decide_promotion,
+    promote_through_gate,
+    record_decision,
+)
 from tasks.registry.gate import PairedPredictions, decide_paired
 from tasks.registry.gate_power import non_inferiority_power
 from tasks.registry.versions import (
     ModelVersionRef,
-    PromotionDecision,
     config_fingerprint,
-    decide_promotion,
     load_keras_model,
-    promote_through_gate,
-    record_decision,
     register_challenger,
 )
 from tasks.runtime.run_log import registration_line, run_logger
