@@ -80,7 +80,8 @@ def extraction_rounds(
     """
     from tasks.data.stream import image_dataset
     from tasks.data.table import load_image_table
-    from tasks.inference.features import FeatureKey, cached_features
+    from tasks.inference.cached_pass import cached_features
+    from tasks.inference.features import FeatureKey
 
     config = loaded.config
     table = load_image_table(loaded.path(config.data.path), 0.1, 0.2, config.seed)
@@ -243,7 +244,8 @@ from tasks.inference.activations import ActivationKey, activation_dataset, featu
 from tasks.data.demo import write_demo_dataset
 from tasks.data.stream import image_dataset
 from tasks.data.table import load_image_table, check_images
-from tasks.inference.features import FeatureKey, Wanted, cached_features, cached_outputs
+from tasks.inference.cached_pass import Wanted, cached_features, cached_outputs
+from tasks.inference.features import FeatureKey
 from tasks.model.bases import build_base
 from tasks.model.blocks import unfrozen_layer_names
 from tasks.model.classifier import build_classifier

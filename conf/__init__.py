@@ -1,8 +1,9 @@
-"""Configuration: YAML files validated by the models in conf.schema."""
+"""Configuration: YAML files validated by the tree of models rooted at conf.schema.PipelineConfig."""
 
+from conf.data import DemoDataConfig
 from conf.errors import ExpectedError
 from conf.loader import ConfigError, load_config, project_root
-from conf.schema import DemoDataConfig, PipelineConfig
+from conf.schema import PipelineConfig
 
 __all__ = [
     "ConfigError",

@@ -333,7 +333,7 @@ def promote(
     config: ConfigOption = "conf/default.yaml",
 ) -> None:
     """Make a registered version the champion by hand, bypassing the gate (recorded on it)."""
-    from tasks.registry.versions import promote_version
+    from tasks.registry.hand_moves import promote_version
 
     _show_move(_registry_action(lambda uri: promote_version(uri, model, version, reason), config))
 
@@ -343,7 +343,7 @@ def rollback(
     model: ModelNameOption, reason: ReasonOption = "", config: ConfigOption = "conf/default.yaml"
 ) -> None:
     """Move the champion back to the version that held it before (repeat to go further back)."""
-    from tasks.registry.versions import rollback_champion
+    from tasks.registry.hand_moves import rollback_champion
 
     _show_move(_registry_action(lambda uri: rollback_champion(uri, model, reason), config))
 

@@ -30,8 +30,8 @@ from tasks.comparison.strategies import (
 )
 from tasks.data.table import load_images
 from tasks.data.versioning import pull_data_version
+from tasks.registry.decision import PromotionDecision
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
-from tasks.registry.versions import PromotionDecision
 from tasks.runtime.run_names import label_flow_run
 from tasks.stages.preflight import load_pipeline_config
 from tasks.tracking.runs import RunRef, close_run_after_failure

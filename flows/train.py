@@ -9,8 +9,8 @@ from prefect import flow
 from tasks.data.table import load_images
 from tasks.data.versioning import pull_data_version
 from tasks.model.classifier import build_classifier_for
+from tasks.registry.decision import PromotionDecision
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
-from tasks.registry.versions import PromotionDecision
 from tasks.report.summary import publish_report
 from tasks.runtime.run_names import label_flow_run
 from tasks.stages.base import StageInputs

@@ -29,7 +29,7 @@ def test_a_worker_that_leaves_after_its_tasks_is_replaced_while_tasks_wait() -> 
 def test_the_workers_start_with_the_pool_and_stop_with_it_even_without_a_cell() -> None:
     """Workers start before the first cell is handed out (their TensorFlow import overlaps the
     first cell); a comparison that fails before any cell still leaves no process behind."""
-    from conf.schema import CompareConfig
+    from conf.compare import CompareConfig
     from tasks.comparison.cells import cell_task_runner
 
     runner = cell_task_runner(CompareConfig(workers=2))
@@ -45,7 +45,7 @@ def test_each_worker_s_tensorflow_runs_on_its_share_of_the_cores() -> None:
     core in every worker oversubscribes them); a set value wins."""
     import tensorflow as tf
 
-    from conf.schema import CompareConfig
+    from conf.compare import CompareConfig
     from tasks.comparison.cells import cell_task_runner
 
     cores = len(os.sched_getaffinity(0))

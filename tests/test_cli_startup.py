@@ -11,7 +11,8 @@ from tests.servers import ROOT
 def test_promote_and_rollback_load_neither_prefect_nor_tensorflow() -> None:
     probe = (
         "import sys\n"
-        "import flows.cli, conf, tasks.registry.versions, tasks.runtime.tracking_server\n"
+        "import flows.cli, conf, tasks.registry.hand_moves, tasks.registry.versions\n"
+        "import tasks.runtime.tracking_server\n"
         "heavy = [m for m in ('prefect', 'tensorflow', 'keras') if m in sys.modules]\n"
         "print(','.join(heavy))\n"
     )

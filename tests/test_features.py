@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 import tensorflow as tf
 
+from tasks.inference.cached_pass import cached_features
 from tasks.inference.features import (
     CacheDirError,
     FeatureKey,
-    cached_features,
     check_cache_dir,
     weights_fingerprint,
 )

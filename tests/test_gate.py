@@ -9,18 +9,15 @@ import numpy as np
 import pytest
 
 from tasks.registry.gate import (
-    PLANNED_PASS_CHANCE,
-    ClassCheck,
-    Interval,
-    McNemar,
     PairedEvidence,
     PairedPredictions,
     decide_paired,
     judge_paired,
     mcnemar_exact,
     metric_difference,
-    non_inferiority_power,
 )
+from tasks.registry.gate_power import PLANNED_PASS_CHANCE, non_inferiority_power
+from tasks.registry.gate_report import ClassCheck, Interval, McNemar
 
 CLASSES = tuple(f"class_{index}" for index in range(10))
 

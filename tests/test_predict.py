@@ -24,7 +24,8 @@ def registered(server_uri: str, unique_name: str, tmp_path: Path):
 
     v1 is the plain tensorflow-flavor model that versions registered before serving models were.
     """
-    from tasks.registry.versions import promote_version, register_challenger
+    from tasks.registry.hand_moves import promote_version
+    from tasks.registry.versions import register_challenger
 
     model = tiny_classifier(CLASSES, SIZE)
     example = tmp_path / "example.png"

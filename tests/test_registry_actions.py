@@ -15,30 +15,28 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
+from tasks.registry.champion import (
+    LOCK_SUFFIX,
+    PromotionLockTimeoutError,
+    champion_history,
+    champion_lock,
+)
+from tasks.registry.decision import PromotionDecision, decide_promotion, promote_through_gate
+from tasks.registry.hand_moves import NoPreviousChampionError, promote_version, rollback_champion
 from tasks.registry.versions import (
     CHAMPION,
-    LOCK_SUFFIX,
     ModelVersionRef,
-    NoPreviousChampionError,
-    PromotionDecision,
-    PromotionLockTimeoutError,
     RegistryActionError,
     UnknownModelVersionError,
     aliased_version,
-    champion_history,
-    champion_lock,
-    decide_promotion,
-    promote_through_gate,
-    promote_version,
     register_challenger,
-    rollback_champion,
 )
 
 pytestmark = pytest.mark.integration
 
 ROLLBACK_IN_ANOTHER_PROCESS = """
 import sys
-from tasks.registry.versions import rollback_champion
+from tasks.registry.hand_moves import rollback_champion
 move = rollback_champion(*sys.argv[1:])
 print(move.previous, move.champion)
 """

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.registry.versions import ModelVersionRef, decide_promotion
+from tasks.registry.decision import decide_promotion
+from tasks.registry.versions import ModelVersionRef
 
 CHAMPION = ModelVersionRef("m", "3", "run", {})
 

@@ -31,8 +31,8 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import BaseModel, ConfigDict
 
+from conf.compare import CompareConfig
 from conf.errors import ExpectedError
-from conf.schema import CompareConfig
 from tasks.comparison.strategies import (
     ComparisonPlan,
     Strategy,

@@ -31,7 +31,8 @@ from tasks.comparison.table import (
     summarize_comparison_outcomes,
 )
 from tasks.data.table import ImageTable
-from tasks.registry.versions import ModelVersionRef, PromotionDecision
+from tasks.registry.decision import PromotionDecision
+from tasks.registry.versions import ModelVersionRef
 from tasks.runtime.timeouts import retry_if_store_locked
 from tasks.stages.base import Stage
 from tasks.stages.from_scratch import FromScratch

@@ -14,7 +14,8 @@ import pandas as pd
 
 from tasks.comparison.intervals import ScoreInterval, score_interval
 from tasks.inference.evaluate import Evaluation
-from tasks.registry.versions import ModelVersionRef, PromotionDecision
+from tasks.registry.decision import PromotionDecision
+from tasks.registry.versions import ModelVersionRef
 from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import RunRef, StageRecord

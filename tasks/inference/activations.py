@@ -17,11 +17,10 @@ import keras
 import numpy as np
 import pandas as pd
 
+from tasks.inference.cached_pass import Wanted, cached_outputs
 from tasks.inference.features import (
     CachedFeatures,
     FrozenBaseKey,
-    Wanted,
-    cached_outputs,
     picked_rows,
     weights_fingerprint,
 )

@@ -1,17 +1,14 @@
-"""Frozen-base features, computed once per (data, base, weights, size, pooling, precision) and
-cached on disk."""
+"""The frozen-feature cache on disk: its keys, entries checked against their record, rows read
+on demand."""
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import tempfile
-import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -21,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from conf import ExpectedError
-from tasks.inference.forward import forward_batches
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +171,7 @@ def check_cache_dir(path: Path) -> None:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class CacheEntry:
     """The files of one split's cache entry: two arrays and the record of their sizes and hashes."""
 
     features: Path
@@ -183,7 +179,7 @@ class _Entry:
     record: Path
 
     @classmethod
-    def at(cls, root: Path, digest: str) -> _Entry:
+    def at(cls, root: Path, digest: str) -> CacheEntry:
         return cls(
             root / f"{digest}.features.npy", root / f"{digest}.labels.npy", root / f"{digest}.json"
         )
@@ -195,7 +191,7 @@ class _Entry:
         return self.record, self.labels, self.features
 
 
-def _umask() -> int:
+def process_umask() -> int:
     """The process's umask, read without setting it (setting it races with other threads)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -221,7 +217,7 @@ def _write_temporary(folder: Path, suffix: str, write: Callable[[IO[bytes]], obj
             handle.close()
             os.unlink(handle.name)
             raise
-    os.chmod(handle.name, 0o666 & ~_umask())
+    os.chmod(handle.name, 0o666 & ~process_umask())
     return Path(handle.name)
 
 
@@ -233,7 +229,9 @@ def _file_record(path: Path) -> dict[str, int | str]:
     return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def _store(entry: _Entry, features: Path, features_record: dict, labels: np.ndarray) -> None:
+def store_entry(
+    entry: CacheEntry, features: Path, features_record: dict, labels: np.ndarray
+) -> None:
     """Put the features' finished temporary file (`features_record`: its size and sha256), the
     labels and then their record in place.
 
@@ -261,16 +259,16 @@ def _store(entry: _Entry, features: Path, features_record: dict, labels: np.ndar
 
 # Entries this process wrote or checked, with the identity of their files then: reading one again
 # in the same process skips the sha256 (3 s a GB here) unless a file was replaced or changed since.
-_checked: dict[_Entry, tuple] = {}
+_checked: dict[CacheEntry, tuple] = {}
 
 
-def _identity(entry: _Entry) -> tuple:
+def _identity(entry: CacheEntry) -> tuple:
     """Inode, size and modification time of each file of an entry."""
     stats = [path.stat() for path in entry.files()]
     return tuple((s.st_ino, s.st_size, s.st_mtime_ns) for s in stats)
 
 
-def _damage(entry: _Entry) -> tuple[Path, str] | None:
+def _damage(entry: CacheEntry) -> tuple[Path, str] | None:
     """The first file of a stored entry that does not match its record, and how; None if whole.
 
     Sizes are compared first (a truncated file, the usual damage, costs no read), then sha256,
@@ -303,74 +301,7 @@ def _damage(entry: _Entry) -> tuple[Path, str] | None:
     return None
 
 
-@dataclass(frozen=True)
-class Wanted:
-    """One output of a forward pass to cache: its key, the folder of its entries (None: a
-    temporary one, nothing reused) and the dtype it is stored in."""
-
-    key: CacheKey
-    root: Path | None
-    dtype: type = np.float32
-
-
-def cached_features(
-    feature_extractor,
-    dataset,
-    frame: pd.DataFrame,
-    key: CacheKey,
-    cache_dir: Path | None,
-    label: str = "frozen features",
-) -> CachedFeatures:
-    """Features of `frame`'s images from the cache, or computed with one forward pass and stored."""
-    (cached,) = cached_outputs(feature_extractor, dataset, frame, [Wanted(key, cache_dir)], label)
-    return cached
-
-
-def cached_outputs(
-    model, dataset, frame: pd.DataFrame, wanted: Sequence[Wanted], label: str
-) -> list[CachedFeatures]:
-    """Each output of `model` (one per `wanted`) for `frame`'s images: from the cache, or all the
-    missing ones computed together in one forward pass and stored.
-
-    An entry is `<digest>.features.npy`, `<digest>.labels.npy` and `<digest>.json`, the record of
-    both arrays' sizes and sha256, written last. An entry that does not match its record (a
-    truncated or altered file, a missing record) is never fatal: a warning names the bad file
-    and the entry is computed again and renamed over it. Nothing is deleted first: another run
-    may be writing the same entry, and its files must not vanish under it. Batches are written
-    to disk as they come, so the pass holds a few batches whatever the number of images. `label`
-    names the pass's progress bar on a terminal.
-    """
-    entries, found = [], []
-    for item in wanted:
-        root = item.root if item.root is not None else Path(tempfile.mkdtemp(prefix="features-"))
-        root.mkdir(parents=True, exist_ok=True)
-        entry = _Entry.at(root, item.key.digest(frame))
-        entries.append(entry)
-        found.append(_whole(entry) if item.root is not None else None)
-    missing = [i for i, cached in enumerate(found) if cached is None]
-    if missing:
-        outputs = [model.outputs[i] for i in missing]
-        computing = model if len(outputs) == len(model.outputs) else _model_of(model, outputs)
-        _compute(
-            computing,
-            dataset,
-            len(frame),
-            [(entries[i], wanted[i].dtype) for i in missing],
-            label,
-        )
-    return [
-        cached or CachedFeatures(entry.features, entry.labels, reused=False)
-        for cached, entry in zip(found, entries, strict=True)
-    ]
-
-
-def _model_of(model, outputs):
-    import keras
-
-    return keras.Model(model.inputs, outputs, name=f"{model.name}_part")
-
-
-def _whole(entry: _Entry) -> CachedFeatures | None:
+def whole_entry(entry: CacheEntry) -> CachedFeatures | None:
     """The stored entry when it is whole; None when absent, or damaged (then said)."""
     if not any(path.exists() for path in entry.files()):
         return None
@@ -390,88 +321,6 @@ def _whole(entry: _Entry) -> CachedFeatures | None:
         problem,
     )
     return None
-
-
-# A pass streams each output into a partial file of its own, written with every batch. A partial
-# file untouched for this long was left by a process killed mid-pass (SIGKILL, power loss).
-_PARTIAL_PREFIX = ".partial-"
-_ABANDONED_SECONDS = 600
-
-
-def _remove_abandoned(folder: Path) -> None:
-    """Delete the partial files that killed passes left in `folder`, so the cache does not
-    grow by a pass's size with every kill; those being written are younger."""
-    for path in folder.glob(f"{_PARTIAL_PREFIX}*.npy"):
-        try:
-            if time.time() - path.stat().st_mtime > _ABANDONED_SECONDS:
-                path.unlink()
-                log.info("Removed %s, left in the feature cache by a pass that was killed.", path)
-        except FileNotFoundError:  # another process removed or renamed it first
-            pass
-
-
-def _compute(model, dataset, count: int, targets: list[tuple[_Entry, type]], label: str) -> None:
-    """One forward pass of `model`, its i-th output streamed into the i-th target's entry.
-
-    Each file is hashed as it is written, so storing it costs no second read.
-    """
-    for folder in {entry.features.parent for entry, _ in targets}:
-        _remove_abandoned(folder)
-    labels = np.empty(count, np.int32)
-    temps: list[Path] = []
-    try:
-        with ExitStack() as files:
-            streams = []
-            for (entry, dtype), output in zip(targets, model.outputs, strict=True):
-                handle = files.enter_context(
-                    tempfile.NamedTemporaryFile(
-                        dir=entry.features.parent,
-                        prefix=_PARTIAL_PREFIX,
-                        suffix=".npy",
-                        delete=False,
-                    )
-                )
-                temps.append(Path(handle.name))
-                header = io.BytesIO()
-                np.lib.format.write_array_header_1_0(
-                    header,
-                    {
-                        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
-                        "fortran_order": False,
-                        "shape": (count, *output.shape[1:]),
-                    },
-                )
-                stream = _HashedFile(handle)
-                stream.write(header.getvalue())
-                streams.append(stream)
-            filled = 0
-            for batch, batch_labels in forward_batches(model, dataset, count, label):
-                for stream, (_, dtype), values in zip(streams, targets, batch, strict=True):
-                    stream.write(np.ascontiguousarray(values, dtype=dtype).tobytes())
-                labels[filled : filled + len(batch_labels)] = batch_labels
-                filled += len(batch_labels)
-        for temp, stream, (entry, _) in zip(temps, streams, targets, strict=True):
-            os.chmod(temp, 0o666 & ~_umask())
-            _store(entry, temp, stream.record(), labels)
-    except BaseException:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
-        raise
-
-
-class _HashedFile:
-    """A file being written, with the size and sha256 of what went into it."""
-
-    def __init__(self, handle: IO[bytes]) -> None:
-        self.handle, self.size, self.digest = handle, 0, hashlib.sha256()
-
-    def write(self, data: bytes) -> None:
-        self.handle.write(data)
-        self.digest.update(data)
-        self.size += len(data)
-
-    def record(self) -> dict[str, int | str]:
-        return {"size": self.size, "sha256": self.digest.hexdigest()}
 
 
 def picked_rows(cached: CachedFeatures, pool: pd.DataFrame, frame: pd.DataFrame) -> CachedFeatures:

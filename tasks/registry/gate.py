@@ -21,15 +21,14 @@ on the images only one model gets right is reported beside the interval.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, replace
-from typing import Literal
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
 
-GateMode = Literal["non_inferiority", "superiority"]
+from tasks.registry.gate_report import ClassCheck, GateMode, GateReport, Interval, McNemar
+
 GATE_METRICS = ("accuracy", "macro_f1")
 
 
@@ -53,41 +52,6 @@ class PairedPredictions:
 
 
 @dataclass(frozen=True)
-class Interval:
-    """A difference challenger - champion, with its bootstrap interval."""
-
-    estimate: float
-    low: float
-    high: float
-
-
-@dataclass(frozen=True)
-class McNemar:
-    """The images exactly one model gets right, and the exact two-sided p-value."""
-
-    champion_only: int
-    challenger_only: int
-    p_value: float
-
-    @property
-    def discordant(self) -> int:
-        """The images exactly one of the two models gets right: all the difference rests on them."""
-        return self.champion_only + self.challenger_only
-
-
-@dataclass(frozen=True)
-class ClassCheck:
-    """One class's recall for both models, and the interval of its change."""
-
-    name: str
-    images: int
-    champion_recall: float
-    challenger_recall: float
-    change: Interval
-    dropped: bool = False
-
-
-@dataclass(frozen=True)
 class PairedEvidence:
     """What the test images say about challenger - champion, before any rule is applied."""
 
@@ -97,95 +61,6 @@ class PairedEvidence:
     difference: Interval
     mcnemar: McNemar
     classes: tuple[ClassCheck, ...]
-
-
-@dataclass(frozen=True)
-class GateReport:
-    """Everything the gate decided on, for the registry's tags and the gate report artifact."""
-
-    mode: GateMode
-    metric: str
-    images: int
-    confidence: float
-    margin: float
-    max_class_drop: float
-    difference: Interval
-    mcnemar: McNemar
-    classes: tuple[ClassCheck, ...]
-    promote: bool
-    reason: str
-
-    @property
-    def dropped_classes(self) -> list[str]:
-        return [check.name for check in self.classes if check.dropped]
-
-    def tags(self) -> dict[str, str]:
-        """The decision in a few tags; the per-class table goes in the JSON report."""
-        return {
-            "gate.mode": self.mode,
-            "gate.metric": self.metric,
-            "gate.images": str(self.images),
-            "gate.difference": f"{self.difference.estimate:.6f}",
-            "gate.interval": f"[{self.difference.low:.6f}, {self.difference.high:.6f}]",
-            "gate.confidence": f"{self.confidence:.3f}",
-            "gate.margin": f"{self.margin:g}",
-            "gate.max_class_drop": f"{self.max_class_drop:g}",
-            "gate.discordant_images": str(self.mcnemar.discordant),
-            "gate.mcnemar_p": f"{self.mcnemar.p_value:.6g}",
-            "gate.dropped_classes": ",".join(self.dropped_classes),
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def markdown(self) -> str:
-        """The report as a page: the decision, then one row per class."""
-        rows = [
-            f"| {check.name} | {check.images} | {check.champion_recall:.4f} | "
-            f"{check.challenger_recall:.4f} | [{check.change.low:+.4f}, {check.change.high:+.4f}] | "
-            f"{'**dropped**' if check.dropped else 'ok'} |"
-            for check in self.classes
-        ]
-        return "\n".join(
-            [
-                f"# Promotion gate: {'promoted' if self.promote else 'rejected'}",
-                "",
-                self.summary(),
-                "",
-                f"The rule: {self.rule()}",
-                "",
-                f"McNemar: {self.mcnemar.champion_only} images only the champion gets right, "
-                f"{self.mcnemar.challenger_only} only the challenger (exact p = "
-                f"{self.mcnemar.p_value:.3g}).",
-                "",
-                "| class | images | champion recall | challenger recall | change interval | |",
-                "|---|---|---|---|---|---|",
-                *rows,
-            ]
-        )
-
-    def rule(self) -> str:
-        """The mode's rule in one sentence, with this decision's settings."""
-        sure = f"{(1 + self.confidence) / 2:.0%}"
-        shown = (
-            f"at least {-self.margin:+g}, so the data show it at most {self.margin:g} worse"
-            if self.mode == "non_inferiority"
-            else f"above {self.margin:+g}, so the data show it better by more than {self.margin:g}"
-        )
-        return (
-            f"{self.mode} promotes when the {sure} lower bound of challenger - champion is "
-            f"{shown}, and no class's recall is shown to drop by more than {self.max_class_drop:g} "
-            f"(the change's {sure} upper bound below {-self.max_class_drop:+g})."
-        )
-
-    def summary(self) -> str:
-        """The decision in one line, as the training summary prints it."""
-        low, high = self.difference.low, self.difference.high
-        return (
-            f"{self.mode}: {self.metric} challenger - champion {self.difference.estimate:+.4f}, "
-            f"{self.confidence:.0%} interval [{low:+.4f}, {high:+.4f}] on {self.images} images, "
-            f"McNemar p={self.mcnemar.p_value:.3g}; {self.reason}"
-        )
 
 
 def mcnemar_exact(champion_correct: np.ndarray, challenger_correct: np.ndarray) -> McNemar:
@@ -382,69 +257,3 @@ def decide_paired(
     """The gate's decision on paired predictions, with everything it was based on."""
     evidence = paired_evidence(pairs, metric=metric, alpha=alpha, resamples=resamples, seed=seed)
     return judge_paired(evidence, mode, margin, max_class_drop)
-
-
-# The share of test images on which a retrain and the champion it is as good as disagree (one
-# right, the other wrong), assumed before either exists: above what seed retrains of the demo
-# config show, below what undertrained models show (docs/promotion-gate.md has the figures).
-PLANNING_DISAGREEMENT = 0.08
-PLANNED_PASS_CHANCE = 0.9
-
-
-@dataclass(frozen=True)
-class GatePower:
-    """What a test set of `images` can show under non_inferiority, for models that disagree on
-    `disagreement` of them: how often a challenger exactly as good as the champion passes."""
-
-    images: int
-    alpha: float
-    margin: float
-    disagreement: float
-    pass_chance: float
-    images_needed: int | None  # for the pass chance to reach PLANNED_PASS_CHANCE; None: none do
-    margin_needed: float  # the margin that reaches it with these images
-
-    @property
-    def enough(self) -> bool:
-        return self.pass_chance >= PLANNED_PASS_CHANCE
-
-    def warning(self) -> str:
-        return (
-            f"registry: with {self.images:,} test images the non_inferiority gate can hardly show "
-            f"a retrain as good as the champion to be at most {self.margin:g} worse: it would pass "
-            f"about {self.pass_chance:.0%} of the time (alpha {self.alpha:g}, models that disagree "
-            f"on {self.disagreement:.0%} of the images), and be rejected otherwise. "
-            f"{self._images_advice()}registry.margin {self.margin_needed:.3f} would make that "
-            f"{PLANNED_PASS_CHANCE:.0%} with these images."
-        )
-
-    def _images_advice(self) -> str:
-        if (
-            self.images_needed is None
-        ):  # margin 0: an as-good retrain is rejected 1 - alpha of times
-            return "No number of test images helps with a margin of 0; "
-        return (
-            f"About {self.images_needed:,} test images would make that {PLANNED_PASS_CHANCE:.0%}; "
-        )
-
-
-def non_inferiority_power(
-    images: int, alpha: float, margin: float, disagreement: float = PLANNING_DISAGREEMENT
-) -> GatePower:
-    """The normal approximation of the paired test: between equally good models the difference
-    on `images` images has standard error sqrt(disagreement / images), and the challenger passes
-    when its estimate minus z(1 - alpha) of those stays above -margin."""
-    z_alpha = stats.norm.ppf(1 - alpha)
-    z_power = stats.norm.ppf(PLANNED_PASS_CHANCE)
-    error = math.sqrt(disagreement / images) if images else math.inf
-    chance = float(stats.norm.cdf(margin / error - z_alpha)) if error else 1.0
-    needed = math.ceil(disagreement * ((z_alpha + z_power) / margin) ** 2) if margin else None
-    return GatePower(
-        images=images,
-        alpha=alpha,
-        margin=margin,
-        disagreement=disagreement,
-        pass_chance=chance,
-        images_needed=needed,
-        margin_needed=float((z_alpha + z_power) * error),
-    )

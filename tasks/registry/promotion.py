@@ -24,17 +24,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from conf.schema import RegistryConfig
+from conf.registry import RegistryConfig
 from tasks.inference.evaluate import Evaluation, score_predictions
-from tasks.registry.gate import PairedPredictions, decide_paired, non_inferiority_power
-from tasks.registry.versions import (
-    ModelVersionRef,
+from tasks.registry.decision import (
     PromotionDecision,
-    config_fingerprint,
     decide_promotion,
-    load_keras_model,
     promote_through_gate,
     record_decision,
+)
+from tasks.registry.gate import PairedPredictions, decide_paired
+from tasks.registry.gate_power import non_inferiority_power
+from tasks.registry.versions import (
+    ModelVersionRef,
+    config_fingerprint,
+    load_keras_model,
     register_challenger,
 )
 from tasks.runtime.run_log import registration_line, run_logger

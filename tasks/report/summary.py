@@ -12,7 +12,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.inference.evaluate import Evaluation, confusion_matrix_figure
-from tasks.registry.versions import ModelVersionRef, PromotionDecision
+from tasks.registry.decision import PromotionDecision
+from tasks.registry.versions import ModelVersionRef
 from tasks.runtime.credentials import redact_url
 from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.history import StageSummary, TrainingHistory

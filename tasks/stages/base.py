@@ -10,7 +10,7 @@ from tasks.tracking.history import StageResult
 if TYPE_CHECKING:
     import pandas as pd
 
-    from conf.schema import AugmentationConfig
+    from conf.training import AugmentationConfig
     from tasks.data.table import ImageTable
     from tasks.model.classifier import Classifier
     from tasks.stages.preflight import LoadedConfig

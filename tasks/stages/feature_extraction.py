@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import FeatureExtractionConfig
+from conf.training import FeatureExtractionConfig
 from tasks.runtime.run_names import for_stage
 from tasks.stages.base import Stage, StageInputs
 from tasks.stages.fitting import train_head

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import AugmentationConfig, FineTuneStage
+from conf.training import AugmentationConfig, FineTuneStage
 from tasks.runtime.run_names import for_stage
 from tasks.stages.base import StageInputs, augmentation_lineage
 from tasks.stages.fitting import fine_tune, image_splits

@@ -8,7 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf.schema import AugmentationConfig
+from conf.training import AugmentationConfig
 from tasks.runtime.run_names import for_stage
 from tasks.stages.base import StageInputs, augmentation_lineage
 from tasks.stages.fitting import fit_from_scratch, image_splits

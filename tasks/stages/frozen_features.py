@@ -18,11 +18,10 @@ from tasks.inference.activations import (
     features_and_cuts,
     images_to_cache,
 )
+from tasks.inference.cached_pass import Wanted, cached_outputs
 from tasks.inference.features import (
     CachedFeatures,
     FeatureKey,
-    Wanted,
-    cached_outputs,
     picked_rows,
     weights_fingerprint,
 )
