@@ -35,7 +35,7 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., None]], Callab
             except ExpectedError as error:
                 _fail(error)
             except Exception as error:
-                from tasks.tracking.runs import tracking_server_lost
+                from tasks.runtime.tracking_server import tracking_server_lost
 
                 lost = tracking_server_lost(error)
                 if lost is None:
@@ -55,7 +55,7 @@ def _fail(error: Exception) -> None:
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     # An exception rather than Python's default death, so that runs close as KILLED and
     # Prefect's temporary server stops at exit. Inside a flow Prefect raises its own first.
-    from tasks.tracking.runs import note_stop_requested
+    from tasks.runtime.stopping import note_stop_requested
 
     note_stop_requested()
     raise SystemExit(128 + signum)
@@ -82,7 +82,7 @@ def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
             ready()
             return function(*(args or (config, overrides)))
     except BaseException as error:
-        from tasks.tracking.runs import signal_exit_status
+        from tasks.runtime.stopping import signal_exit_status
 
         code = signal_exit_status(error)
         if code is None:
@@ -135,7 +135,7 @@ class _NoTracebackForExpectedErrors(logging.Filter):
     does a stop that a signal asked for."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.tracking.runs import signal_exit_status
+        from tasks.runtime.stopping import signal_exit_status
 
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and (
@@ -159,7 +159,7 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
     from conf import project_root
     from tasks.runtime.run_log import registration_line, resumed_line
-    from tasks.tracking.runs import ui_hint
+    from tasks.runtime.tracking_server import ui_hint
 
     result = _run_flow("flows.train:train_classifier", config, list(set_ or []))
     typer.echo("")
