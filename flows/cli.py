@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Annotated, Any, NoReturn
 
 import typer
 
+from conf import load_config, project_root
 from conf.errors import ExpectedError
 from tasks.runtime.credentials import move_tracking_credentials, redact_url
+from tasks.runtime.prefect_server import local_prefect_server, stop_local_server
+from tasks.runtime.run_log import registration_line, resumed_line
+from tasks.runtime.stopping import note_stop_requested, signal_exit_status
+from tasks.runtime.timeouts import bounded_prefect_calls
+from tasks.runtime.tracking_server import (
+    check_tracking_server,
+    tracking_server_lost,
+    tracking_uri,
+    ui_hint,
+)
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -35,8 +48,6 @@ def command(*args: Any, **kwargs: Any) -> Callable[[Callable[..., None]], Callab
             except ExpectedError as error:
                 _fail(error)
             except Exception as error:
-                from tasks.tracking.runs import tracking_server_lost
-
                 lost = tracking_server_lost(error)
                 if lost is None:
                     raise
@@ -55,8 +66,6 @@ def _fail(error: Exception) -> None:
 def _stop_on_sigterm(signum: int, frame: Any) -> None:
     # An exception rather than Python's default death, so that runs close as KILLED and
     # Prefect's temporary server stops at exit. Inside a flow Prefect raises its own first.
-    from tasks.tracking.runs import note_stop_requested
-
     note_stop_requested()
     raise SystemExit(128 + signum)
 
@@ -66,13 +75,6 @@ def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
     `(config, overrides)`: the config checked first, the Prefect API calls bounded by
     timeouts.prefect_api_seconds, Prefect's temporary server starting while the flow's module
     (TensorFlow with it) imports, and stopped with this process."""
-    import importlib
-    import signal
-
-    from conf import load_config
-    from tasks.runtime.prefect_server import local_prefect_server
-    from tasks.runtime.timeouts import bounded_prefect_calls
-
     budget = load_config(config, overrides).timeouts.prefect_api_seconds
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     module, name = flow.split(":")
@@ -82,8 +84,6 @@ def _run_flow(flow: str, config: str, overrides: list[str], *args: Any) -> Any:
             ready()
             return function(*(args or (config, overrides)))
     except BaseException as error:
-        from tasks.tracking.runs import signal_exit_status
-
         code = signal_exit_status(error)
         if code is None:
             raise
@@ -97,8 +97,6 @@ def _leave_now(code: int) -> NoReturn:
     waiting for a cell that will never run would hold the command forever; so the temporary
     server is stopped here and the process ends without that join.
     """
-    from tasks.runtime.prefect_server import stop_local_server
-
     try:
         stop_local_server()
     finally:
@@ -135,8 +133,6 @@ class _NoTracebackForExpectedErrors(logging.Filter):
     does a stop that a signal asked for."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        from tasks.tracking.runs import signal_exit_status
-
         error = record.exc_info[1] if record.exc_info else None
         if error is not None and (
             isinstance(error, ExpectedError) or signal_exit_status(error) is not None
@@ -157,10 +153,6 @@ def _environment() -> None:
 @command()
 def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the training flow: pull data, train head, fine-tune in stages, register, promote."""
-    from conf import project_root
-    from tasks.runtime.run_log import registration_line, resumed_line
-    from tasks.tracking.runs import ui_hint
-
     result = _run_flow("flows.train:train_classifier", config, list(set_ or []))
     typer.echo("")
     for done in result.resumed:
@@ -187,8 +179,6 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
 @command()
 def compare(config: ConfigOption = "conf/compare.yaml", set_: SetOption = None) -> None:
     """Compare strategies (from scratch, feature extraction, fine-tuning) at several label budgets."""
-    from tasks.runtime.run_log import registration_line
-
     result = _run_flow("flows.compare:compare_strategies", config, list(set_ or []))
     typer.echo("")
     typer.echo(comparison_text(result.table, result.decision.metric))
@@ -256,8 +246,6 @@ def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None
 @command()
 def retrain(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the scheduled flow once: train only if data.dvc or the config changed since the champion."""
-    from tasks.runtime.run_log import registration_line
-
     result = _run_flow("flows.retrain:retrain_classifier", config, list(set_ or []))
     typer.echo(f"Retraining check: {result.decision.reason}")
     if result.training is not None:
@@ -284,6 +272,7 @@ def deploy(
 ) -> None:
     """Register the retraining deployment for a work pool's workers instead of serving it here."""
     _require_prefect_server()
+    # lazy: flows.retrain loads Prefect and TensorFlow, which --help and other commands skip
     from flows.retrain import deploy_retraining
 
     deploy_retraining(config, list(set_ or []), pool)
@@ -298,6 +287,7 @@ def deploy_cells(
 ) -> None:
     """Register the one-cell comparison flow for a work pool (then set compare.work_pool)."""
     _require_prefect_server()
+    # lazy: flows.compare_cell loads Prefect and TensorFlow, which --help and other commands skip
     from flows.compare_cell import deploy_cells as deploy
 
     name = deploy(pool)
@@ -308,6 +298,7 @@ def deploy_cells(
 
 
 def _require_prefect_server() -> None:
+    # Here, not at the top: Prefect stays out of --help and the registry commands.
     from prefect.settings import get_current_settings
 
     if not get_current_settings().api.url:
@@ -333,6 +324,7 @@ def promote(
     config: ConfigOption = "conf/default.yaml",
 ) -> None:
     """Make a registered version the champion by hand, bypassing the gate (recorded on it)."""
+    # lazy: MLflow reads MLFLOW_DISABLE_TELEMETRY once, on import; _environment sets it first
     from tasks.registry.hand_moves import promote_version
 
     _show_move(_registry_action(lambda uri: promote_version(uri, model, version, reason), config))
@@ -343,6 +335,7 @@ def rollback(
     model: ModelNameOption, reason: ReasonOption = "", config: ConfigOption = "conf/default.yaml"
 ) -> None:
     """Move the champion back to the version that held it before (repeat to go further back)."""
+    # lazy: MLflow reads MLFLOW_DISABLE_TELEMETRY once, on import; _environment sets it first
     from tasks.registry.hand_moves import rollback_champion
 
     _show_move(_registry_action(lambda uri: rollback_champion(uri, model, reason), config))
@@ -350,9 +343,6 @@ def rollback(
 
 def _registry_action(action, config: str):
     """Run a promotion or rollback on MLFLOW_TRACKING_URI, else the project's store."""
-    from conf import project_root
-    from tasks.runtime.tracking_server import check_tracking_server, tracking_uri
-
     uri = tracking_uri(project_root(config))
     check_tracking_server(uri)
     return action(uri)
@@ -378,9 +368,6 @@ def predict(
     config: ConfigOption = "conf/default.yaml",
 ) -> None:
     """Label every image in a folder with a registered model; write path,label,probability."""
-    from conf import load_config, project_root
-    from tasks.runtime.tracking_server import tracking_uri
-
     if model is None:
         model = f"models:/{load_config(config).registry.model_name}@champion"
     uri = tracking_uri(project_root(config))

@@ -18,7 +18,8 @@ from tasks.stages.plan import transfer_stages
 from tasks.stages.preflight import check_training_inputs, load_pipeline_config
 from tasks.stages.runner import run_stages
 from tasks.tracking.history import StageSummary
-from tasks.tracking.runs import close_run_after_failure, finish_tracking, start_tracking
+from tasks.tracking.runs import close_run_after_failure
+from tasks.tracking.steps import finish_tracking, start_tracking
 
 DEFAULT_CONFIG = "conf/default.yaml"
 STRATEGY = "fine_tune"

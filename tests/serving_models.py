@@ -13,7 +13,9 @@ from mlflow import MlflowClient
 from tasks.model.classifier import build_classifier
 from tasks.registry.serving import log_serving_model
 from tasks.registry.versions import ModelVersionRef, register_challenger
-from tasks.tracking.runs import ensure_experiment, model_requirements, using_tracking_uri
+from tasks.runtime.tracking_server import using_tracking_uri
+from tasks.tracking.runs import ensure_experiment
+from tasks.tracking.stage_runs import model_requirements
 
 
 def tiny_classifier(classes: list[str], size: int) -> keras.Model:

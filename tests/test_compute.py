@@ -22,7 +22,7 @@ from tasks.stages.frozen_features import extract_frozen_features
 from tasks.stages.plan import transfer_stages
 from tasks.stages.preflight import LoadedConfig
 from tasks.stages.runner import lineage_keys, run_stages
-from tasks.tracking.runs import finish_tracking, start_tracking
+from tasks.tracking.steps import finish_tracking, start_tracking
 from tests.tiny_stages import setting
 
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))

@@ -367,7 +367,8 @@ def test_a_sigterm_that_lands_while_prefect_creates_a_task_run_is_still_a_stop(
     import logging
 
     from flows.cli import _NoTracebackForExpectedErrors
-    from tasks.tracking.runs import RunRef, close_run_after_failure, signal_exit_status
+    from tasks.runtime.stopping import signal_exit_status
+    from tasks.tracking.runs import RunRef, close_run_after_failure
 
     error = _sigterm_while_a_task_run_is_created()
     assert signal_exit_status(error) == 128 + signal.SIGTERM

@@ -18,18 +18,15 @@ from mlflow import MlflowClient
 
 from tasks.inference.evaluate import score_predictions
 from tasks.registry.versions import MODEL_DESCRIPTION, register_challenger
+from tasks.runtime.tracking_server import ui_hint, using_tracking_uri
 from tasks.tracking.runs import (
-    PER_CLASS_TABLE,
     ensure_experiment,
     finish_run,
     git_commit,
-    log_stage,
     source_tags,
-    stage_description,
     start_pipeline_run,
-    ui_hint,
-    using_tracking_uri,
 )
+from tasks.tracking.stage_runs import PER_CLASS_TABLE, log_stage, stage_description
 from tests.repositories import run
 
 CLASSES = ("boot", "shirt", "bag")

@@ -7,8 +7,8 @@ import os
 import mlflow
 import pytest
 
-from tasks.runtime.tracking_server import tracking_uri
-from tasks.tracking.runs import flatten, using_tracking_uri
+from tasks.runtime.tracking_server import tracking_uri, using_tracking_uri
+from tasks.tracking.runs import flatten
 
 
 def test_fluent_block_leaves_no_tracking_uri_behind(tmp_path, monkeypatch) -> None:

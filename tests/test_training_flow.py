@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from tasks.model.compute import device_description
-from tasks.tracking.runs import using_tracking_uri
+from tasks.runtime.tracking_server import using_tracking_uri
 from tests.conftest import HAVE_IMAGENET_WEIGHTS, needs_imagenet_weights
 from tests.repositories import dvc_project, run
 

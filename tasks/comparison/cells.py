@@ -46,18 +46,12 @@ from tasks.comparison.strategies import (
 )
 from tasks.comparison.table import StrategyOutcome
 from tasks.runtime.prefect_server import after_lost_prefect_call
+from tasks.runtime.stopping import note_stop_requested, stop_requested
 from tasks.stages.preflight import load_and_check
 from tasks.tracking.checkpoints import RESUMED_TAG, read_checkpoint
 from tasks.tracking.history import StageSummary
-from tasks.tracking.runs import (
-    RunRef,
-    StageRecord,
-    close_run_after_failure,
-    finish_tracking,
-    note_stop_requested,
-    start_tracking,
-    stop_requested,
-)
+from tasks.tracking.runs import RunRef, StageRecord, close_run_after_failure
+from tasks.tracking.steps import finish_tracking, start_tracking
 
 if TYPE_CHECKING:
     from tasks.stages.base import StageInputs

@@ -34,6 +34,7 @@ from tasks.data.table import ImageTable
 from tasks.registry.decision import PromotionDecision
 from tasks.registry.versions import ModelVersionRef
 from tasks.runtime.timeouts import retry_if_store_locked
+from tasks.runtime.tracking_server import tracking_uri, ui_hint
 from tasks.stages.base import Stage
 from tasks.stages.from_scratch import FromScratch
 from tasks.stages.plan import scratch_stages, transfer_stages
@@ -50,8 +51,6 @@ from tasks.tracking.runs import (
     source_tags,
     start_nested_run,
     start_pipeline_run,
-    tracking_uri,
-    ui_hint,
 )
 
 

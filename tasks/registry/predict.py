@@ -107,8 +107,7 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     """
     import mlflow.pyfunc
 
-    from tasks.runtime.tracking_server import check_tracking_server
-    from tasks.tracking.runs import using_tracking_uri
+    from tasks.runtime.tracking_server import check_tracking_server, using_tracking_uri
 
     check_tracking_server(uri)
     version = resolve_version(uri, model_uri)

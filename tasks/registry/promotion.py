@@ -193,7 +193,7 @@ def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | Non
     import pandas as pd
 
     from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
-    from tasks.tracking.runs import using_tracking_uri
+    from tasks.runtime.tracking_server import using_tracking_uri
 
     paths = table.split("test").head(8)["path"]
     request = pd.DataFrame({IMAGE_COLUMN: [Path(path).read_bytes() for path in paths]})

@@ -68,7 +68,8 @@ def log_serving_model(
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
     from tasks.registry.serving_model import ImageClassifier
-    from tasks.tracking.runs import model_requirements, using_tracking_uri
+    from tasks.runtime.tracking_server import using_tracking_uri
+    from tasks.tracking.stage_runs import model_requirements
 
     clash = {LABEL_COLUMN, PROBABILITY_COLUMN} & set(classes)
     if clash:

@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from conf.errors import ExpectedError
 from tasks.registry.serving import keras_model_of
 from tasks.runtime.credentials import redact_url
+from tasks.runtime.tracking_server import using_tracking_uri
 
 if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
     from tasks.stages.preflight import LoadedConfig
@@ -87,8 +88,6 @@ def register_challenger(
     `description` becomes the version's; a registered model without a description of its own
     gets one that says what its aliases mean.
     """
-    from tasks.tracking.runs import using_tracking_uri
-
     with using_tracking_uri(uri):
         version = mlflow.register_model(model_uri, name, tags={**tags, "run_id": run_id})
     client = MlflowClient(uri)
@@ -102,7 +101,6 @@ def register_challenger(
 
 def load_keras_model(model_uri: str, uri: str):
     """A registered or logged model loaded back as Keras, to score it on fresh data."""
-    from tasks.tracking.runs import using_tracking_uri
 
     with using_tracking_uri(uri):
         return keras_model_of(model_uri)

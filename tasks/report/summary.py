@@ -15,9 +15,10 @@ from tasks.inference.evaluate import Evaluation, confusion_matrix_figure
 from tasks.registry.decision import PromotionDecision
 from tasks.registry.versions import ModelVersionRef
 from tasks.runtime.credentials import redact_url
+from tasks.runtime.tracking_server import ui_hint
 from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.history import StageSummary, TrainingHistory
-from tasks.tracking.runs import SKIPPED_IMAGES_ARTIFACT, RunRef, ui_hint
+from tasks.tracking.runs import SKIPPED_IMAGES_ARTIFACT, RunRef
 
 
 def markdown_summary(

@@ -31,12 +31,8 @@ from tasks.tracking.checkpoints import (
     restore_checkpoint,
 )
 from tasks.tracking.history import StageSummary, TrainingHistory
-from tasks.tracking.runs import (
-    RunRef,
-    StageRecord,
-    log_resumed_stage,
-    log_stage_run,
-)
+from tasks.tracking.runs import RunRef, StageRecord
+from tasks.tracking.steps import log_resumed_stage, log_stage_run
 
 # MLflow I/O can hit a busy tracking server or a locked SQLite file: retry 2, 4, 8 s later.
 _BACKOFF = exponential_backoff(backoff_factor=2)
