@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import pandas as pd
 
+from tasks.data.stream import image_dataset
 from tasks.inference.cached_pass import Wanted, cached_outputs
 from tasks.inference.features import (
     CachedFeatures,
@@ -189,7 +190,6 @@ def cached_activations(
     With `train_pool` (a comparison's), the pool's training images are one entry shared by its
     budgets and seeds, as for the frozen features.
     """
-    from tasks.data.stream import image_dataset
 
     config = loaded.config
     wanted = activation_key(cut, loaded, data_version)

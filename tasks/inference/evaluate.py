@@ -9,6 +9,9 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.data.stream import image_dataset
+from tasks.inference.forward import forward_pass
+
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -130,7 +133,6 @@ def confusion_matrix_figure(evaluation: Evaluation, title: str = "Test confusion
 
 def evaluate_model(model, dataset, count: int, classes: tuple[str, ...]) -> Evaluation:
     """Score `model` on a dataset of `count` images in (images, labels) batches."""
-    from tasks.inference.forward import forward_pass
 
     probabilities, labels = forward_pass(model, dataset, count, "evaluation")
     return score_predictions(probabilities, labels, classes)
@@ -159,7 +161,6 @@ def evaluate_on_features(classifier, test_features, classes: tuple[str, ...]) ->
 @task(name="evaluate-on-test-images", cache_policy=NO_CACHE)
 def evaluate_on_images(model, table, config) -> Evaluation:
     """Score the whole model on the held-out test images."""
-    from tasks.data.stream import image_dataset
 
     frame = table.split("test")
     test = image_dataset(frame, table.classes, config.data.image_size, config.data.batch_size)

@@ -24,7 +24,7 @@ from tasks.data.table import (
 from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
 from tasks.registry.versions import ModelVersionRef, registered_version
 from tasks.runtime.credentials import redact_url
-from tasks.runtime.tracking_server import tracking_uri
+from tasks.runtime.tracking_server import check_tracking_server, tracking_uri, using_tracking_uri
 
 
 class ServingModelError(ExpectedError, ValueError):
@@ -106,8 +106,6 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     version even if the alias moves meanwhile.
     """
     import mlflow.pyfunc
-
-    from tasks.runtime.tracking_server import check_tracking_server, using_tracking_uri
 
     check_tracking_server(uri)
     version = resolve_version(uri, model_uri)

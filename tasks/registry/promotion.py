@@ -25,7 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.registry import RegistryConfig
+from tasks.data.stream import image_dataset
 from tasks.inference.evaluate import Evaluation, score_predictions
+from tasks.inference.forward import forward_pass
 from tasks.registry.decision import (
     PromotionDecision,
     decide_promotion,
@@ -34,6 +36,8 @@ from tasks.registry.decision import (
 )
 from tasks.registry.gate import PairedPredictions, decide_paired
 from tasks.registry.gate_power import non_inferiority_power
+from tasks.registry.serving import log_serving_model
+from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
 from tasks.registry.versions import (
     ModelVersionRef,
     config_fingerprint,
@@ -42,6 +46,7 @@ from tasks.registry.versions import (
 )
 from tasks.runtime.run_log import registration_line, run_logger
 from tasks.runtime.timeouts import retry_if_store_locked
+from tasks.runtime.tracking_server import tracking_uri, using_tracking_uri
 from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.runs import RunRef, StageRecord
 
@@ -67,8 +72,6 @@ def version_predictions(
     contents, so a version is run over a test set once: the gate of the retrain after the one
     that registered it reads them back (checked against the split's labels) instead.
     """
-    from tasks.data.stream import image_dataset
-    from tasks.inference.forward import forward_pass
 
     classes = json.loads(version.tags.get("classes", "null") or "null")
     if classes is not None and tuple(classes) != tuple(table.classes):
@@ -191,9 +194,6 @@ def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | Non
     with its label, probability and a column per class."""
     import mlflow.pyfunc
     import pandas as pd
-
-    from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
-    from tasks.runtime.tracking_server import using_tracking_uri
 
     paths = table.split("test").head(8)["path"]
     request = pd.DataFrame({IMAGE_COLUMN: [Path(path).read_bytes() for path in paths]})
@@ -338,7 +338,6 @@ def register_challenger_step(
 ) -> ModelVersionRef:
     """Register the final stage's model, packaged for serving (tasks/registry/serving.py) on the stage's
     run, recording what it was trained on (and `notes`)."""
-    from tasks.registry.serving import log_serving_model
 
     config = loaded.config
     if record.model_uri is None:
@@ -380,7 +379,6 @@ def promote_if_better(
 ) -> PromotionDecision:
     """Check the challenger loads from the registry, apply the gate, promote if it passed;
     the decision goes to the run's log as the command prints it."""
-    from tasks.runtime.tracking_server import tracking_uri
 
     config = loaded.config
     metric = config.evaluation.primary_metric

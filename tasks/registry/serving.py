@@ -2,7 +2,7 @@
 
 `mlflow models serve -m models:/NAME@champion` then answers each image with its label, the
 label's probability and every class's probability (docs/serving.md). The Keras model stays
-inside, loadable with `keras_model_of`.
+inside, loadable with `tasks.registry.versions.keras_model_of`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,10 @@ from tasks.registry.serving_model import (
     KERAS_MODEL_ARTIFACT,
     LABEL_COLUMN,
     PROBABILITY_COLUMN,
+    ImageClassifier,
 )
+from tasks.runtime.tracking_server import using_tracking_uri
+from tasks.tracking.stage_runs import model_requirements
 
 SERVING_MODEL_NAME = "serving_model"
 # What the serving model imports from the project, relative to tasks/: shipped with it as its code.
@@ -66,10 +69,6 @@ def log_serving_model(
     from mlflow import MlflowClient
     from mlflow.models import Model
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
-
-    from tasks.registry.serving_model import ImageClassifier
-    from tasks.runtime.tracking_server import using_tracking_uri
-    from tasks.tracking.stage_runs import model_requirements
 
     clash = {LABEL_COLUMN, PROBABILITY_COLUMN} & set(classes)
     if clash:
@@ -141,18 +140,3 @@ def _shipped_code(staging: Path) -> Path:
         (package / module).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(tasks / module, package / module)
     return package
-
-
-def keras_model_of(model_uri: str):
-    """The Keras classifier inside a serving model, or a model logged with the tensorflow flavor.
-
-    Versions registered before serving models existed are plain tensorflow-flavor models. Call
-    with the tracking URI set (`using_tracking_uri`).
-    """
-    import mlflow.pyfunc
-    import mlflow.tensorflow
-    from mlflow.models import get_model_info
-
-    if "tensorflow" in get_model_info(model_uri).flavors:
-        return mlflow.tensorflow.load_model(model_uri)
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().keras_model

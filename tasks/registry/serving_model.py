@@ -13,6 +13,9 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from tasks.data.decoding import image_batches
+from tasks.inference.forward import forward_pass
+
 IMAGE_COLUMN = "image"
 LABEL_COLUMN = "label"
 PROBABILITY_COLUMN = "probability"
@@ -44,9 +47,6 @@ class ImageClassifier(PythonModel):
         """One row per image (file bytes in `image`): the most probable class, its probability,
         and every class's probability."""
         import tensorflow as tf
-
-        from tasks.data.decoding import image_batches
-        from tasks.inference.forward import forward_pass
 
         contents = [bytes(image) for image in model_input[IMAGE_COLUMN]]
         if not contents:

@@ -16,7 +16,6 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conf.errors import ExpectedError
-from tasks.registry.serving import keras_model_of
 from tasks.runtime.credentials import redact_url
 from tasks.runtime.tracking_server import using_tracking_uri
 
@@ -101,9 +100,23 @@ def register_challenger(
 
 def load_keras_model(model_uri: str, uri: str):
     """A registered or logged model loaded back as Keras, to score it on fresh data."""
-
     with using_tracking_uri(uri):
         return keras_model_of(model_uri)
+
+
+def keras_model_of(model_uri: str):
+    """The Keras classifier inside a serving model, or a model logged with the tensorflow flavor.
+
+    Versions registered before serving models existed are plain tensorflow-flavor models. Call
+    with the tracking URI set (`using_tracking_uri`).
+    """
+    import mlflow.pyfunc
+    import mlflow.tensorflow
+    from mlflow.models import get_model_info
+
+    if "tensorflow" in get_model_info(model_uri).flavors:
+        return mlflow.tensorflow.load_model(model_uri)
+    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().keras_model
 
 
 def existing_model(client: MlflowClient, uri: str, name: str) -> None:

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
+from tasks.runtime.run_log import run_logger
+
 TaskT = TypeVar("TaskT", bound=Task[Any, Any])
 
 
@@ -58,8 +60,6 @@ def label_flow_run(
 
     from prefect import get_client
     from prefect.runtime import flow_run
-
-    from tasks.runtime.run_log import run_logger
 
     labels = flow_run_labels(action, model_name, data_version, strategies)
     run_id = flow_run.get_id()

@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.training import FeatureExtractionConfig
+from tasks.inference.evaluate import evaluate_on_features
 from tasks.runtime.run_names import for_stage
 from tasks.stages.base import Stage, StageInputs
 from tasks.stages.fitting import train_head
@@ -54,7 +55,6 @@ class HeadOnFeatures:
         )
 
     def train(self, inputs: StageInputs) -> StageResult:
-        from tasks.inference.evaluate import evaluate_on_features
 
         features = self.features(inputs)
         history = for_stage(train_new_head, self.name)(

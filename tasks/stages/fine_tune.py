@@ -9,6 +9,15 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.training import AugmentationConfig, FineTuneStage
+from tasks.inference.activations import (
+    activation_dataset,
+    cached_activations,
+    cut_for_stage,
+    images_to_cache,
+)
+from tasks.inference.evaluate import evaluate_model, evaluate_on_images
+from tasks.model.blocks import unfreeze_top_blocks
+from tasks.runtime.run_log import run_logger
 from tasks.runtime.run_names import for_stage
 from tasks.stages.base import StageInputs, augmentation_lineage
 from tasks.stages.fitting import fine_tune, image_splits
@@ -67,7 +76,6 @@ class FineTuneBlocks:
         )
 
     def train(self, inputs: StageInputs) -> StageResult:
-        from tasks.inference.evaluate import evaluate_on_images
 
         through_cache = for_stage(fine_tune_stage_on_activations, self.name)(inputs, self)
         if through_cache is not None:
@@ -88,15 +96,6 @@ def fine_tune_stage_on_activations(
     """The stage trained and evaluated through the activation cache at its cut, or None (and
     the reason logged) when the whole model must run: the cache off or over its budget, the
     images augmented, or no single tensor at the cut (`tasks.inference.activations.cut_for_stage`)."""
-    from tasks.inference.activations import (
-        activation_dataset,
-        cached_activations,
-        cut_for_stage,
-        images_to_cache,
-    )
-    from tasks.inference.evaluate import evaluate_model
-    from tasks.model.blocks import unfreeze_top_blocks
-    from tasks.runtime.run_log import run_logger
 
     config = inputs.loaded.config
     images = images_to_cache(inputs.table, inputs.feature_pool)
@@ -135,7 +134,6 @@ def fine_tune_stage_on_activations(
 @task(name="fine-tune-stage", cache_policy=NO_CACHE)
 def fine_tune_stage(classifier, table, stage: FineTuneBlocks, config) -> TrainingHistory:
     """Unfreeze the top blocks the stage names, then fine-tune the whole model at a lower rate."""
-    from tasks.model.blocks import unfreeze_top_blocks
 
     unfreeze_top_blocks(classifier.base, stage.settings.unfreeze_blocks)
     train, validation = image_splits(table, config, stage.augmentation)

@@ -8,6 +8,9 @@ import time
 import keras
 import numpy as np
 
+from tasks.data.stream import image_dataset
+from tasks.model.batch_norm import measure_batch_norm_statistics
+from tasks.runtime.run_log import epoch_line, run_logger
 from tasks.tracking.history import TrainingHistory
 
 
@@ -20,7 +23,6 @@ class EpochLog(keras.callbacks.Callback):
         self.stage = stage
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
-        from tasks.runtime.run_log import epoch_line, run_logger
 
         line = epoch_line(self.stage, epoch + 1, self.params.get("epochs", epoch + 1), logs or {})
         run_logger().info(line)
@@ -168,7 +170,6 @@ class _MeasuredBatchNorm(keras.callbacks.Callback):
         self.images = images
 
     def on_test_begin(self, logs=None) -> None:
-        from tasks.model.batch_norm import measure_batch_norm_statistics
 
         measure_batch_norm_statistics(self.model, self.images)
 
@@ -194,7 +195,6 @@ def fit_from_scratch(
     one class in inference mode. The statistics are measured on `images` (training images)
     before each validation and once more at the end, for the weights the model keeps.
     """
-    from tasks.model.batch_norm import measure_batch_norm_statistics
 
     keras.utils.set_random_seed(seed)
     history = _fit(
@@ -233,7 +233,6 @@ def augmentation_layers(settings, seed: int) -> keras.Sequential | None:
 def image_splits(table, config, augmentation=None):
     """The shuffled training images, augmented when `augmentation` (an AugmentationConfig) is on,
     and the validation images (None when there are none)."""
-    from tasks.data.stream import image_dataset
 
     size, batch = config.data.image_size, config.data.batch_size
     augment = augmentation_layers(augmentation, config.seed) if augmentation else None

@@ -9,6 +9,9 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from conf.training import AugmentationConfig
+from tasks.data.stream import image_dataset
+from tasks.inference.evaluate import evaluate_on_images
+from tasks.model.blocks import make_fully_trainable
 from tasks.runtime.run_names import for_stage
 from tasks.stages.base import StageInputs, augmentation_lineage
 from tasks.stages.fitting import fit_from_scratch, image_splits
@@ -44,7 +47,6 @@ class FromScratch:
         return "Every layer, BatchNorm included, trained from random weights: the baseline."
 
     def train(self, inputs: StageInputs) -> StageResult:
-        from tasks.inference.evaluate import evaluate_on_images
 
         history = for_stage(train_from_scratch, self.name)(
             inputs.classifier, inputs.table, self, inputs.loaded.config
@@ -61,8 +63,6 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
 
     BatchNorm statistics come from up to 512 training images (see fit_from_scratch).
     """
-    from tasks.data.stream import image_dataset
-    from tasks.model.blocks import make_fully_trainable
 
     make_fully_trainable(classifier.base)
     train, validation = image_splits(table, config, stage.augmentation)

@@ -18,6 +18,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from tasks.inference.evaluate import Evaluation
+from tasks.inference.features import weights_fingerprint
 from tasks.runtime.run_log import resumed_line, run_logger
 from tasks.runtime.run_names import for_stage
 from tasks.runtime.timeouts import retry_if_store_locked
@@ -135,7 +136,6 @@ def trunk_lineage(inputs: StageInputs) -> dict[str, Any]:
 
     Image paths count relative to the project, so a clone elsewhere finds the same stages.
     """
-    from tasks.inference.features import weights_fingerprint
 
     config = inputs.loaded.config
     return {
