@@ -68,7 +68,7 @@ def collect(config: Path, seeds: int, fine_tune: bool, out: Path) -> None:
     work = Path(tempfile.mkdtemp(prefix="gate-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     from tasks.data.table import load_images
-    from tasks.registry.promotion import version_predictions
+    from tasks.registry.held_out import version_predictions
     from tasks.registry.versions import registered_version
     from tasks.stages.preflight import load_and_check
 

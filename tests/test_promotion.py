@@ -16,8 +16,9 @@ from PIL import Image
 from conf import PipelineConfig
 from tasks.data.table import load_image_table
 from tasks.inference.evaluate import evaluate_on_images, score_predictions
-from tasks.registry import promotion
-from tasks.registry.promotion import load_problem, promote_if_better, version_predictions
+from tasks.registry import held_out, promotion
+from tasks.registry.held_out import version_predictions
+from tasks.registry.promotion import load_problem, promote_if_better
 from tasks.registry.versions import CHAMPION, ModelVersionRef, aliased_version
 from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.runs import RunRef
@@ -238,13 +239,13 @@ def test_the_gate_pairs_the_stages_scores_with_the_champions_stored_predictions(
     first_run, first = registered(mlflow_uri, name, brightness_model(1.0), table)
     assert promote(mlflow_uri, first_run, first, table, loaded).promote
     loads: list[str] = []
-    real_load = promotion.load_keras_model
+    real_load = held_out.load_keras_model
 
     def counted(model_uri: str, uri: str):
         loads.append(model_uri)
         return real_load(model_uri, uri)
 
-    monkeypatch.setattr(promotion, "load_keras_model", counted)
+    monkeypatch.setattr(held_out, "load_keras_model", counted)
     model = brightness_model(1.0)
     run_id, second = registered(mlflow_uri, name, model, table)
     scored = evaluate_on_images.fn(model, table, loaded.config)  # as its final stage scores it
@@ -256,12 +257,12 @@ def test_the_gate_pairs_the_stages_scores_with_the_champions_stored_predictions(
     assert decision.report.difference.estimate == 0.0
     client = MlflowClient(mlflow_uri)
     for version in (first, second):
-        stored = promotion.predictions_artifact(version, table.split("test"))
+        stored = held_out.predictions_artifact(version, table.split("test"))
         listed = client.list_artifacts(version.run_id, "gate_predictions")
         assert [item.path for item in listed] == [stored]
 
     # A damaged copy is noticed, recomputed and replaced; the decision does not change.
-    stored = promotion.predictions_artifact(first, table.split("test"))
+    stored = held_out.predictions_artifact(first, table.split("test"))
     damaged = tmp_path / stored.rsplit("/", 1)[1]
     damaged.write_bytes(b"not an npz file")
     client.log_artifact(first.run_id, str(damaged), "gate_predictions")
@@ -276,4 +277,4 @@ def test_the_gate_pairs_the_stages_scores_with_the_champions_stored_predictions(
     # Other contents under the same paths are other test images: nothing stored is read.
     changed = Path(table.split("test")["path"].iloc[0])
     Image.fromarray(np.full((SIZE, SIZE, 3), 200, np.uint8)).save(changed)
-    assert promotion.predictions_artifact(first, table.split("test")) != stored
+    assert held_out.predictions_artifact(first, table.split("test")) != stored
