@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import json
+import multiprocessing
 import os
 import urllib.request
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -131,3 +134,21 @@ def test_a_serving_model_registered_before_tasks_had_packages_still_unpickles():
     assert b"tasks.registry.serving_model" in current
     registered_earlier = current.replace(b"tasks.registry.serving_model", b"tasks.serving_model")
     assert pickle.loads(registered_earlier) is ImageClassifier
+
+
+def _import_in_child(module: str) -> None:
+    importlib.import_module(module)
+
+
+def test_a_worker_started_after_a_serving_model_loads_imports_the_whole_project(
+    mlflow_uri: str, tmp_path: Path
+) -> None:
+    """Loading a serving model puts its shipped code (a partial `tasks` package) on sys.path; a
+    comparison worker spawned after the gate's load check must still import the project's own
+    modules, or every cell's process dies at start."""
+    png = write_png(tmp_path / "images" / "photo.png")
+    model = tiny_classifier(CLASSES, SIZE)
+    _, version = register_serving_model(mlflow_uri, "after-load", model, CLASSES, png, tmp_path)
+    load_serving_model(f"models:/after-load/{version.version}", mlflow_uri)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        pool.submit(_import_in_child, "tasks.comparison.cells").result(timeout=300)

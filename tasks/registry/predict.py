@@ -22,7 +22,7 @@ from tasks.data.table import (
     images_under,
 )
 from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
-from tasks.registry.versions import ModelVersionRef, registered_version
+from tasks.registry.versions import ModelVersionRef, load_pyfunc, registered_version
 from tasks.runtime.credentials import redact_url
 from tasks.runtime.tracking_server import check_tracking_server, tracking_uri, using_tracking_uri
 
@@ -105,12 +105,11 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     An alias is resolved once and the version it names is loaded, so the whole run uses one
     version even if the alias moves meanwhile.
     """
-    import mlflow.pyfunc
 
     check_tracking_server(uri)
     version = resolve_version(uri, model_uri)
     with using_tracking_uri(uri):  # models:/ URIs resolve against the tracking store's registry
-        pyfunc = mlflow.pyfunc.load_model(version.uri if version else model_uri)
+        pyfunc = load_pyfunc(version.uri if version else model_uri)
     schema = pyfunc.metadata.get_input_schema()
     if schema is None or schema.input_names() != [IMAGE_COLUMN]:
         raise ServingModelError(

@@ -35,6 +35,7 @@ from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY
 from tasks.registry.versions import (
     ModelVersionRef,
     config_fingerprint,
+    load_pyfunc,
     register_challenger,
 )
 from tasks.runtime.run_log import registration_line, run_logger
@@ -48,14 +49,13 @@ def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | Non
     """Why the version cannot serve, or None: loaded as a pyfunc from the registry, it must
     answer a request of real test image files as `mlflow models serve` would: one row per image,
     with its label, probability and a column per class."""
-    import mlflow.pyfunc
     import pandas as pd
 
     paths = table.split("test").head(8)["path"]
     request = pd.DataFrame({IMAGE_COLUMN: [Path(path).read_bytes() for path in paths]})
     try:
         with using_tracking_uri(uri):
-            answer = mlflow.pyfunc.load_model(version.uri).predict(request)
+            answer = load_pyfunc(version.uri).predict(request)
     except Exception as error:  # whatever stops serving stops the promotion
         return f"v{version.version} failed the load check ({type(error).__name__}: {error})"
     expected = [LABEL_COLUMN, PROBABILITY_COLUMN, *table.classes]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -116,7 +117,23 @@ def keras_model_of(model_uri: str):
 
     if "tensorflow" in get_model_info(model_uri).flavors:
         return mlflow.tensorflow.load_model(model_uri)
-    return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().keras_model
+    return load_pyfunc(model_uri).unwrap_python_model().keras_model
+
+
+def load_pyfunc(model_uri: str):
+    """The model at `model_uri` as MLflow's pyfunc, with this process's import path as it was.
+
+    MLflow puts a model's shipped code (a `tasks` package holding only what serving needs) first
+    on sys.path to load it. This process has imported the project's own `tasks` already, but a
+    worker it spawns afterwards inherits the path and would import that partial package instead.
+    """
+    import mlflow.pyfunc
+
+    path = list(sys.path)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    finally:
+        sys.path[:] = path
 
 
 def existing_model(client: MlflowClient, uri: str, name: str) -> None:
