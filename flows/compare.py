@@ -18,16 +18,15 @@ from tasks.comparison.cells import (
     train_cell_on_pool,
     train_cell_step,
 )
-from tasks.comparison.strategies import (
+from tasks.comparison.records import (
     ComparisonFiles,
-    check_label_budgets,
     log_cell_summaries,
     log_comparison,
-    plan_comparison,
     publish_comparison,
     start_comparison_run,
-    summarize_comparison,
 )
+from tasks.comparison.strategies import check_label_budgets, plan_comparison
+from tasks.comparison.winner import summarize_comparison
 from tasks.data.table import load_images
 from tasks.data.versioning import pull_data_version
 from tasks.registry.decision import PromotionDecision

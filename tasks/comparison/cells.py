@@ -33,12 +33,12 @@ from pydantic import BaseModel, ConfigDict
 
 from conf.compare import CompareConfig
 from conf.errors import ExpectedError
+from tasks.comparison.records import log_strategy_summary
 from tasks.comparison.strategies import (
     ComparisonPlan,
     Strategy,
     keep_labels_per_class,
     labelled_subset_name,
-    log_strategy_summary,
     resolve_strategies,
     shared_prefix,
     stage_path,
