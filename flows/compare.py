@@ -7,17 +7,9 @@ from dataclasses import dataclass
 import pandas as pd
 from prefect import flow
 
-from tasks.comparison.cells import (
-    CellSpec,
-    cache_shared_features,
-    cell_task_runner,
-    first_transfer_cell,
-    in_dependency_order,
-    plan_cells,
-    read_cell_outcomes,
-    train_cell_on_pool,
-    train_cell_step,
-)
+from tasks.comparison.cell_outcomes import read_cell_outcomes
+from tasks.comparison.cell_training import cache_shared_features, train_cell_step
+from tasks.comparison.cells import CellSpec, first_transfer_cell, in_dependency_order, plan_cells
 from tasks.comparison.records import (
     ComparisonFiles,
     log_cell_summaries,
@@ -27,6 +19,8 @@ from tasks.comparison.records import (
 )
 from tasks.comparison.strategies import check_label_budgets, plan_comparison
 from tasks.comparison.winner import summarize_comparison
+from tasks.comparison.work_pool import train_cell_on_pool
+from tasks.comparison.workers import cell_task_runner
 from tasks.data.table import load_images
 from tasks.data.versioning import pull_data_version
 from tasks.registry.decision import PromotionDecision

@@ -7,12 +7,10 @@ from typing import cast
 
 from prefect import Flow, flow
 
-from tasks.comparison.cells import (
-    CellSpec,
-    check_cell_data,
-    train_cell_step,
-    use_tensorflow_threads,
-)
+from tasks.comparison.cell_training import train_cell_step
+from tasks.comparison.cells import CellSpec
+from tasks.comparison.work_pool import check_cell_data
+from tasks.comparison.workers import use_tensorflow_threads
 from tasks.data.versioning import pull_data_version
 from tasks.stages.preflight import load_pipeline_config
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from tasks.comparison.cells import _RecyclingExecutor
+from tasks.comparison.workers import _RecyclingExecutor
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +30,7 @@ def test_the_workers_start_with_the_pool_and_stop_with_it_even_without_a_cell() 
     """Workers start before the first cell is handed out (their TensorFlow import overlaps the
     first cell); a comparison that fails before any cell still leaves no process behind."""
     from conf.compare import CompareConfig
-    from tasks.comparison.cells import cell_task_runner
+    from tasks.comparison.workers import cell_task_runner
 
     runner = cell_task_runner(CompareConfig(workers=2))
     with runner:
@@ -46,7 +46,7 @@ def test_each_worker_s_tensorflow_runs_on_its_share_of_the_cores() -> None:
     import tensorflow as tf
 
     from conf.compare import CompareConfig
-    from tasks.comparison.cells import cell_task_runner
+    from tasks.comparison.workers import cell_task_runner
 
     cores = len(os.sched_getaffinity(0))
     for compare, expected in (
@@ -89,7 +89,7 @@ def test_a_cell_that_met_a_busy_prefect_server_runs_again_and_one_that_failed_do
     cell one more try from its finished stages, not the comparison; a real error is not retried."""
     from prefect import flow, task
 
-    from tasks.comparison.cells import train_cell_step
+    from tasks.comparison.cell_training import train_cell_step
 
     monkeypatch.setenv("PREFECT_API_URL", prefect_api)
     attempts: dict[str, int] = {}
