@@ -327,10 +327,36 @@ def finetune_seconds(loaded, work: Path, rounds: int = 3) -> dict[str, float]:
         """(the feature pass, the fine-tuning stages) in seconds; the stages 0 unless `train`."""
         setting = setting_for(budget_mb, cache)
         keras.utils.set_random_seed(config.seed)
-        classifier = build_classifier_for.fn(setting, len(table.classes))
+        chosen = setting.config
+        classifier = build_classifier_for.fn(
+            chosen.base,
+            chosen.head,
+            chosen.compute,
+            chosen.data.image_size,
+            config.seed,
+            setting.project,
+            len(table.classes),
+        )
         started = time.perf_counter()
-        cuts = cuts_ahead(classifier, setting.config, table, None, transfer_stages(setting.config))
-        extract_frozen_features.fn(classifier, table, setting, "bench", None, cuts)
+        cuts = cuts_ahead(
+            classifier,
+            chosen.fine_tune.activation_cache_mb,
+            table,
+            None,
+            transfer_stages(chosen),
+        )
+        cache_dir = StageInputs(classifier, table, setting, "bench").feature_cache_dir
+        extract_frozen_features.fn(
+            classifier,
+            table,
+            chosen.base,
+            chosen.head.pooling,
+            chosen.data,
+            cache_dir,
+            "bench",
+            None,
+            cuts,
+        )
         extraction = time.perf_counter() - started
         if not train:
             return extraction, 0.0
@@ -371,7 +397,16 @@ def measure_training(args, loaded, overrides, work: Path, figures: dict[str, flo
     from tasks.model.classifier import build_classifier_for
 
     size = loaded.config.data.image_size
-    extractor = build_classifier_for.fn(loaded, 10).feature_extractor
+    config = loaded.config
+    extractor = build_classifier_for.fn(
+        config.base,
+        config.head,
+        config.compute,
+        config.data.image_size,
+        config.seed,
+        loaded.project,
+        10,
+    ).feature_extractor
     trace = trace_seconds(extractor, size)
     pairs, count, reads = extraction_rounds(loaded, extractor)
     ratios = sorted(extract / forward for forward, extract in pairs)

@@ -79,13 +79,15 @@ def collect(config: Path, seeds: int, fine_tune: bool, out: Path) -> None:
     minutes = (time.monotonic() - started) / 60
 
     loaded = load_and_check(str(config))
-    table = load_images.fn(loaded, data_version="")  # the table the training runs judged on
+    table = load_images.fn(
+        loaded.config.data, loaded.project, loaded.config.seed, data_version=""
+    )  # the table the training runs judged on
     uri = os.environ["MLFLOW_TRACKING_URI"]
 
     def predicted(version: str) -> np.ndarray:
         found = registered_version(uri, "gate-bench", version)
         assert found is not None
-        scored = version_predictions(uri, found, table, loaded.config)
+        scored = version_predictions(uri, found, table, loaded.config.data.batch_size)
         assert scored is not None
         return scored.predicted
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -86,3 +87,15 @@ def project_root(config_path: str | Path) -> Path:
         if (folder / ".dvc").is_dir() or (folder / ".git").exists():
             return folder
     return start
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A validated config and the project folder its relative paths resolve against."""
+
+    config: PipelineConfig
+    project: Path
+
+    def path(self, relative: str) -> Path:
+        """A config path resolved against the project root."""
+        return (self.project / relative).resolve()

@@ -25,6 +25,7 @@ from tasks.data.table import load_images
 from tasks.data.versioning import pull_data_version
 from tasks.registry.decision import PromotionDecision
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
+from tasks.registry.versions import config_fingerprint
 from tasks.runtime.run_names import label_flow_run
 from tasks.stages.preflight import load_pipeline_config
 from tasks.tracking.runs import RunRef, close_run_after_failure
@@ -68,15 +69,25 @@ def compare_strategies(
     and the stages they begin with through the feature cache and MLflow checkpoints.
     """
     loaded = load_pipeline_config(config_path, overrides or [])
+    config, project = loaded.config, loaded.project
     plan = plan_comparison(loaded)
-    data_version = pull_data_version(loaded)
-    label_flow_run("compare", loaded.config.registry.model_name, data_version, plan.strategy_names)
-    table = load_images(loaded, data_version)
-    check_gate_power(loaded.config.registry, table)
-    check_label_budgets(table, plan.label_budgets, loaded.config.seed)
-    comparison = start_comparison_run(loaded, plan, table, data_version)
+    data_version = pull_data_version(config.data, project, config.timeouts.dvc_pull_seconds)
+    label_flow_run("compare", config.registry.model_name, data_version, plan.strategy_names)
+    table = load_images(config.data, project, config.seed, data_version)
+    check_gate_power(config.registry, table)
+    check_label_budgets(table, plan.label_budgets, config.seed)
+    comparison = start_comparison_run(
+        config.data,
+        config.compare,
+        config.seed,
+        config.tracking,
+        project,
+        plan,
+        table,
+        data_version,
+    )
     try:
-        compare = loaded.config.compare
+        compare = config.compare
         local = compare.work_pool is None
         cells = plan_cells(
             plan,
@@ -99,15 +110,33 @@ def compare_strategies(
         summary = summarize_comparison(outcomes, plan)
         log_cell_summaries(comparison, plan, summary.cells)
         best = summary.winner.outcome
+        winning = best.loaded.config
         challenger = register_challenger_step(
-            best.run, best.final, table, best.loaded, data_version, summary.winner.notes()
+            best.run,
+            best.final,
+            table,
+            winning.registry.model_name,
+            winning.base,
+            winning.data.image_size,
+            config_fingerprint(winning),
+            data_version,
+            summary.winner.notes(),
         )
-        decision = promote_if_better(best.run, challenger, best.evaluation, table, best.loaded)
+        decision = promote_if_better(
+            best.run,
+            challenger,
+            best.evaluation,
+            table,
+            winning.registry,
+            winning.evaluation.primary_metric,
+            winning.data.batch_size,
+            winning.seed,
+        )
     except BaseException as error:
         close_run_after_failure(comparison, error)
         raise
     log_comparison(comparison, summary, plan.metric, challenger, decision)
-    files = publish_comparison(summary, plan.metric, challenger, decision, loaded)
+    files = publish_comparison(summary, plan.metric, challenger, decision, project)
     return ComparisonResult(
         comparison_id=plan.comparison_id,
         run_id=comparison.run_id,

@@ -23,7 +23,10 @@ def train_comparison_cell(cell: CellSpec) -> str:
     """
     loaded = load_pipeline_config(cell.config_path, list(cell.overrides))
     use_tensorflow_threads(loaded.config.compare.threads_per_worker)
-    check_cell_data(cell, pull_data_version(loaded))
+    config = loaded.config
+    check_cell_data(
+        cell, pull_data_version(config.data, loaded.project, config.timeouts.dvc_pull_seconds)
+    )
     return train_cell_step(cell)
 
 

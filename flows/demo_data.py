@@ -32,10 +32,11 @@ def prepare_demo_data(
 ) -> DemoDataResult:
     """Build the demo dataset, check it is the version data.dvc pins, and push it to the remote."""
     loaded = load_pipeline_config(config_path, overrides or [])
-    pinned = pinned_data_version(loaded)
-    demo = build_demo_dataset(loaded)
-    built = track_data_version(loaded)
-    push_data_version(loaded)
+    config, project = loaded.config, loaded.project
+    pinned = pinned_data_version(config.data, project)
+    demo = build_demo_dataset(config.demo, project)
+    built = track_data_version(config.data, project)
+    push_data_version(config.data, project)
     result = DemoDataResult(pinned=pinned, built=built, counts=demo.counts)
-    write_demo_report(loaded, result.pinned, result.built, result.counts)
+    write_demo_report(project, result.pinned, result.built, result.counts)
     return result

@@ -42,9 +42,9 @@ def retrain_classifier(
     loaded = load_pipeline_config(config_path, overrides)
     update = None
     if loaded.config.schedule.git_pull:
-        update = update_checkout(loaded)
+        update = update_checkout(loaded.project)
         loaded = load_pipeline_config(config_path, overrides)  # the pull may have changed it
-    decision = check_for_changes(loaded)
+    decision = check_for_changes(loaded.config, loaded.project)
     publish_decision(decision, update)
     training = train_classifier(config_path, overrides) if decision.retrain else None
     return RetrainResult(decision=decision, update=update, training=training)

@@ -11,6 +11,7 @@ from tasks.data.versioning import pull_data_version
 from tasks.model.classifier import build_classifier_for
 from tasks.registry.decision import PromotionDecision
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
+from tasks.registry.versions import config_fingerprint
 from tasks.report.summary import publish_report
 from tasks.runtime.run_names import label_flow_run
 from tasks.stages.base import StageInputs
@@ -62,19 +63,46 @@ def train_classifier(
     settings up to them) are resumed from their checkpoints instead of trained again.
     """
     loaded = load_pipeline_config(config_path, overrides or [])
+    config, project = loaded.config, loaded.project
     check_training_inputs(loaded)
-    data_version = pull_data_version(loaded)
-    label_flow_run("train", loaded.config.registry.model_name, data_version, [STRATEGY])
-    table = load_images(loaded, data_version)
-    check_gate_power(loaded.config.registry, table)
-    classifier = build_classifier_for(loaded, len(table.classes))
-    stages = transfer_stages(loaded.config)
-    run = start_tracking(loaded, table, data_version, strategy=STRATEGY)
+    data_version = pull_data_version(config.data, project, config.timeouts.dvc_pull_seconds)
+    label_flow_run("train", config.registry.model_name, data_version, [STRATEGY])
+    table = load_images(config.data, project, config.seed, data_version)
+    check_gate_power(config.registry, table)
+    classifier = build_classifier_for(
+        config.base,
+        config.head,
+        config.compute,
+        config.data.image_size,
+        config.seed,
+        project,
+        len(table.classes),
+    )
+    stages = transfer_stages(config)
+    run = start_tracking(config, project, table, data_version, strategy=STRATEGY)
     try:
         inputs = StageInputs(classifier, table, loaded, data_version)
-        outcome = run_stages(run, stages, inputs, resume=loaded.config.tracking.resume)
-        challenger = register_challenger_step(run, outcome.records[-1], table, loaded, data_version)
-        decision = promote_if_better(run, challenger, outcome.evaluation, table, loaded)
+        outcome = run_stages(run, stages, inputs, resume=config.tracking.resume)
+        challenger = register_challenger_step(
+            run,
+            outcome.records[-1],
+            table,
+            config.registry.model_name,
+            config.base,
+            config.data.image_size,
+            config_fingerprint(config),
+            data_version,
+        )
+        decision = promote_if_better(
+            run,
+            challenger,
+            outcome.evaluation,
+            table,
+            config.registry,
+            config.evaluation.primary_metric,
+            config.data.batch_size,
+            config.seed,
+        )
     except BaseException as error:
         close_run_after_failure(run, error)
         raise
@@ -87,7 +115,7 @@ def train_classifier(
         challenger,
         decision,
         outcome.evaluation,
-        loaded,
+        project,
         skipped_images,
     )
     return TrainingResult(

@@ -81,9 +81,9 @@ def test_the_head_s_feature_pass_fills_the_cuts_of_strategies_compared_with_it(
     """A comparison's first cell is often the head alone: its feature pass also writes the
     activations at the cuts of the strategies that fine-tune the same base, so their stages run
     no trunk pass of their own."""
+    from conf import LoadedConfig
     from tasks.stages.base import StageInputs
     from tasks.stages.plan import transfer_stages
-    from tasks.stages.preflight import LoadedConfig
 
     fine_tuning = setting(tmp_path, "MobileNet")
     config = fine_tuning.config

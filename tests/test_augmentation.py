@@ -27,9 +27,9 @@ def test_augmented_training_images_change_every_epoch_and_validation_images_neve
 ) -> None:
     plain = setting(tmp_path, "MobileNet").config
     augmented = setting(tmp_path, "MobileNet", augmentation=AUGMENTED).config
-    train, validation = image_splits(tiny_table, plain)
+    train, validation = image_splits(tiny_table, plain.data, plain.seed)
     changed, changed_validation = image_splits(
-        tiny_table, augmented, augmented.fine_tune.augmentation
+        tiny_table, augmented.data, augmented.seed, augmented.fine_tune.augmentation
     )
     # The same shuffle, so the first batch holds the same images, changed.
     before, epoch_one, epoch_two = first_batch(train), first_batch(changed), first_batch(changed)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conf import load_config
+from conf import LoadedConfig, load_config
 from tasks.comparison.cells import cell_id
 from tasks.comparison.strategies import (
     LabelBudgetError,
@@ -26,7 +26,6 @@ from tasks.comparison.strategies import (
 )
 from tasks.comparison.table import COLUMNS, RUN_COLUMNS
 from tasks.data.table import ImageTable
-from tasks.stages.preflight import LoadedConfig
 from tests.conftest import HAVE_IMAGENET_WEIGHTS
 from tests.servers import fresh_name
 

@@ -11,19 +11,17 @@ import pytest
 import tensorflow as tf
 from mlflow import MlflowClient
 
-from conf import PipelineConfig
+from conf import LoadedConfig, PipelineConfig
 from tasks.inference.activations import split_at_cut
 from tasks.model.bases import BaseOptionsError
-from tasks.model.classifier import build_classifier_for
 from tasks.registry.versions import config_fingerprint
 from tasks.stages.base import StageInputs
 from tasks.stages.fine_tune import fine_tune_stage_on_activations
 from tasks.stages.frozen_features import extract_frozen_features
 from tasks.stages.plan import transfer_stages
-from tasks.stages.preflight import LoadedConfig
 from tasks.stages.runner import lineage_keys, run_stages
 from tasks.tracking.steps import finish_tracking, start_tracking
-from tests.tiny_stages import setting
+from tests.tiny_stages import classifier_for, setting
 
 HAS_GPU = bool(tf.config.list_physical_devices("GPU"))
 
@@ -42,12 +40,14 @@ def test_mixed_float16_with_xla_trains_the_head_and_every_run_names_its_device(
     tmp_path: Path, tiny_table, mlflow_uri: str
 ) -> None:
     loaded = computing(tmp_path, "mixed_float16", jit_compile=True)
-    classifier = build_classifier_for.fn(loaded, len(tiny_table.classes))
+    classifier = classifier_for(loaded, len(tiny_table.classes))
     assert keras.config.dtype_policy().name == "float32"  # the next model built is not mixed
     assert classifier.base.layers[-1].compute_dtype == "float16"
     assert classifier.model.output.dtype == "float32"  # probabilities and loss in float32
 
-    run = start_tracking.fn(loaded, tiny_table, "v1", strategy="feature_extraction")
+    run = start_tracking.fn(
+        loaded.config, loaded.project, tiny_table, "v1", strategy="feature_extraction"
+    )
     inputs = StageInputs(classifier, tiny_table, loaded, "v1")
     outcome = run_stages(run, transfer_stages(loaded.config)[:1], inputs, resume=False)
     finish_tracking.fn(run, outcome.summaries, failed=False)
@@ -77,10 +77,23 @@ def test_mixed_float16_fine_tunes_through_activations_of_its_own(
     trained = {}
     for precision in ("mixed_float16", "float32"):
         loaded = computing(tmp_path, precision)
-        classifier = build_classifier_for.fn(loaded, len(tiny_table.classes))
+        classifier = classifier_for(loaded, len(tiny_table.classes))
         stage = transfer_stages(loaded.config)[1]
         inputs = StageInputs(classifier, tiny_table, loaded, "v1")
-        trained[precision] = fine_tune_stage_on_activations.fn(inputs, stage)
+        config = loaded.config
+        trained[precision] = fine_tune_stage_on_activations.fn(
+            classifier,
+            tiny_table,
+            stage,
+            config.base,
+            config.data,
+            inputs.feature_cache_dir,
+            config.fine_tune.activation_cache_mb,
+            config.seed,
+            config.compute.jit_compile,
+            "v1",
+            None,
+        )
         assert split_at_cut(classifier).top.dtype_policy.name == precision
     half, full = trained["mixed_float16"], trained["float32"]
     assert half is not None and full is not None  # both trained through the activation cache
@@ -94,8 +107,22 @@ def test_float32_and_mixed_float16_features_are_separate_cache_entries(
 ) -> None:
     mixed, single = computing(tmp_path, "mixed_float16"), computing(tmp_path, "float32")
     n = len(tiny_table.classes)
-    half = extract_frozen_features.fn(build_classifier_for.fn(mixed, n), tiny_table, mixed, "v1")
-    full = extract_frozen_features.fn(build_classifier_for.fn(single, n), tiny_table, single, "v1")
+
+    def features(loaded: LoadedConfig):
+        config = loaded.config
+        classifier = classifier_for(loaded, n)
+        inputs = StageInputs(classifier, tiny_table, loaded, "v1")
+        return extract_frozen_features.fn(
+            classifier,
+            tiny_table,
+            config.base,
+            config.head.pooling,
+            config.data,
+            inputs.feature_cache_dir,
+            "v1",
+        )
+
+    half, full = features(mixed), features(single)
     assert not any(entry.reused for entry in full.values())  # same cache folder, own entries
     assert {e.features for e in half.values()}.isdisjoint(e.features for e in full.values())
     half_test, full_test = half["test"].load()[0], full["test"].load()[0]
@@ -109,14 +136,16 @@ def test_precision_and_xla_key_stages_and_retrains_but_the_defaults_change_no_ke
     # One classifier for every setting: the keys must follow the compute settings alone, not
     # how a base with random weights happened to be drawn.
     built = computing(tmp_path, "float32")
-    classifier = build_classifier_for.fn(built, len(tiny_table.classes))
+    classifier = classifier_for(built, len(tiny_table.classes))
 
     def keys(**compute) -> tuple[list[str], str]:
         tree = built.config.model_dump(mode="json")
         tree["compute"] = compute
         loaded = LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
         inputs = StageInputs(classifier, tiny_table, loaded, "v1")
-        return lineage_keys(transfer_stages(loaded.config), inputs), config_fingerprint(loaded)
+        return lineage_keys(transfer_stages(loaded.config), inputs), config_fingerprint(
+            loaded.config
+        )
 
     default = keys()
     assert keys(precision="float32", jit_compile=False) == default
@@ -132,5 +161,5 @@ def test_a_failed_build_leaves_the_global_policy_as_it_was(tmp_path: Path, preci
     tree["base"]["options"] = {"alpah": 0.25}  # rejected while the base is being built
     loaded = LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
     with pytest.raises(BaseOptionsError, match="Did you mean 'alpha'"):
-        build_classifier_for.fn(loaded, 10)
+        classifier_for(loaded, 10)
     assert keras.config.dtype_policy().name == "float32"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conf import ConfigError, load_config
+from conf import ConfigError, LoadedConfig, load_config
 from tasks.registry.freshness import (
     GitPullError,
     ProjectUpdate,
@@ -18,7 +18,6 @@ from tasks.registry.freshness import (
     training_data_version,
 )
 from tasks.registry.versions import ModelVersionRef
-from tasks.stages.preflight import LoadedConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 DATA = "0123abcd.dir"
@@ -86,9 +85,9 @@ def test_markdown_says_up_to_date_and_where_git_moved() -> None:
 def test_training_data_version_reads_the_pin_without_pulling(tmp_path: Path) -> None:
     (tmp_path / "data.dvc").write_text(yaml.safe_dump({"outs": [{"md5": DATA, "path": "data"}]}))
     loaded = LoadedConfig(load_config(CONF / "default.yaml"), tmp_path)
-    assert training_data_version(loaded) == DATA
+    assert training_data_version(loaded.config.data, loaded.project) == DATA
     (tmp_path / "data.dvc").unlink()
-    assert training_data_version(loaded) is None
+    assert training_data_version(loaded.config.data, loaded.project) is None
 
 
 @pytest.mark.parametrize(
@@ -111,9 +110,7 @@ def test_moving_the_schedule_or_the_gate_does_not_make_the_next_run_retrain() ->
     from tasks.registry.versions import config_fingerprint
 
     def fingerprint(*overrides: str) -> str:
-        return config_fingerprint(
-            LoadedConfig(load_config(CONF / "default.yaml", list(overrides)), CONF.parent)
-        )
+        return config_fingerprint(load_config(CONF / "default.yaml", list(overrides)))
 
     unchanged = fingerprint()
     assert fingerprint("schedule.cron=0 4 * * *", "schedule.git_pull=true") == unchanged

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conf import load_config
+from conf import LoadedConfig, load_config
 from tasks.comparison.intervals import on_test_set, over_seeds
 from tasks.comparison.table import summarize_cells
 from tasks.comparison.winner import pick_winner
 from tasks.inference.evaluate import score_predictions
-from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import RunRef, StageRecord
 

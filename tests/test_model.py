@@ -380,9 +380,8 @@ def test_a_random_base_is_the_same_for_a_seed_while_other_threads_draw_random_nu
 ) -> None:
     """Keras seeds unseeded initializers from Python's global `random`; a thread drawing from
     it (as Prefect's and MLflow's may) must not change the base a seed builds."""
-    from conf import PipelineConfig
-    from tasks.model.classifier import build_classifier_for
-    from tasks.stages.preflight import LoadedConfig
+    from conf import LoadedConfig, PipelineConfig
+    from tests.tiny_stages import classifier_for
 
     tree = {"base": {"architecture": "MobileNetV2", "weights": None}, "data": {"image_size": 32}}
     loaded = LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
@@ -395,7 +394,7 @@ def test_a_random_base_is_the_same_for_a_seed_while_other_threads_draw_random_nu
     drawing = threading.Thread(target=draw, daemon=True)
     drawing.start()
     try:
-        first, second = (build_classifier_for.fn(loaded, 3).base for _ in range(2))
+        first, second = (classifier_for(loaded, 3).base for _ in range(2))
     finally:
         stop.set()
         drawing.join()

@@ -13,14 +13,13 @@ import pytest
 from mlflow import MlflowClient
 from PIL import Image
 
-from conf import PipelineConfig
+from conf import LoadedConfig, PipelineConfig
 from tasks.data.table import load_image_table
 from tasks.inference.evaluate import evaluate_on_images, score_predictions
 from tasks.registry import held_out, promotion
 from tasks.registry.held_out import version_predictions
 from tasks.registry.promotion import load_problem, promote_if_better
 from tasks.registry.versions import CHAMPION, ModelVersionRef, aliased_version
-from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.runs import RunRef
 from tests.serving_models import register_serving_model
 
@@ -70,17 +69,47 @@ def loaded_config(tmp_path: Path, name: str, **registry) -> LoadedConfig:
     return LoadedConfig(PipelineConfig.model_validate(tree), tmp_path)
 
 
+def promote_as_the_flows_do(run: RunRef, version, evaluation, table, loaded: LoadedConfig):
+    """The promote-if-better step, on the sections of `loaded` the flows pass it."""
+    config = loaded.config
+    return promote_if_better.fn(
+        run,
+        version,
+        evaluation,
+        table,
+        config.registry,
+        config.evaluation.primary_metric,
+        config.data.batch_size,
+        config.seed,
+    )
+
+
+def paired(uri, challenger, score, table, loaded: LoadedConfig):
+    config = loaded.config
+    return promotion.paired_decider(
+        uri,
+        challenger,
+        score,
+        table,
+        config.registry,
+        config.evaluation.primary_metric,
+        config.data.batch_size,
+        config.seed,
+    )
+
+
 def promote(uri, run_id, version, table, loaded):
-    predictions = version_predictions(uri, version, table, loaded.config)
+    predictions = version_predictions(uri, version, table, loaded.config.data.batch_size)
     evaluation = score_predictions(predictions.probabilities, predictions.labels, table.classes)
     experiment = MlflowClient(uri).get_run(run_id).info.experiment_id
-    return promote_if_better.fn(RunRef(run_id, experiment, uri), version, evaluation, table, loaded)
+    run = RunRef(run_id, experiment, uri)
+    return promote_as_the_flows_do(run, version, evaluation, table, loaded)
 
 
 def test_a_challenger_that_cannot_be_loaded_is_never_promoted(mlflow_uri, table, tmp_path) -> None:
     loaded = loaded_config(tmp_path, "load-check")
     run_id, version = registered(mlflow_uri, "load-check", brightness_model(1.0), table)
-    assert load_problem(mlflow_uri, version, table, loaded.config) is None
+    assert load_problem(mlflow_uri, version, table) is None
     evaluation = score_predictions(np.tile([0.1, 0.9], (12, 1)), np.ones(12, dtype=int), CLASSES)
     # The model's files go missing from the artifact store after registration.
     stored = MlflowClient(mlflow_uri).get_model_version_download_uri("load-check", version.version)
@@ -88,7 +117,7 @@ def test_a_challenger_that_cannot_be_loaded_is_never_promoted(mlflow_uri, table,
 
     experiment = MlflowClient(mlflow_uri).get_run(run_id).info.experiment_id
     run = RunRef(run_id, experiment, mlflow_uri)
-    decision = promote_if_better.fn(run, version, evaluation, table, loaded)
+    decision = promote_as_the_flows_do(run, version, evaluation, table, loaded)
     assert not decision.promote and "failed the load check" in decision.reason
     tags = MlflowClient(mlflow_uri).get_model_version("load-check", version.version).tags
     assert tags["promotion.decision"] == "rejected" and "load check" in tags["promotion.reason"]
@@ -217,15 +246,15 @@ def test_the_paired_gate_scores_the_challenger_only_against_a_champion_and_once(
     _, second = registered(mlflow_uri, name, brightness_model(1.0), table)
     scored: list[str] = []
 
-    def counted(uri, version, table, config):
+    def counted(uri, version, table, batch_size):
         scored.append(version.version)
-        return version_predictions(uri, version, table, config)
+        return version_predictions(uri, version, table, batch_size)
 
     monkeypatch.setattr(promotion, "version_predictions", counted)
-    assert promotion.paired_decider(mlflow_uri, first, 1.0, table, loaded.config)(None).promote
+    assert paired(mlflow_uri, first, 1.0, table, loaded)(None).promote
     assert scored == []  # a first registration predicts nothing beyond the load check
 
-    decide = promotion.paired_decider(mlflow_uri, second, 1.0, table, loaded.config)
+    decide = paired(mlflow_uri, second, 1.0, table, loaded)
     assert decide(first).promote and decide(first).promote
     assert scored == ["1", "2", "1"]  # the champion each time, the challenger once
 
@@ -248,10 +277,10 @@ def test_the_gate_pairs_the_stages_scores_with_the_champions_stored_predictions(
     monkeypatch.setattr(held_out, "load_keras_model", counted)
     model = brightness_model(1.0)
     run_id, second = registered(mlflow_uri, name, model, table)
-    scored = evaluate_on_images.fn(model, table, loaded.config)  # as its final stage scores it
+    scored = evaluate_on_images.fn(model, table, loaded.config.data)  # as its final stage scores it
     experiment = MlflowClient(mlflow_uri).get_run(run_id).info.experiment_id
     run = RunRef(run_id, experiment, mlflow_uri)
-    decision = promote_if_better.fn(run, second, scored, table, loaded)
+    decision = promote_as_the_flows_do(run, second, scored, table, loaded)
     assert loads == []  # neither version ran over the test images again
     assert decision.promote and decision.report.images == 12
     assert decision.report.difference.estimate == 0.0
@@ -266,12 +295,12 @@ def test_the_gate_pairs_the_stages_scores_with_the_champions_stored_predictions(
     damaged = tmp_path / stored.rsplit("/", 1)[1]
     damaged.write_bytes(b"not an npz file")
     client.log_artifact(first.run_id, str(damaged), "gate_predictions")
-    again = promotion.paired_decider(mlflow_uri, second, 1.0, table, loaded.config)(first)
+    again = paired(mlflow_uri, second, 1.0, table, loaded)(first)
     assert loads == [first.uri]
     assert "are unreadable" in caplog.text and "running the model over the test" in caplog.text
     assert again.promote and again.report.difference.estimate == 0.0
     loads.clear()
-    promotion.paired_decider(mlflow_uri, second, 1.0, table, loaded.config)(first)
+    paired(mlflow_uri, second, 1.0, table, loaded)(first)
     assert loads == []
 
     # Other contents under the same paths are other test images: nothing stored is read.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from conf import load_config
+from conf import LoadedConfig, load_config
 from tasks.comparison.cells import in_dependency_order, plan_cells
 from tasks.comparison.strategies import (
     ComparisonPlan,
@@ -13,7 +13,6 @@ from tasks.comparison.strategies import (
     shared_prefix,
     stage_path,
 )
-from tasks.stages.preflight import LoadedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # A ladder of fine-tuning depths, each beginning with the shallower one's stages.

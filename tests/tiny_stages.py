@@ -6,12 +6,11 @@ from pathlib import Path
 
 import keras
 
-from conf import PipelineConfig
+from conf import LoadedConfig, PipelineConfig
 from tasks.model.bases import build_base
-from tasks.model.classifier import build_classifier
+from tasks.model.classifier import build_classifier, build_classifier_for
 from tasks.stages.base import StageInputs
 from tasks.stages.plan import transfer_stages
-from tasks.stages.preflight import LoadedConfig
 
 SIZE = 32
 
@@ -33,6 +32,20 @@ def setting(tmp_path: Path, architecture: str, **fine_tune) -> LoadedConfig:
         }
     )
     return LoadedConfig(config, tmp_path)
+
+
+def classifier_for(loaded: LoadedConfig, num_classes: int):
+    """The build-classifier step, on the sections of `loaded` the flows pass it."""
+    config = loaded.config
+    return build_classifier_for.fn(
+        config.base,
+        config.head,
+        config.compute,
+        config.data.image_size,
+        config.seed,
+        loaded.project,
+        num_classes,
+    )
 
 
 def fresh_classifier(table, architecture: str):

@@ -49,7 +49,6 @@ def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
     Reads the image table from the project as the comparison did (the comparison has already
     pulled the data and checked every image).
     """
-
     loaded = load_and_check(cell.config_path, cell.overrides)
     strategies = resolve_strategies(loaded)
     strategy = strategy_named(strategies, cell.strategy).with_seed(cell.seed)
@@ -64,7 +63,15 @@ def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
         kept = ~table.frame["path"].isin(set(cell.skipped_images))
         table = replace(table, frame=table.frame[kept].reset_index(drop=True))
     labelled = keep_labels_per_class(table, cell.labels_per_class, config.seed)
-    classifier = build_classifier_for(strategy.loaded, len(labelled.classes))
+    classifier = build_classifier_for(
+        config.base,
+        config.head,
+        config.compute,
+        config.data.image_size,
+        config.seed,
+        loaded.project,
+        len(labelled.classes),
+    )
     return strategy, StageInputs(
         classifier,
         labelled,
@@ -83,7 +90,8 @@ def train_cell(cell: CellSpec) -> str:
     strategy, inputs = set_up_cell(cell)
     config = strategy.loaded.config
     run = start_tracking(
-        strategy.loaded,
+        config,
+        strategy.loaded.project,
         inputs.table,
         cell.data_version,
         strategy=strategy.name,

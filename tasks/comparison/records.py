@@ -11,6 +11,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conf.compare import CompareConfig
+from conf.data import DataConfig
+from conf.servers import TrackingConfig
 from tasks.comparison.charts import comparison_figure, data_efficiency_figure, markdown_comparison
 from tasks.comparison.strategies import ComparisonPlan
 from tasks.comparison.table import CellSummary
@@ -20,7 +23,6 @@ from tasks.registry.decision import PromotionDecision
 from tasks.registry.versions import ModelVersionRef
 from tasks.runtime.timeouts import retry_if_store_locked
 from tasks.runtime.tracking_server import tracking_uri, ui_hint
-from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import (
     RunRef,
@@ -62,19 +64,27 @@ def _listed(values: tuple[int, ...]) -> str:
     retry_condition_fn=retry_if_store_locked,
 )
 def start_comparison_run(
-    loaded: LoadedConfig, plan: ComparisonPlan, table: ImageTable, data_version: str
+    data: DataConfig,
+    compare: CompareConfig,
+    seed: int,
+    tracking: TrackingConfig,
+    project: Path,
+    plan: ComparisonPlan,
+    table: ImageTable,
+    data_version: str,
 ) -> RunRef:
-    """Open the comparison's own MLflow run, beside the strategies' runs, for the table and charts.
+    """Open the comparison's own MLflow run in the tracking section's experiment, beside the
+    strategies' runs, for the table and charts; its params are the seed and the data and compare
+    sections.
 
     Image files left out as undecodable are listed on it, as on a training run.
     """
-    config = loaded.config
-    uri = tracking_uri(loaded.project)
-    experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
+    uri = tracking_uri(project)
+    experiment_id = ensure_experiment(uri, tracking.experiment, project)
     tree = {
-        "seed": config.seed,
-        "data": config.data.model_dump(mode="json"),
-        "compare": config.compare.model_dump(mode="json"),
+        "seed": seed,
+        "data": data.model_dump(mode="json"),
+        "compare": compare.model_dump(mode="json"),
     }
     strategies = ", ".join(strategy.name for strategy in plan.strategies)
     description = (
@@ -92,15 +102,15 @@ def start_comparison_run(
             "comparison_id": plan.comparison_id,
             "comparison": "summary",
             "data_version": data_version,
-            **source_tags(loaded.project),
+            **source_tags(project),
         },
         dataset=table.frame,
-        dataset_source=str(loaded.path(config.data.path)),
+        dataset_source=str((project / data.path).resolve()),
         data_version=data_version,
-        heartbeat_seconds=config.tracking.heartbeat_seconds,
+        heartbeat_seconds=tracking.heartbeat_seconds,
         description=description,
     )
-    log_skipped_images(run, table.skipped, loaded.project)
+    log_skipped_images(run, table.skipped, project)
     return run
 
 
@@ -222,9 +232,10 @@ def publish_comparison(
     metric: str,
     challenger: ModelVersionRef,
     decision: PromotionDecision,
-    loaded: LoadedConfig,
+    project: Path,
 ) -> ComparisonFiles:
-    """Prefect table and summary artifacts for the UI; both CSVs and charts under reports/."""
+    """Prefect table and summary artifacts for the UI; both CSVs and charts under the project's
+    reports/."""
     frame, runs, winner = summary.table, summary.runs, summary.winner
     create_table_artifact(
         table=frame.round(4).to_dict(orient="records"),
@@ -232,13 +243,13 @@ def publish_comparison(
         description="Mean, standard deviation and interval of the test scores over the seeds, "
         "per strategy and budget",
     )
-    ui = ui_hint(winner.outcome.run.tracking_uri, loaded.project)
+    ui = ui_hint(winner.outcome.run.tracking_uri, project)
     create_markdown_artifact(
         markdown_comparison(frame, metric, winner, challenger, decision, ui),
         key="comparison-summary",
         description="The comparison table, the winning strategy and the promotion decision",
     )
-    reports = loaded.path("reports")
+    reports = project / "reports"
     reports.mkdir(parents=True, exist_ok=True)
     files = ComparisonFiles(
         table=reports / "comparison.csv",

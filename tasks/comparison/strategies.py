@@ -13,6 +13,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf import LoadedConfig
 from conf.errors import ExpectedError
 from conf.schema import PipelineConfig
 from tasks.data.table import ImageTable
@@ -20,7 +21,7 @@ from tasks.model.bases import check_architecture
 from tasks.stages.base import Stage
 from tasks.stages.from_scratch import FromScratch
 from tasks.stages.plan import scratch_stages, transfer_stages
-from tasks.stages.preflight import LoadedConfig, check_training_config
+from tasks.stages.preflight import check_training_config
 
 
 class NoStrategiesError(ExpectedError, ValueError):

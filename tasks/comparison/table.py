@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from conf import LoadedConfig
 from tasks.comparison.intervals import ScoreInterval, score_interval
 from tasks.inference.evaluate import Evaluation
-from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import RunRef, StageRecord
 

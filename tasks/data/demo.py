@@ -16,6 +16,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.data import DemoDataConfig
 from conf.errors import ExpectedError
 from tasks.runtime.keras_internals import keras_home
 
@@ -191,11 +192,10 @@ def _grey_png(pixels: np.ndarray) -> bytes:
 
 
 @task(name="build-demo-dataset", cache_policy=NO_CACHE)
-def build_demo_dataset(loaded) -> DemoDataset:
+def build_demo_dataset(demo: DemoDataConfig, project: Path) -> DemoDataset:
     """Write the demo cut that the config's `demo:` section describes."""
-    demo = loaded.config.demo
     return write_demo_dataset(
-        loaded.path(demo.out),
+        (project / demo.out).resolve(),
         train_per_class=demo.train_per_class,
         val_per_class=demo.val_per_class,
         test_per_class=demo.test_per_class,
@@ -204,9 +204,11 @@ def build_demo_dataset(loaded) -> DemoDataset:
 
 
 @task(name="write-demo-report", cache_policy=NO_CACHE)
-def write_demo_report(loaded, pinned: str | None, built: str, counts: dict[str, int]) -> Path:
+def write_demo_report(
+    project: Path, pinned: str | None, built: str, counts: dict[str, int]
+) -> Path:
     """reports/demo_data.json: the split sizes and whether the build matches the pinned version."""
-    report = loaded.path("reports/demo_data.json")
+    report = project / "reports" / "demo_data.json"
     report.parent.mkdir(parents=True, exist_ok=True)
     summary = {"pinned": pinned, "built": built, "matches_pin": pinned == built, "counts": counts}
     report.write_text(json.dumps(summary, indent=2) + "\n")

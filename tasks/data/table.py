@@ -16,6 +16,7 @@ from PIL import Image
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.data import DataConfig
 from tasks.data.errors import DataError, DataNotFoundError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg"})
@@ -287,17 +288,14 @@ def _shorten(listing: str, limit: int = 2000) -> str:
 
 
 @task(name="load-images", cache_policy=NO_CACHE)
-def load_images(loaded, data_version: str) -> ImageTable:
+def load_images(data: DataConfig, project: Path, seed: int, data_version: str) -> ImageTable:
     """Read the dataset's table and split, and check every image decodes, before any training.
 
     Undecodable files fail the run or, with `data.on_bad_images: skip`, are left out and listed
-    in the table's `skipped`.
+    in the table's `skipped`. `seed` draws the split; `data_version` (pull-data's) is the version
+    the files on disk are.
     """
-    config = loaded.config
     table = load_image_table(
-        loaded.path(config.data.path),
-        config.data.val_fraction,
-        config.data.test_fraction,
-        config.seed,
+        (project / data.path).resolve(), data.val_fraction, data.test_fraction, seed
     )
-    return check_images(table, config.data.on_bad_images)
+    return check_images(table, data.on_bad_images)

@@ -13,6 +13,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conf.data import DataConfig
 from conf.errors import ExpectedError
 from tasks.data.errors import DataError, DataNotFoundError
 from tasks.runtime.credentials import redact_url
@@ -160,49 +161,49 @@ def fingerprint_files(path: Path) -> str:
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
     retry_condition_fn=_retry_failed_downloads,
 )
-def pull_data_version(loaded) -> str:
+def pull_data_version(data: DataConfig, project: Path, budget: float) -> str:
     """Pull the data version the .dvc file pins and return its hash (files' fingerprint without DVC).
 
     Inside a `dvc repro` stage DVC has already checked the data out, so the step only verifies it.
+    The pull gives up after `budget` seconds (timeouts.dvc_pull_seconds).
     """
-    dvc_file = loaded.config.data.dvc_file
+    dvc_file = data.dvc_file
     if dvc_file is None:
-        path = loaded.path(loaded.config.data.path)
+        path = (project / data.path).resolve()
         if not path.exists():
             raise DataNotFoundError(f"data path {path} does not exist; set data.path in the config")
         return fingerprint_files(path)
     if os.environ.get("DVC_STAGE"):
-        return data_version(loaded.project, dvc_file).md5
-    budget = loaded.config.timeouts.dvc_pull_seconds
+        return data_version(project, dvc_file).md5
     pulled = call_within(
         budget,
         f"`dvc pull {dvc_file}` did not finish within timeouts.dvc_pull_seconds ({budget} s): "
         "the DVC remote is slow or does not answer. Check the remote (`dvc remote list`, "
         "`dvc status -c`), or raise timeouts.dvc_pull_seconds for a large first pull.",
-        lambda: pull_data(loaded.project, dvc_file),
+        lambda: pull_data(project, dvc_file),
     )
     return pulled.md5
 
 
 @task(name="read-pinned-version", cache_policy=NO_CACHE)
-def pinned_data_version(loaded) -> str | None:
+def pinned_data_version(data: DataConfig, project: Path) -> str | None:
     """The hash the .dvc file pins now, or None when the repository has none yet."""
-    dvc_file = loaded.config.data.dvc_file
-    if dvc_file is None or not (loaded.project / dvc_file).is_file():
+    dvc_file = data.dvc_file
+    if dvc_file is None or not (project / dvc_file).is_file():
         return None
-    return str(_tracked_output(loaded.project, dvc_file)["md5"])
+    return str(_tracked_output(project, dvc_file)["md5"])
 
 
 @task(name="dvc-add", cache_policy=NO_CACHE)
-def track_data_version(loaded) -> str:
+def track_data_version(data: DataConfig, project: Path) -> str:
     """`dvc add` the data folder the .dvc file tracks; returns the new hash it pins."""
     from dvc.repo import Repo
 
-    dvc_file = loaded.config.data.dvc_file or "data.dvc"
-    tracked = loaded.project / Path(dvc_file).with_suffix("")
-    with Repo(os.fspath(loaded.project)) as repo:
+    dvc_file = data.dvc_file or "data.dvc"
+    tracked = project / Path(dvc_file).with_suffix("")
+    with Repo(os.fspath(project)) as repo:
         repo.add([os.fspath(tracked)])  # DVC resolves targets from cwd: pass absolute paths
-    return str(_tracked_output(loaded.project, dvc_file)["md5"])
+    return str(_tracked_output(project, dvc_file)["md5"])
 
 
 @task(
@@ -211,10 +212,10 @@ def track_data_version(loaded) -> str:
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=2),
 )
-def push_data_version(loaded) -> int:
+def push_data_version(data: DataConfig, project: Path) -> int:
     """`dvc push` the pinned data to the repository's default remote; returns files pushed."""
     from dvc.repo import Repo
 
-    dvc_file = loaded.config.data.dvc_file or "data.dvc"
-    with Repo(os.fspath(loaded.project)) as repo:
-        return int(repo.push(targets=[os.fspath(loaded.project / dvc_file)]))
+    dvc_file = data.dvc_file or "data.dvc"
+    with Repo(os.fspath(project)) as repo:
+        return int(repo.push(targets=[os.fspath(project / dvc_file)]))

@@ -12,11 +12,14 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 import numpy as np
 import pandas as pd
 
+from conf.data import DataConfig
+from conf.training import BaseModelConfig
 from tasks.data.stream import image_dataset
 from tasks.inference.cached_pass import Wanted, cached_outputs
 from tasks.inference.features import (
@@ -132,10 +135,9 @@ def images_to_cache(table, train_pool: pd.DataFrame | None) -> int:
     return len(train) + len(table.split("val")) + len(table.split("test"))
 
 
-def cut_for_stage(classifier, stage, config, images: int) -> CutModels | str:
+def cut_for_stage(classifier, stage, budget: float, images: int) -> CutModels | str:
     """Where `stage` (a FineTuneBlocks) trains through the activation cache, or why it trains
-    through the whole model instead."""
-    budget = config.fine_tune.activation_cache_mb
+    through the whole model instead; `budget` is fine_tune.activation_cache_mb."""
     if budget == 0:
         return "fine_tune.activation_cache_mb is 0"
     if stage.augmentation.enabled:
@@ -165,43 +167,50 @@ def features_and_cuts(classifier, cuts: list[CutModels]) -> keras.Model:
     return keras.Model(pixels, [pooled, *outputs[1:]], name="features_and_cuts")
 
 
-def activation_key(cut: CutModels, loaded, data_version: str) -> Wanted:
-    """What the cache stores a cut's activations under, and where."""
-    config = loaded.config
+def activation_key(
+    cut: CutModels,
+    base: BaseModelConfig,
+    image_size: int,
+    cache_dir: Path | None,
+    data_version: str,
+) -> Wanted:
+    """What the cache stores a cut's activations under, and where: under `cache_dir` (the
+    feature cache's folder), or nowhere when it is None."""
     key = ActivationKey(
         data_version=data_version,
-        architecture=config.base.architecture,
-        options=json.dumps(config.base.options, sort_keys=True),
+        architecture=base.architecture,
+        options=json.dumps(base.options, sort_keys=True),
         weights_sha256=weights_fingerprint(cut.trunk),
-        image_size=config.data.image_size,
+        image_size=image_size,
         cut=cut.cut,
         dtype=np.dtype(CACHE_DTYPE).name,
         precision=cut.precision,
     )
-    folder = config.feature_extraction.cache_dir
-    return Wanted(key, loaded.path(folder) / "activations" if folder else None, CACHE_DTYPE)
+    return Wanted(key, cache_dir / "activations" if cache_dir else None, CACHE_DTYPE)
 
 
 def cached_activations(
-    cut: CutModels, table, loaded, data_version: str, train_pool: pd.DataFrame | None
+    cut: CutModels,
+    table,
+    base: BaseModelConfig,
+    data: DataConfig,
+    cache_dir: Path | None,
+    data_version: str,
+    train_pool: pd.DataFrame | None,
 ) -> dict[str, CachedFeatures]:
     """Each split's trunk output, from the cache or computed with one pass through the trunk.
 
     With `train_pool` (a comparison's), the pool's training images are one entry shared by its
     budgets and seeds, as for the frozen features.
     """
-
-    config = loaded.config
-    wanted = activation_key(cut, loaded, data_version)
+    wanted = activation_key(cut, base, data.image_size, cache_dir, data_version)
     cached = {}
     for split in ("train", "val", "test"):
         frame = table.split(split)
         if frame.empty:
             continue
         source = train_pool if split == "train" and train_pool is not None else frame
-        dataset = image_dataset(
-            source, table.classes, config.data.image_size, config.data.batch_size
-        )
+        dataset = image_dataset(source, table.classes, data.image_size, data.batch_size)
         (entry,) = cached_outputs(cut.trunk, dataset, source, [wanted], f"activations: {split}")
         cached[split] = entry if source is frame else picked_rows(entry, source, frame)
     return cached

@@ -9,6 +9,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.data import DataConfig
 from tasks.data.stream import image_dataset
 from tasks.inference.forward import forward_pass
 
@@ -133,7 +134,6 @@ def confusion_matrix_figure(evaluation: Evaluation, title: str = "Test confusion
 
 def evaluate_model(model, dataset, count: int, classes: tuple[str, ...]) -> Evaluation:
     """Score `model` on a dataset of `count` images in (images, labels) batches."""
-
     probabilities, labels = forward_pass(model, dataset, count, "evaluation")
     return score_predictions(probabilities, labels, classes)
 
@@ -159,9 +159,8 @@ def evaluate_on_features(classifier, test_features, classes: tuple[str, ...]) ->
 
 
 @task(name="evaluate-on-test-images", cache_policy=NO_CACHE)
-def evaluate_on_images(model, table, config) -> Evaluation:
-    """Score the whole model on the held-out test images."""
-
+def evaluate_on_images(model, table, data: DataConfig) -> Evaluation:
+    """Score the whole model on the held-out test images, decoded at `data.image_size`."""
     frame = table.split("test")
-    test = image_dataset(frame, table.classes, config.data.image_size, config.data.batch_size)
+    test = image_dataset(frame, table.classes, data.image_size, data.batch_size)
     return evaluate_model(model, test, len(frame), table.classes)

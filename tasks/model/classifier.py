@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from random import Random
 from typing import Literal
 
@@ -16,6 +17,7 @@ import keras
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.training import BaseModelConfig, ComputeConfig, HeadConfig
 from tasks.model.bases import build_base, preprocessing_layer
 from tasks.model.compute import MIXED_FLOAT16, device_description, layer_precision
 from tasks.runtime.keras_internals import initializer_seeds_drawn_from
@@ -126,32 +128,42 @@ def initializers_seeded(seed: int) -> Iterator[None]:
 
 
 @task(name="build-classifier", cache_policy=NO_CACHE)
-def build_classifier_for(loaded, num_classes: int) -> Classifier:
-    """The frozen base with the configured weights, and a new head for `num_classes` classes."""
-    config = loaded.config
-    weights = config.base.weights
+def build_classifier_for(
+    base_config: BaseModelConfig,
+    head: HeadConfig,
+    compute: ComputeConfig,
+    image_size: int,
+    seed: int,
+    project: Path,
+    num_classes: int,
+) -> Classifier:
+    """The frozen base with the configured weights, and a new head for `num_classes` classes.
+
+    A weights file named relative to the project is found under `project`.
+    """
+    weights = base_config.weights
     if weights not in (None, "imagenet"):
-        weights = str(loaded.path(weights))  # a weights file named relative to the project
-    keras.utils.set_random_seed(config.seed)
-    with initializers_seeded(config.seed):
+        weights = str((project / weights).resolve())
+    keras.utils.set_random_seed(seed)
+    with initializers_seeded(seed):
         base = build_base(
-            config.base.architecture,
+            base_config.architecture,
             weights,
-            config.data.image_size,
-            config.base.options,
-            precision=config.compute.precision,
+            image_size,
+            base_config.options,
+            precision=compute.precision,
         )
-    if config.compute.precision == MIXED_FLOAT16 and device_description() == "CPU":
+    if compute.precision == MIXED_FLOAT16 and device_description() == "CPU":
         run_logger().warning(
             "compute.precision is mixed_float16 but TensorFlow sees no GPU: training runs in "
             "float16 on the CPU, usually slower than float32."
         )
     return build_classifier(
         base,
-        config.base.architecture,
+        base_config.architecture,
         num_classes,
-        pooling=config.head.pooling,
-        dropout=config.head.dropout,
-        hidden_units=config.head.hidden_units,
-        seed=config.seed,
+        pooling=head.pooling,
+        dropout=head.dropout,
+        hidden_units=head.hidden_units,
+        seed=seed,
     )

@@ -10,7 +10,9 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from conf.data import DataConfig
 from conf.errors import ExpectedError
+from conf.schema import PipelineConfig
 from tasks.data.versioning import fingerprint_files, pinned_data_version
 from tasks.registry.versions import (
     CHALLENGER,
@@ -20,7 +22,6 @@ from tasks.registry.versions import (
     config_fingerprint,
 )
 from tasks.runtime.tracking_server import tracking_uri
-from tasks.stages.preflight import LoadedConfig
 
 
 class GitPullError(ExpectedError, RuntimeError):
@@ -80,14 +81,14 @@ def _head(project: Path) -> str:
     return done.stdout.strip()
 
 
-def training_data_version(loaded: LoadedConfig) -> str | None:
+def training_data_version(data: DataConfig, project: Path) -> str | None:
     """The data version a training run would use now: the hash data.dvc pins, without pulling.
 
     None when the .dvc file is missing; training then stops with the message that says so.
     """
-    if loaded.config.data.dvc_file is None:
-        return fingerprint_files(loaded.path(loaded.config.data.path))
-    return pinned_data_version.fn(loaded)
+    if data.dvc_file is None:
+        return fingerprint_files((project / data.path).resolve())
+    return pinned_data_version.fn(data, project)
 
 
 def _trained_on(version: ModelVersionRef, data_version: str | None, config: str) -> bool:
@@ -156,14 +157,15 @@ def decide_retraining(
     return decided(True, "; ".join(changes))
 
 
-def check_against_registry(loaded: LoadedConfig) -> RetrainDecision:
-    """Compare the pinned data and the config with what the registered models were trained on."""
-    uri = tracking_uri(loaded.project)
-    name = loaded.config.registry.model_name
+def check_against_registry(config: PipelineConfig, project: Path) -> RetrainDecision:
+    """Compare the pinned data and the whole config (its fingerprint) with what the registered
+    models were trained on."""
+    uri = tracking_uri(project)
+    name = config.registry.model_name
     return decide_retraining(
         name,
-        training_data_version(loaded),
-        config_fingerprint(loaded),
+        training_data_version(config.data, project),
+        config_fingerprint(config),
         aliased_version(uri, name, CHAMPION),
         aliased_version(uri, name, CHALLENGER),
     )
@@ -193,15 +195,15 @@ def decision_markdown(decision: RetrainDecision, update: ProjectUpdate | None) -
 
 
 @task(name="git-pull", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def update_checkout(loaded: LoadedConfig) -> ProjectUpdate:
+def update_checkout(project: Path) -> ProjectUpdate:
     """`git pull --ff-only` the project; retried, since a remote can be briefly unreachable."""
-    return git_pull(loaded.project)
+    return git_pull(project)
 
 
 @task(name="check-for-changes", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def check_for_changes(loaded: LoadedConfig) -> RetrainDecision:
+def check_for_changes(config: PipelineConfig, project: Path) -> RetrainDecision:
     """Decide whether to retrain, from data.dvc, the config and the registry's tags."""
-    decision = check_against_registry(loaded)
+    decision = check_against_registry(config, project)
     get_run_logger().info("Retraining check: %s", decision.reason)
     return decision
 

@@ -32,7 +32,7 @@ class HeldOutPredictions:
 
 
 def version_predictions(
-    uri: str, version: ModelVersionRef, table, config
+    uri: str, version: ModelVersionRef, table, batch_size: int
 ) -> HeldOutPredictions | None:
     """A registered version's predictions on this test split, or None when it has other classes.
 
@@ -53,7 +53,7 @@ def version_predictions(
     if model.output_shape[-1] != len(table.classes):
         return None
     size = int(model.input_shape[1])
-    test = image_dataset(frame, table.classes, size, config.data.batch_size)
+    test = image_dataset(frame, table.classes, size, batch_size)
     probabilities, labels = forward_pass(model, test, len(frame), f"v{version.version}: test")
     predictions = HeldOutPredictions(probabilities, labels)
     _store_predictions(uri, version, frame, predictions)

@@ -20,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from conf.registry import RegistryConfig
+from conf.training import BaseModelConfig
 from tasks.inference.evaluate import Evaluation, score_predictions
 from tasks.registry.decision import (
     PromotionDecision,
@@ -34,18 +35,16 @@ from tasks.registry.serving import log_serving_model
 from tasks.registry.serving_model import IMAGE_COLUMN, LABEL_COLUMN, PROBABILITY_COLUMN
 from tasks.registry.versions import (
     ModelVersionRef,
-    config_fingerprint,
     load_pyfunc,
     register_challenger,
 )
 from tasks.runtime.run_log import registration_line, run_logger
 from tasks.runtime.timeouts import retry_if_store_locked
-from tasks.runtime.tracking_server import tracking_uri, using_tracking_uri
-from tasks.stages.preflight import LoadedConfig
+from tasks.runtime.tracking_server import using_tracking_uri
 from tasks.tracking.runs import RunRef, StageRecord
 
 
-def load_problem(uri: str, version: ModelVersionRef, table, config) -> str | None:
+def load_problem(uri: str, version: ModelVersionRef, table) -> str | None:
     """Why the version cannot serve, or None: loaded as a pyfunc from the registry, it must
     answer a request of real test image files as `mlflow models serve` would: one row per image,
     with its label, probability and a column per class."""
@@ -73,19 +72,21 @@ def paired_decider(
     challenger: ModelVersionRef,
     challenger_score: float,
     table,
-    config,
+    registry: RegistryConfig,
+    metric: str,
+    batch_size: int,
+    seed: int,
 ) -> Callable[[ModelVersionRef | None], PromotionDecision]:
     """The paired gate against whichever champion is current when it is called.
 
     The challenger predicts the test set once, and only when there is a champion to compare it
-    with: a first registration, or a challenger below min_value, scores nothing.
+    with: a first registration, or a challenger below min_value, scores nothing. `seed` draws
+    the gate's bootstrap.
     """
-    registry: RegistryConfig = config.registry
-    metric = config.evaluation.primary_metric
 
     @functools.cache
     def challenger_predictions() -> HeldOutPredictions | None:
-        return version_predictions(uri, challenger, table, config)
+        return version_predictions(uri, challenger, table, batch_size)
 
     def decide(champion: ModelVersionRef | None) -> PromotionDecision:
         def decided(promote: bool, reason: str, **more) -> PromotionDecision:
@@ -102,7 +103,7 @@ def paired_decider(
             return decided(
                 True, f"no champion yet; {metric} {challenger_score:.4f} meets the minimum"
             )
-        theirs = version_predictions(uri, champion, table, config)
+        theirs = version_predictions(uri, champion, table, batch_size)
         mine = None if theirs is None else challenger_predictions()
         if mine is None or theirs is None:
             return decided(
@@ -116,7 +117,7 @@ def paired_decider(
             alpha=registry.alpha,
             margin=registry.margin,
             max_class_drop=registry.max_class_drop,
-            seed=config.seed,
+            seed=seed,
         )
         champion_score = score_predictions(theirs.probabilities, theirs.labels, table.classes)
         return decided(
@@ -130,14 +131,17 @@ def paired_decider(
 
 
 def threshold_decider(
-    uri: str, challenger_score: float, table, config
+    uri: str,
+    challenger_score: float,
+    table,
+    registry: RegistryConfig,
+    metric: str,
+    batch_size: int,
 ) -> Callable[[ModelVersionRef | None], PromotionDecision]:
     """The threshold gate: the champion's score on this test split against the challenger's."""
-    registry: RegistryConfig = config.registry
-    metric = config.evaluation.primary_metric
 
     def decide(champion: ModelVersionRef | None) -> PromotionDecision:
-        scored = None if champion is None else version_predictions(uri, champion, table, config)
+        scored = None if champion is None else version_predictions(uri, champion, table, batch_size)
         champion_score = (
             None
             if scored is None
@@ -188,21 +192,24 @@ def register_challenger_step(
     run: RunRef,
     record: StageRecord,
     table,
-    loaded: LoadedConfig,
+    model_name: str,
+    base: BaseModelConfig,
+    image_size: int,
+    config_sha256: str,
     data_version: str,
     notes: dict[str, str] | None = None,
 ) -> ModelVersionRef:
-    """Register the final stage's model, packaged for serving (tasks/registry/serving.py) on the stage's
-    run, recording what it was trained on (and `notes`)."""
-
-    config = loaded.config
+    """Register the final stage's model as a version of `model_name`, packaged for serving
+    (tasks/registry/serving.py) on the stage's run, recording what it was trained on: data
+    version, config fingerprint (`config_fingerprint`), base, image size, classes (and
+    `notes`)."""
     if record.model_uri is None:
         raise ValueError(f"stage {record.stage} logged no model to register")
     tags = {
         "data_version": data_version,
-        "config_sha256": config_fingerprint(loaded),
-        "architecture": config.base.architecture,
-        "image_size": str(config.data.image_size),
+        "config_sha256": config_sha256,
+        "architecture": base.architecture,
+        "image_size": str(image_size),
         "stage": record.stage,
         "classes": json.dumps(list(table.classes)),
         **(notes or {}),
@@ -211,7 +218,7 @@ def register_challenger_step(
         MlflowClient(run.tracking_uri).get_run(record.run_id).data.tags.get(MLFLOW_RUN_NOTE, "")
     )
     description = (
-        f"{config.base.architecture} at {config.data.image_size} px, {len(table.classes)} classes, "
+        f"{base.architecture} at {image_size} px, {len(table.classes)} classes, "
         f"data version {data_version[:12]}: the model of the {record.stage} stage (run "
         f"{record.run_id}) of pipeline run {run.run_id}. {stage_note}"
     ).strip()
@@ -222,7 +229,7 @@ def register_challenger_step(
     return register_challenger(
         run.tracking_uri,
         serving_uri,
-        config.registry.model_name,
+        model_name,
         run.run_id,
         tags,
         description=description,
@@ -231,26 +238,36 @@ def register_challenger_step(
 
 @task(name="promote-if-better", cache_policy=NO_CACHE)
 def promote_if_better(
-    run: RunRef, challenger: ModelVersionRef, evaluation: Evaluation, table, loaded: LoadedConfig
+    run: RunRef,
+    challenger: ModelVersionRef,
+    evaluation: Evaluation,
+    table,
+    registry: RegistryConfig,
+    metric: str,
+    batch_size: int,
+    seed: int,
 ) -> PromotionDecision:
     """Check the challenger loads from the registry, apply the gate, promote if it passed;
-    the decision goes to the run's log as the command prints it."""
+    the decision goes to the run's log as the command prints it.
 
-    config = loaded.config
-    metric = config.evaluation.primary_metric
+    The challenger is judged on `metric` (evaluation.primary_metric); the gate's models score
+    the test images in batches of `batch_size`, and `seed` draws its bootstrap.
+    """
     score = evaluation.metric(metric)
-    uri = tracking_uri(loaded.project)
-    problem = load_problem(uri, challenger, table, config)
+    uri = run.tracking_uri
+    problem = load_problem(uri, challenger, table)
     if problem is None:
         keep_scored_predictions(uri, challenger, table, evaluation)
     if problem is not None:
         decision = PromotionDecision(False, problem, metric, score)
         record_decision(uri, challenger, run.run_id, decision)
     else:
-        if config.registry.gate == "threshold":
-            decide = threshold_decider(uri, score, table, config)
+        if registry.gate == "threshold":
+            decide = threshold_decider(uri, score, table, registry, metric, batch_size)
         else:
-            decide = paired_decider(uri, challenger, score, table, config)
+            decide = paired_decider(
+                uri, challenger, score, table, registry, metric, batch_size, seed
+            )
         decision = promote_through_gate(uri, challenger, run.run_id, metric, score, decide)
     log_promotion(challenger, decision)
     return decision

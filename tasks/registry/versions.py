@@ -10,18 +10,15 @@ import hashlib
 import json
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conf.errors import ExpectedError
+from conf.schema import PipelineConfig
 from tasks.runtime.credentials import redact_url
 from tasks.runtime.tracking_server import using_tracking_uri
-
-if TYPE_CHECKING:  # the training modules load TensorFlow; promoting by hand needs none of it
-    from tasks.stages.preflight import LoadedConfig
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -175,13 +172,13 @@ def version_of(ref: ModelVersionRef | None) -> str | None:
     return None if ref is None else ref.version
 
 
-def config_fingerprint(loaded: LoadedConfig) -> str:
+def config_fingerprint(config: PipelineConfig) -> str:
     """sha256 of the resolved training config, to tell later whether a retrain would differ."""
     # Whether stages may be resumed, how often a run beats, whether undecodable images fail
     # the run or are left out (a model is only ever trained on the decodable ones), how the
     # paired gate decides, and whether stages train through the activation cache change
     # nothing a retrain produces.
-    tree = loaded.config.model_dump(
+    tree = config.model_dump(
         mode="json",
         exclude={
             "demo": True,
@@ -192,5 +189,5 @@ def config_fingerprint(loaded: LoadedConfig) -> str:
             "compute": True,
         },
     )
-    tree.update(loaded.config.compute.non_default())  # precision and XLA change the weights
+    tree.update(config.compute.non_default())  # precision and XLA change the weights
     return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()

@@ -16,7 +16,6 @@ from tasks.registry.decision import PromotionDecision
 from tasks.registry.versions import ModelVersionRef
 from tasks.runtime.credentials import redact_url
 from tasks.runtime.tracking_server import ui_hint
-from tasks.stages.preflight import LoadedConfig
 from tasks.tracking.history import StageSummary, TrainingHistory
 from tasks.tracking.runs import SKIPPED_IMAGES_ARTIFACT, RunRef
 
@@ -146,14 +145,15 @@ def publish_report(
     challenger: ModelVersionRef,
     decision: PromotionDecision,
     evaluation: Evaluation,
-    loaded: LoadedConfig,
+    project: Path,
     skipped_images: int = 0,
 ) -> None:
-    """A Prefect markdown artifact for the UI; metrics, training curve and confusion matrix for DVC."""
-    ui = ui_hint(run.tracking_uri, loaded.project)
+    """A Prefect markdown artifact for the UI; metrics, training curve and confusion matrix for
+    DVC, in the project's reports/."""
+    ui = ui_hint(run.tracking_uri, project)
     create_markdown_artifact(
         markdown_summary(run, summaries, challenger, decision, ui, skipped_images),
         key="training-summary",
         description="Stages, test scores and the promotion decision of this run",
     )
-    write_dvc_reports(loaded.path("reports"), summaries, histories, evaluation)
+    write_dvc_reports(project / "reports", summaries, histories, evaluation)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tasks.tracking.history import StageResult
@@ -10,10 +11,10 @@ from tasks.tracking.history import StageResult
 if TYPE_CHECKING:
     import pandas as pd
 
+    from conf import LoadedConfig
     from conf.training import AugmentationConfig
     from tasks.data.table import ImageTable
     from tasks.model.classifier import Classifier
-    from tasks.stages.preflight import LoadedConfig
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,12 @@ class StageInputs:
     data_version: str
     feature_pool: pd.DataFrame | None = None
     shared_stages: tuple[Stage, ...] = ()
+
+    @property
+    def feature_cache_dir(self) -> Path | None:
+        """The folder frozen features and activations are cached in; None: not cached."""
+        folder = self.loaded.config.feature_extraction.cache_dir
+        return self.loaded.path(folder) if folder else None
 
 
 class Stage(Protocol):

@@ -39,15 +39,19 @@ class HeadOnFeatures:
     def features(self, inputs: StageInputs) -> dict:
         """Every split's frozen features, with the activations at the cuts of the fine-tuning
         stages to come (this strategy's and `inputs.shared_stages`), from the cache or cached."""
+        config = inputs.loaded.config
         return for_stage(extract_frozen_features, self.name)(
             inputs.classifier,
             inputs.table,
-            inputs.loaded,
+            config.base,
+            config.head.pooling,
+            config.data,
+            inputs.feature_cache_dir,
             inputs.data_version,
             inputs.feature_pool,
             cuts_ahead(
                 inputs.classifier,
-                inputs.loaded.config,
+                config.fine_tune.activation_cache_mb,
                 inputs.table,
                 inputs.feature_pool,
                 [*self.ahead, *inputs.shared_stages],
@@ -55,10 +59,16 @@ class HeadOnFeatures:
         )
 
     def train(self, inputs: StageInputs) -> StageResult:
-
+        config = inputs.loaded.config
         features = self.features(inputs)
         history = for_stage(train_new_head, self.name)(
-            inputs.classifier, features, inputs.loaded.config, self.name
+            inputs.classifier,
+            features,
+            self.settings,
+            config.data.batch_size,
+            config.seed,
+            config.compute.jit_compile,
+            self.name,
         )
         evaluation = for_stage(evaluate_on_features, self.name)(
             inputs.classifier, features["test"], inputs.table.classes
@@ -67,9 +77,16 @@ class HeadOnFeatures:
 
 
 @task(name="train-head", cache_policy=NO_CACHE)
-def train_new_head(classifier, features, config, stage: str) -> TrainingHistory:
+def train_new_head(
+    classifier,
+    features,
+    settings: FeatureExtractionConfig,
+    batch_size: int,
+    seed: int,
+    jit_compile: bool,
+    stage: str,
+) -> TrainingHistory:
     """The new head learns on the frozen base's cached features (`stage` names its epoch lines)."""
-    settings = config.feature_extraction
     validation = features["val"].load() if "val" in features else None
     return train_head(
         classifier.head,
@@ -78,8 +95,8 @@ def train_new_head(classifier, features, config, stage: str) -> TrainingHistory:
         epochs=settings.epochs,
         learning_rate=settings.learning_rate,
         patience=settings.patience,
-        batch_size=config.data.batch_size,
-        seed=config.seed,
+        batch_size=batch_size,
+        seed=seed,
         stage=stage,
-        jit_compile=config.compute.jit_compile,
+        jit_compile=jit_compile,
     )

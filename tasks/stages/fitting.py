@@ -8,6 +8,7 @@ import time
 import keras
 import numpy as np
 
+from conf.data import DataConfig
 from tasks.data.stream import image_dataset
 from tasks.model.batch_norm import measure_batch_norm_statistics
 from tasks.runtime.run_log import epoch_line, run_logger
@@ -230,14 +231,13 @@ def augmentation_layers(settings, seed: int) -> keras.Sequential | None:
     return keras.Sequential(layers, name="augmentation")
 
 
-def image_splits(table, config, augmentation=None):
-    """The shuffled training images, augmented when `augmentation` (an AugmentationConfig) is on,
-    and the validation images (None when there are none)."""
-
-    size, batch = config.data.image_size, config.data.batch_size
-    augment = augmentation_layers(augmentation, config.seed) if augmentation else None
+def image_splits(table, data: DataConfig, seed: int, augmentation=None):
+    """The training images shuffled by `seed`, augmented when `augmentation` (an
+    AugmentationConfig) is on, and the validation images (None when there are none)."""
+    size, batch = data.image_size, data.batch_size
+    augment = augmentation_layers(augmentation, seed) if augmentation else None
     train = image_dataset(
-        table.split("train"), table.classes, size, batch, shuffle_seed=config.seed, augment=augment
+        table.split("train"), table.classes, size, batch, shuffle_seed=seed, augment=augment
     )
     val_frame = table.split("val")
     validation = None if val_frame.empty else image_dataset(val_frame, table.classes, size, batch)

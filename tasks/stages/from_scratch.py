@@ -8,6 +8,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.data import DataConfig
 from conf.training import AugmentationConfig
 from tasks.data.stream import image_dataset
 from tasks.inference.evaluate import evaluate_on_images
@@ -47,27 +48,33 @@ class FromScratch:
         return "Every layer, BatchNorm included, trained from random weights: the baseline."
 
     def train(self, inputs: StageInputs) -> StageResult:
-
+        config = inputs.loaded.config
         history = for_stage(train_from_scratch, self.name)(
-            inputs.classifier, inputs.table, self, inputs.loaded.config
+            inputs.classifier,
+            inputs.table,
+            self,
+            config.data,
+            config.seed,
+            config.compute.jit_compile,
         )
         evaluation = for_stage(evaluate_on_images, self.name)(
-            inputs.classifier.model, inputs.table, inputs.loaded.config
+            inputs.classifier.model, inputs.table, config.data
         )
         return StageResult(history, evaluation)
 
 
 @task(name="train-from-scratch", cache_policy=NO_CACHE)
-def train_from_scratch(classifier, table, stage: FromScratch, config) -> TrainingHistory:
+def train_from_scratch(
+    classifier, table, stage: FromScratch, data: DataConfig, seed: int, jit_compile: bool
+) -> TrainingHistory:
     """Train the whole network from its random weights.
 
     BatchNorm statistics come from up to 512 training images (see fit_from_scratch).
     """
-
     make_fully_trainable(classifier.base)
-    train, validation = image_splits(table, config, stage.augmentation)
+    train, validation = image_splits(table, data, seed, stage.augmentation)
     sample = image_dataset(
-        table.split("train"), table.classes, config.data.image_size, 512, shuffle_seed=config.seed
+        table.split("train"), table.classes, data.image_size, 512, shuffle_seed=seed
     )
     return fit_from_scratch(
         classifier.model,
@@ -77,7 +84,7 @@ def train_from_scratch(classifier, table, stage: FromScratch, config) -> Trainin
         epochs=stage.epochs,
         learning_rate=stage.learning_rate,
         patience=stage.patience,
-        seed=config.seed,
+        seed=seed,
         stage=stage.name,
-        jit_compile=config.compute.jit_compile,
+        jit_compile=jit_compile,
     )

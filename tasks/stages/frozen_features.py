@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from conf.data import DataConfig
+from conf.training import BaseModelConfig
 from tasks.data.stream import image_dataset
 from tasks.inference.activations import (
     CutModels,
@@ -29,10 +32,11 @@ from tasks.stages.fine_tune import FineTuneBlocks
 
 
 def cuts_ahead(
-    classifier, config, table, train_pool: pd.DataFrame | None, stages: Sequence
+    classifier, budget: float, table, train_pool: pd.DataFrame | None, stages: Sequence
 ) -> list[CutModels]:
     """The cuts of `stages` (the fine-tuning stages after the feature pass, this strategy's and
-    other strategies' on the same frozen base) that will train through the cache.
+    other strategies' on the same frozen base) that will train through the cache, within
+    `budget` MB (fine_tune.activation_cache_mb).
 
     The feature pass computes them with the features: it runs the whole base anyway, so they
     cost only their writing, where each stage would otherwise run its trunk over every image.
@@ -41,7 +45,7 @@ def cuts_ahead(
     cuts: dict[str, CutModels] = {}
     for stage in stages:
         if isinstance(stage, FineTuneBlocks):
-            cut = cut_for_stage(classifier, stage, config, images)
+            cut = cut_for_stage(classifier, stage, budget, images)
             if not isinstance(cut, str):
                 cuts.setdefault(cut.cut, cut)
     return list(cuts.values())
@@ -51,35 +55,33 @@ def cuts_ahead(
 def extract_frozen_features(
     classifier,
     table,
-    loaded,
+    base: BaseModelConfig,
+    pooling: str,
+    data: DataConfig,
+    cache_dir: Path | None,
     data_version: str,
     train_pool: pd.DataFrame | None = None,
     cuts: Sequence = (),
 ) -> dict[str, CachedFeatures]:
     """Every split's features through the frozen base, reused from the cache when the key matches.
 
-    With `train_pool` (rows of the table's frame, a superset of its training split) the whole
-    pool's features are cached as one entry and the training split's rows are picked from it,
-    so every label budget and seed of a comparison reads the same entry. `cuts` (CutModels of
-    the fine-tuning stages to come) have their activations cached by the same pass.
+    The cache is the folder `cache_dir` (none when None). With `train_pool` (rows of the table's
+    frame, a superset of its training split) the whole pool's features are cached as one entry
+    and the training split's rows are picked from it, so every label budget and seed of a
+    comparison reads the same entry. `cuts` (CutModels of the fine-tuning stages to come) have
+    their activations cached by the same pass.
     """
-    config = loaded.config
     key = FeatureKey(
         data_version=data_version,
-        architecture=config.base.architecture,
-        options=json.dumps(config.base.options, sort_keys=True),
+        architecture=base.architecture,
+        options=json.dumps(base.options, sort_keys=True),
         weights_sha256=weights_fingerprint(classifier.base),
-        image_size=config.data.image_size,
-        pooling=config.head.pooling,
+        image_size=data.image_size,
+        pooling=pooling,
         precision=classifier.precision,
     )
-    cache_dir = (
-        loaded.path(config.feature_extraction.cache_dir)
-        if config.feature_extraction.cache_dir
-        else None
-    )
     wanted = [Wanted(key, cache_dir)]
-    wanted += [activation_key(cut, loaded, data_version) for cut in cuts]
+    wanted += [activation_key(cut, base, data.image_size, cache_dir, data_version) for cut in cuts]
     model = features_and_cuts(classifier, list(cuts)) if cuts else classifier.feature_extractor
     features = {}
     for split in ("train", "val", "test"):
@@ -87,9 +89,7 @@ def extract_frozen_features(
         if frame.empty:
             continue
         source = train_pool if split == "train" and train_pool is not None else frame
-        dataset = image_dataset(
-            source, table.classes, config.data.image_size, config.data.batch_size
-        )
+        dataset = image_dataset(source, table.classes, data.image_size, data.batch_size)
         cached = cached_outputs(model, dataset, source, wanted, f"features: {split}")[0]
         features[split] = cached if source is frame else picked_rows(cached, source, frame)
     return features

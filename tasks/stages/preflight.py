@@ -2,28 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from conf import PipelineConfig, load_config, project_root
+from conf import LoadedConfig, load_config, project_root
 from tasks.inference.features import check_cache_dir
 from tasks.model.bases import check_architecture, resolve_weights
 from tasks.model.blocks import base_block_count, check_unfreeze_depths
 from tasks.runtime.timeouts import bound_mlflow_calls
 from tasks.runtime.tracking_server import check_tracking_server, tracking_uri
-
-
-@dataclass(frozen=True)
-class LoadedConfig:
-    config: PipelineConfig
-    project: Path
-
-    def path(self, relative: str) -> Path:
-        """A config path resolved against the project root."""
-        return (self.project / relative).resolve()
 
 
 def load_and_check(

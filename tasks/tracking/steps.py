@@ -9,6 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from conf.schema import PipelineConfig
 from tasks.data.stream import image_dataset
 from tasks.model.compute import DEVICE_TAG, device_description
 from tasks.runtime.timeouts import retry_if_store_locked
@@ -46,7 +47,8 @@ _BACKOFF = exponential_backoff(backoff_factor=2)
     retry_condition_fn=retry_if_store_locked,
 )
 def start_tracking(
-    loaded,
+    config: PipelineConfig,
+    project: Path,
     table,
     data_version: str,
     strategy: str,
@@ -58,14 +60,14 @@ def start_tracking(
     device TensorFlow trains on, and the list of image files left out as undecodable, if any.
 
     `tags` add to the standard ones, e.g. a comparison's id and label budget; `dataset_name`
-    names a subset of the data (default: the data file or folder's name).
+    names a subset of the data (default: the data file or folder's name). The whole `config`
+    becomes the run's params; `project` is the folder its paths are relative to.
     """
-    config = loaded.config
-    uri = tracking_uri(loaded.project)
-    experiment_id = ensure_experiment(uri, config.tracking.experiment, loaded.project)
+    uri = tracking_uri(project)
+    experiment_id = ensure_experiment(uri, config.tracking.experiment, project)
     tree = config.model_dump(mode="json", exclude={"demo"})
-    dataset = table.frame.assign(path=relative_paths(table.frame["path"], loaded.project))
-    dataset_source = loaded.path(config.data.path)
+    dataset = table.frame.assign(path=relative_paths(table.frame["path"], project))
+    dataset_source = (project / config.data.path).resolve()
     sizes = {split: len(table.split(split)) for split in SPLIT_CONTEXTS}
     weights = config.base.weights or "random"
     description = (
@@ -82,7 +84,7 @@ def start_tracking(
         run_name=run_name or f"{config.base.architecture}-{strategy}",
         params=flatten(tree),
         tags={
-            **source_tags(loaded.project),
+            **source_tags(project),
             "data_version": data_version,
             "strategy": strategy,
             "architecture": config.base.architecture,
@@ -96,7 +98,7 @@ def start_tracking(
         description=description,
         dataset_name=dataset_name,
     )
-    log_skipped_images(run, table.skipped, loaded.project)
+    log_skipped_images(run, table.skipped, project)
     return run
 
 
