@@ -19,6 +19,8 @@ LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 LAYERS = "flows use tasks, tasks use conf, never the other way"
 CONF_WITHOUT_TENSORFLOW = "conf loads without TensorFlow, Keras or MLflow"
 GATE_IS_STATISTICS = "tasks.registry.gate is pure statistics"
+TASK_LAYERS = "tasks: each package imports only the packages below it"
+NO_CYCLE = "no import cycle among siblings"
 
 
 @pytest.fixture
@@ -53,7 +55,7 @@ def test_the_project_keeps_every_contract(project_copy: Path) -> None:
     result = lint_imports(project_copy)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    for contract in (LAYERS, CONF_WITHOUT_TENSORFLOW, GATE_IS_STATISTICS):
+    for contract in (LAYERS, TASK_LAYERS, NO_CYCLE, CONF_WITHOUT_TENSORFLOW, GATE_IS_STATISTICS):
         assert f"{contract} KEPT" in output
     assert " 0 broken" in output
 
@@ -67,6 +69,18 @@ def test_the_project_keeps_every_contract(project_copy: Path) -> None:
             "from flows import cli",
             LAYERS,
             "tasks.report.summary -> flows.cli",
+        ),
+        (
+            "tasks.data.table",
+            "from tasks.stages.runner import run_stages",
+            TASK_LAYERS,
+            "tasks.data.table -> tasks.stages.runner",
+        ),
+        (
+            "tasks.model.classifier",
+            "from tasks.tracking import runs",
+            TASK_LAYERS,
+            "tasks.model.classifier -> tasks.tracking.runs",
         ),
         ("conf.schema", "import keras", CONF_WITHOUT_TENSORFLOW, "conf.schema -> keras"),
         (
@@ -87,3 +101,14 @@ def test_an_import_against_a_contract_fails_and_names_it(
     assert result.returncode != 0, output
     assert f"{contract} BROKEN" in output
     assert named_import in output
+
+
+def test_a_cycle_inside_a_package_fails_and_names_it(project_copy: Path) -> None:
+    """The layers allow any import inside one package; a cycle among its modules still fails."""
+    plant(project_copy, "tasks.stages.plan", "from tasks.stages import runner")
+    plant(project_copy, "tasks.stages.runner", "from tasks.stages import plan")
+    result = lint_imports(project_copy)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert f"{NO_CYCLE} BROKEN" in output
+    assert "No cycles are allowed in tasks.stages" in output
