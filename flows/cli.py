@@ -225,7 +225,6 @@ def comparison_text(table, metric: str) -> str:
 @command("demo-data")
 def demo_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Build the Fashion-MNIST demo dataset, pin it with DVC (data.dvc) and push it to the remote."""
-
     result = _run_flow("flows.demo_data:prepare_demo_data", config, list(set_ or []))
     counts = ", ".join(f"{split} {count}" for split, count in result.counts.items())
     typer.echo(f"Demo data: {counts} images, DVC version {result.built}")

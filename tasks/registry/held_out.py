@@ -40,7 +40,6 @@ def version_predictions(
     contents, so a version is run over a test set once: the gate of the retrain after the one
     that registered it reads them back (checked against the split's labels) instead.
     """
-
     classes = json.loads(version.tags.get("classes", "null") or "null")
     if classes is not None and tuple(classes) != tuple(table.classes):
         return None

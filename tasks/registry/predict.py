@@ -105,7 +105,6 @@ def load_serving_model(model_uri: str, uri: str) -> ServingModel:
     An alias is resolved once and the version it names is loaded, so the whole run uses one
     version even if the alias moves meanwhile.
     """
-
     check_tracking_server(uri)
     version = resolve_version(uri, model_uri)
     with using_tracking_uri(uri):  # models:/ URIs resolve against the tracking store's registry

@@ -196,7 +196,6 @@ def fit_from_scratch(
     one class in inference mode. The statistics are measured on `images` (training images)
     before each validation and once more at the end, for the weights the model keeps.
     """
-
     keras.utils.set_random_seed(seed)
     history = _fit(
         model,

@@ -136,7 +136,6 @@ def trunk_lineage(inputs: StageInputs) -> dict[str, Any]:
 
     Image paths count relative to the project, so a clone elsewhere finds the same stages.
     """
-
     config = inputs.loaded.config
     return {
         "lineage_version": LINEAGE_VERSION,
