@@ -99,7 +99,9 @@ def score_predictions(
     picked = probabilities[np.arange(len(labels)), labels]
     loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
     return Evaluation(
-        classes=tuple(classes),
+        # A tuple of its own: Prefect links every part of a task's result to later tasks whose
+        # inputs hold it, and the table's own would tie every task that reads the table to this.
+        classes=tuple(list(classes)),
         accuracy=float(true_positive.sum() / len(labels)),
         macro_f1=float(f1[actual_count > 0].mean()),
         loss=loss,

@@ -33,6 +33,15 @@ class StageInputs:
     data_version: str
     feature_pool: pd.DataFrame | None = None
     shared_stages: tuple[Stage, ...] = ()
+    # What the stage's first step waits for: the record of the stage before it. A stage changes
+    # the classifier in place, which Prefect cannot see; this draws the stages in order in the
+    # run graph.
+    after: tuple[Any, ...] = ()
+
+    @property
+    def unlogged_models_dir(self) -> Path:
+        """Where a stage's model is kept if the tracking server cannot take it."""
+        return self.loaded.project / ".cache" / "unlogged-models"
 
     @property
     def feature_cache_dir(self) -> Path | None:

@@ -56,6 +56,7 @@ class HeadOnFeatures:
                 inputs.feature_pool,
                 [*self.ahead, *inputs.shared_stages],
             ),
+            wait_for=inputs.after,
         )
 
     def train(self, inputs: StageInputs) -> StageResult:

@@ -92,6 +92,7 @@ class FineTuneBlocks:
             config.compute.jit_compile,
             inputs.data_version,
             inputs.feature_pool,
+            wait_for=inputs.after,
         )
         if through_cache is not None:
             return through_cache
@@ -102,6 +103,7 @@ class FineTuneBlocks:
             config.data,
             config.seed,
             config.compute.jit_compile,
+            wait_for=inputs.after,
         )
         evaluation = for_stage(evaluate_on_images, self.name)(
             inputs.classifier.model, inputs.table, config.data

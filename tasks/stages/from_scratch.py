@@ -56,6 +56,7 @@ class FromScratch:
             config.data,
             config.seed,
             config.compute.jit_compile,
+            wait_for=inputs.after,
         )
         evaluation = for_stage(evaluate_on_images, self.name)(
             inputs.classifier.model, inputs.table, config.data

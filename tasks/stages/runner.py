@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +90,7 @@ def run_stages(
             log_stage_scores(summaries[-1], resumed_from=checkpoint.run_id)
         evaluation = done[-1].evaluation
     for stage, key in zip(stages[len(done) :], keys[len(done) :], strict=True):
-        result = stage.train(inputs)
+        result = stage.train(replace(inputs, after=tuple(records[-1:])))
         log_trained = for_stage(log_stage_run, stage.name)
         records.append(
             log_trained(
@@ -101,7 +101,7 @@ def run_stages(
                 inputs.classifier.model,
                 inputs.table,
                 inputs.loaded.config.data.image_size,
-                inputs.loaded.project,
+                inputs.unlogged_models_dir,
                 key,
                 description=stage.describe(),
                 first_step=_steps_so_far(summaries),

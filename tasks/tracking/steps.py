@@ -121,7 +121,7 @@ def log_stage_run(
     model,
     table,
     image_size: int,
-    project: Path,
+    unlogged_dir: Path,
     lineage: str,
     *,
     description: str,
@@ -131,13 +131,12 @@ def log_stage_run(
 
     `model` is the trained Keras classifier, `table` the images it trained and was tested on
     (one test image, at `image_size`, is the model's input example); if the tracking server is
-    lost, the model is kept under `project`. `description` says what the stage trains; `first_step` is the number of epochs the stages
-    before it ran.
+    lost, the model is kept as a .keras file in `unlogged_dir`. `description` says what the
+    stage trains; `first_step` is the number of epochs the stages before it ran.
     """
     example_frame = table.split("test").head(1)
-    example = next(iter(image_dataset(example_frame, table.classes, image_size, batch_size=1)))[
-        0
-    ].numpy()
+    batch = next(iter(image_dataset(example_frame, table.classes, image_size, batch_size=1)))
+    example = batch[0].numpy()
     try:
         return log_stage(
             run,
@@ -160,16 +159,15 @@ def log_stage_run(
         lost = tracking_server_lost(error, run.tracking_uri)
         if lost is None:
             raise
-        kept = save_unlogged_model(model, project, run, stage)
+        kept = save_unlogged_model(model, unlogged_dir, run, stage)
         raise TrackingServerLostError(
             f"{lost} The {stage} stage trained but could not be logged: its model is saved at "
             f"{kept}."
         ) from error
 
 
-def save_unlogged_model(model, project_root: Path, run: RunRef, stage: str) -> Path:
-    """Keep a trained model the tracking server could not take, as a .keras file in the project."""
-    folder = project_root / ".cache" / "unlogged-models"
+def save_unlogged_model(model, folder: Path, run: RunRef, stage: str) -> Path:
+    """Keep a trained model the tracking server could not take, as a .keras file in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{run.run_id}-{stage}.keras"
     model.save(path)
