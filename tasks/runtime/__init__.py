@@ -1,1 +1,1 @@
-"""What every run stands on: servers and their time budgets, credentials, run names and logs, Keras internals."""
+"""What every run stands on: servers and time budgets, credentials, stop signals, run names and logs, Keras internals."""

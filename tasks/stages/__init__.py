@@ -1,2 +1,1 @@
-"""The pipeline's stages: one file per kind (head on frozen features, fine-tuning the top blocks,
-from scratch), all of one shape, and the runner that resumes or trains a list of them."""
+"""The pipeline's stages: the config's checks, one file per kind, their plan, Keras fitting, and the runner."""

@@ -1,1 +1,1 @@
-"""What MLflow records of a run: parent and stage runs, checkpoints, liveness of their owners."""
+"""What MLflow records of a run: parent and stage runs, checkpoints, heartbeats, what a stage leaves."""
