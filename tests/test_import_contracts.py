@@ -6,6 +6,7 @@ the project.
 
 from __future__ import annotations
 
+import ast
 import os
 import shutil
 import subprocess
@@ -112,3 +113,39 @@ def test_a_cycle_inside_a_package_fails_and_names_it(project_copy: Path) -> None
     assert result.returncode != 0, output
     assert f"{NO_CYCLE} BROKEN" in output
     assert "No cycles are allowed in tasks.stages" in output
+
+
+def function_level_project_imports(root: Path) -> list[tuple[str, str]]:
+    """Each import of a project module inside a function (TYPE_CHECKING blocks aside), as
+    (`path:line`, the line above it)."""
+    found = []
+    for package in ("conf", "tasks", "flows"):
+        for path in sorted((root / package).rglob("*.py")):
+            lines = path.read_text().splitlines()
+            for function in ast.walk(ast.parse("\n".join(lines))):
+                if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for node in ast.walk(function):
+                    if isinstance(node, ast.ImportFrom):
+                        modules = [node.module or ""] if not node.level else ["tasks"]
+                    elif isinstance(node, ast.Import):
+                        modules = [alias.name for alias in node.names]
+                    else:
+                        continue
+                    if any(m.split(".")[0] in ("conf", "tasks", "flows") for m in modules):
+                        where = f"{path.relative_to(root)}:{node.lineno}"
+                        found.append((where, lines[node.lineno - 2].strip()))
+    return found
+
+
+def test_every_import_of_the_project_inside_a_function_says_why(project_copy: Path) -> None:
+    found = function_level_project_imports(ROOT)
+    unexplained = [where for where, above in found if not above.startswith("# lazy:")]
+    assert not unexplained, f"function-level imports without a '# lazy:' reason: {unexplained}"
+    assert len(found) <= 20, found
+    # ...and one planted without a reason is caught.
+    plant(project_copy, "tasks.data.table", "from tasks.runtime import run_log")
+    planted = function_level_project_imports(project_copy)
+    assert [where for where, above in planted if not above.startswith("# lazy:")] == [
+        f"tasks/data/table.py:{len((project_copy / 'tasks/data/table.py').read_text().splitlines())}"
+    ]
