@@ -8,6 +8,67 @@ from pydantic import Field, model_validator
 
 from conf.section import Section
 
+Policy = Literal["fail", "warn", "drop", "off"]
+
+
+class DataChecksConfig(Section):
+    """What the data gate before training checks, and what it does with what it finds.
+
+    Each check's policy: 'fail' stops the run before anything is trained or registered (the
+    duplicate checks stop on copies across splits, leaks, and record copies within a split);
+    'drop' removes the flagged images from training and records them ('warn' where a check
+    has nothing to drop); 'warn' records and goes on; 'off' skips the check.
+    docs/data-checks.md explains the defaults.
+    """
+
+    exact_duplicate: Policy = Field(
+        "fail", description="The same decoded pixels twice; across splits a leak."
+    )
+    near_duplicate: Policy = Field(
+        "fail", description="Re-encoded or resized copies; across splits a leak."
+    )
+    conflicting_label: Policy = Field(
+        "drop", description="Copies of one image under different labels."
+    )
+    label_issue: Policy = Field(
+        "warn",
+        description="Likely wrong labels: cleanlab on out-of-fold probabilities of a linear "
+        "model on the cached frozen features.",
+    )
+    class_balance: Literal["fail", "warn", "off"] = Field(
+        "warn",
+        description="Classes too small to train or to test, and the imbalance ratio between "
+        "the largest and smallest class in training (nothing to drop).",
+    )
+    blank_image: Policy = Field("drop", description="Constant or near-constant images.")
+    near_duplicate_similarity: float = Field(
+        0.9985,
+        gt=0.9,
+        le=1.0,
+        description="Correlation of two blurred grey thumbnails at or above which they are "
+        "near-copies (bench/data_checks.py measured the default).",
+    )
+    blank_spread: float = Field(
+        2.0,
+        ge=0.0,
+        description="Standard deviation of the grey values (0-255) below which an image is blank.",
+    )
+    label_issue_folds: int = Field(
+        5, ge=2, le=20, description="Folds of the cross-validated linear model."
+    )
+    min_train_per_class: int = Field(
+        2, ge=1, description="Fewer training images than this in a class is a class_balance flag."
+    )
+    max_imbalance: float = Field(
+        20.0,
+        ge=1.0,
+        description="Largest over smallest class in training above this is a class_balance flag.",
+    )
+    cache_dir: str | None = Field(
+        ".cache/data_checks",
+        description="Where results are kept per data version and settings; null: never reused.",
+    )
+
 
 class DataConfig(Section):
     """Where the images are and how they are split and fed."""
@@ -37,6 +98,7 @@ class DataConfig(Section):
         lt=1.0,
         description="Share of each class held out for the test set, without a split column.",
     )
+    checks: DataChecksConfig = Field(default_factory=DataChecksConfig)
     on_bad_images: Literal["fail", "skip"] = Field(
         "fail",
         description="What to do with image files that cannot be decoded: 'fail' the run naming "

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from prefect import flow
 
+from tasks.data.checks import DataChecksFailedError
 from tasks.data.table import load_images
 from tasks.data.versioning import pull_data_version
 from tasks.model.classifier import build_classifier_for
@@ -15,12 +16,13 @@ from tasks.registry.versions import config_fingerprint
 from tasks.report.summary import publish_report
 from tasks.runtime.run_names import label_flow_run
 from tasks.stages.base import StageInputs
+from tasks.stages.data_gate import check_data, pool_after
 from tasks.stages.plan import transfer_stages
 from tasks.stages.preflight import check_training_inputs, load_pipeline_config
 from tasks.stages.runner import run_stages
 from tasks.tracking.history import StageSummary
 from tasks.tracking.runs import close_run_after_failure
-from tasks.tracking.steps import finish_tracking, start_tracking
+from tasks.tracking.steps import finish_tracking, log_data_checks, start_tracking
 
 DEFAULT_CONFIG = "conf/default.yaml"
 STRATEGY = "fine_tune"
@@ -79,9 +81,16 @@ def train_classifier(
         len(table.classes),
     )
     stages = transfer_stages(config)
+    gate = check_data(stages, StageInputs(classifier, table, loaded, data_version))
+    inputs = StageInputs(
+        classifier, gate.outcome.table, loaded, data_version, feature_pool=pool_after(gate, table)
+    )
+    table = inputs.table
     run = start_tracking(config, project, table, data_version, strategy=STRATEGY)
     try:
-        inputs = StageInputs(classifier, table, loaded, data_version)
+        log_data_checks(run, gate.outcome.counts, gate.outcome.decision, gate.report)
+        if gate.failed:
+            raise DataChecksFailedError(gate.line)
         outcome = run_stages(run, stages, inputs, resume=config.tracking.resume)
         challenger = register_challenger_step(
             run,

@@ -39,8 +39,15 @@ class HeadOnFeatures:
     def features(self, inputs: StageInputs) -> dict:
         """Every split's frozen features, with the activations at the cuts of the fine-tuning
         stages to come (this strategy's and `inputs.shared_stages`), from the cache or cached."""
-        config = inputs.loaded.config
         return for_stage(extract_frozen_features, self.name)(
+            *self.feature_pass(inputs), wait_for=inputs.after
+        )
+
+    def feature_pass(self, inputs: StageInputs) -> tuple:
+        """The arguments of this stage's call of `extract_frozen_features`: the data gate makes
+        the same call first, so that the stage finds all of it cached."""
+        config = inputs.loaded.config
+        return (
             inputs.classifier,
             inputs.table,
             config.base,
@@ -56,7 +63,6 @@ class HeadOnFeatures:
                 inputs.feature_pool,
                 [*self.ahead, *inputs.shared_stages],
             ),
-            wait_for=inputs.after,
         )
 
     def train(self, inputs: StageInputs) -> StageResult:

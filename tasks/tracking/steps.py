@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import Metric, RunTag
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
@@ -235,3 +238,23 @@ def finish_tracking(run: RunRef, summaries, failed: bool) -> None:
             {"final_stage": final.stage},
         )
     finish_run(run, failed=failed)
+
+
+@task(
+    name="log-data-checks",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=_BACKOFF,
+    retry_condition_fn=retry_if_store_locked,
+)
+def log_data_checks(run: RunRef, counts: dict[str, int], decision: str, report: Path) -> None:
+    """The data gate's record on the parent run: each count as metric `data_checks.<name>`,
+    the report's files (flagged.csv, summary.json, flagged.png) under `data_checks/`, and the
+    decision as tag `data_checks`."""
+    client = MlflowClient(run.tracking_uri)
+    metrics = [
+        Metric(f"data_checks.{name}", float(value), int(time.time() * 1000), 0)
+        for name, value in counts.items()
+    ]
+    client.log_batch(run.run_id, metrics=metrics, tags=[RunTag("data_checks", decision)])
+    client.log_artifacts(run.run_id, str(report), "data_checks")

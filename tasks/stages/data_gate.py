@@ -1,0 +1,199 @@
+"""The data gate before training: the checks of tasks/data run on the pulled images and on the
+frozen features the first stage needs anyway, decided by `data.checks`, recorded and kept."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import NormalDist
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from conf.registry import RegistryConfig
+from tasks.data.check_record import (
+    data_root,
+    draw_picture,
+    findings_key,
+    load_findings,
+    shown_paths,
+    store_findings,
+    summary_of,
+    verdict,
+    write_report,
+)
+from tasks.data.checks import CHECKS, CheckOutcome, apply_policy, find_problems
+from tasks.data.pixels import summarize_pixels
+from tasks.data.table import ImageTable
+from tasks.inference.features import weights_fingerprint
+from tasks.runtime.run_log import run_logger
+from tasks.stages.base import Stage, StageInputs
+from tasks.stages.feature_extraction import HeadOnFeatures
+from tasks.stages.frozen_features import extract_frozen_features
+
+REPORT_FOLDER = Path("reports") / "data_checks"
+
+
+@dataclass(frozen=True)
+class DataGate:
+    """What the gate decided, the table to train on, and where its report is."""
+
+    outcome: CheckOutcome
+    summary: dict
+    report: Path
+    line: str
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.outcome.failing)
+
+
+def per_class_test_minimum(registry: RegistryConfig) -> int:
+    """Test images a class needs for the gate's per-class check to show a recall drop twice
+    `max_class_drop` (a 20-point drop at the default 0.10).
+
+    A paired change of recall on n images, most of them discordant the way the drop goes, has
+    a one-sided bound about z * sqrt(drop / n) wide; it excludes -max_class_drop when that is
+    below drop - max_class_drop = max_class_drop. docs/promotion-gate.md measured the same
+    order: a 20-point drop caught 34% of the time at 30 test images per class.
+    """
+    z = NormalDist().inv_cdf(1 - registry.alpha)
+    drop = registry.max_class_drop
+    return math.ceil(z * z * 2 * drop / (drop * drop))
+
+
+@task(name="check-data", cache_policy=NO_CACHE)
+def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
+    """Check the table before training, decide by policy, write reports/data_checks/.
+
+    Findings are kept in `data.checks.cache_dir` per data version, table and settings: a second
+    run on the same data reads them back instead of decoding every image again.
+    """
+    started = time.perf_counter()
+    config = inputs.loaded.config
+    settings = config.data.checks
+    project = inputs.loaded.project
+    table = inputs.table
+    min_test = per_class_test_minimum(config.registry)
+    label_check = settings.label_issue != "off"
+    features_key = (
+        json.dumps(
+            [
+                config.base.architecture,
+                config.base.options,
+                weights_fingerprint(inputs.classifier.base),
+                config.data.image_size,
+                config.head.pooling,
+                inputs.classifier.precision,
+            ],
+            sort_keys=True,
+        )
+        if label_check
+        else None
+    )
+    root = data_root(inputs.loaded.path(config.data.path))
+    key = findings_key(table, settings, min_test, config.seed, inputs.data_version, features_key)
+    kept = inputs.loaded.path(settings.cache_dir) / key if settings.cache_dir else None
+    stored = load_findings(kept) if kept is not None else None
+    if stored is not None:
+        findings, picture = stored
+    else:
+        pixels = summarize_pixels(table.frame["path"].tolist())
+        features = _features_in_table_order(stages, inputs) if label_check else None
+        names = shown_paths(table.frame["path"], root)
+        findings = find_problems(table, pixels, features, settings, min_test, config.seed, names)
+        picture = draw_picture(findings, table, Path(tempfile.mkdtemp()) / "flagged.png")
+        if kept is not None:
+            store_findings(kept, findings, picture)
+    outcome = apply_policy(table, findings, settings)
+    summary = summary_of(outcome, settings, inputs.data_version)
+    summary["reused"] = stored is not None
+    summary["seconds"] = round(time.perf_counter() - started, 3)
+    report = project / REPORT_FOLDER
+    write_report(report, outcome, summary, picture, root)
+    line = verdict(outcome, report / "summary.json")
+    (run_logger().warning if outcome.failing else run_logger().info)(line)
+    create_markdown_artifact(
+        markdown_summary(outcome, summary, report),
+        key="data-checks",
+        description="What the data gate found before training, and what it did",
+    )
+    return DataGate(outcome, summary, report, line)
+
+
+def pool_after(gate: DataGate, table: ImageTable) -> pd.DataFrame | None:
+    """The training images whose features the gate's feature pass cached, when the gate dropped
+    some: the stages pick their rows from that entry instead of computing a new one."""
+    return table.split("train") if len(gate.outcome.dropped) else None
+
+
+def _features_in_table_order(stages: Sequence[Stage], inputs: StageInputs) -> np.ndarray:
+    """Every image's frozen features, in the table's row order, from the same feature pass (and
+    cache entries) the first stage makes: the stage then finds them all cached."""
+    head = next((stage for stage in stages if isinstance(stage, HeadOnFeatures)), None)
+    if head is not None:
+        arguments = head.feature_pass(inputs)
+    else:
+        config = inputs.loaded.config
+        arguments = (
+            inputs.classifier,
+            inputs.table,
+            config.base,
+            config.head.pooling,
+            config.data,
+            inputs.feature_cache_dir,
+            inputs.data_version,
+            inputs.feature_pool,
+            (),
+        )
+    by_split = extract_frozen_features.fn(*arguments)
+    splits = inputs.table.frame["split"].to_numpy()
+    features: np.ndarray | None = None
+    for split, cached in by_split.items():
+        values = cached.load()[0]
+        if features is None:
+            features = np.zeros((len(splits), values.shape[1]), dtype=np.float32)
+        features[splits == split] = values
+    assert features is not None
+    return features
+
+
+def markdown_summary(outcome: CheckOutcome, summary: dict, report: Path) -> str:
+    """The Prefect artifact: the decision, each check's count and policy, the first findings."""
+    lines = [
+        f"# Data checks: {outcome.decision}",
+        "",
+        f"{summary['images']} images, data version `{summary['data_version']}`"
+        f"{' (findings reused)' if summary.get('reused') else ''}; report in `{report}`.",
+        "",
+        "| check | policy | flagged | stops the run |",
+        "|---|---|---|---|",
+    ]
+    for check in CHECKS:
+        lines.append(
+            f"| {check} | {summary['policies'][check]} | {outcome.counts.get(check, 0)} | "
+            f"{outcome.failing.get(check, '')} |"
+        )
+    lines += [
+        "",
+        f"Leaks across splits: {outcome.counts['leak']}. "
+        f"Dropped from training: {len(outcome.dropped)}.",
+    ]
+    for check, note in summary["notes"].items():
+        lines.append(f"- {check}: {note}")
+    first = outcome.findings.flagged.head(15)
+    if len(first):
+        lines += ["", "| path | split | check | detail |", "|---|---|---|---|"]
+        lines += [
+            f"| {Path(row.path).name if row.path else ''} | {row.split} | {row.check} | {row.detail} |"
+            for row in first.itertuples()
+        ]
+    return "\n".join(lines)
