@@ -21,14 +21,18 @@ from tasks.comparison.strategies import check_label_budgets, plan_comparison
 from tasks.comparison.winner import summarize_comparison
 from tasks.comparison.work_pool import train_cell_on_pool
 from tasks.comparison.workers import cell_task_runner
+from tasks.data.checks import DataChecksFailedError
 from tasks.data.table import load_images
 from tasks.data.versioning import pull_data_version
 from tasks.registry.decision import PromotionDecision
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
 from tasks.registry.versions import config_fingerprint
 from tasks.runtime.run_names import label_flow_run
+from tasks.stages.base import StageInputs
+from tasks.stages.data_gate import check_data, gate_classifier
 from tasks.stages.preflight import load_pipeline_config
 from tasks.tracking.runs import RunRef, close_run_after_failure
+from tasks.tracking.steps import log_data_checks
 
 DEFAULT_CONFIG = "conf/compare.yaml"
 
@@ -75,6 +79,8 @@ def compare_strategies(
     label_flow_run("compare", config.registry.model_name, data_version, plan.strategy_names)
     table = load_images(config.data, project, config.seed, data_version)
     check_gate_power(config.registry, table)
+    gate = check_data((), StageInputs(gate_classifier(loaded, table), table, loaded, data_version))
+    table = gate.outcome.table
     check_label_budgets(table, plan.label_budgets, config.seed)
     comparison = start_comparison_run(
         config.data,
@@ -87,6 +93,9 @@ def compare_strategies(
         data_version,
     )
     try:
+        log_data_checks(comparison, gate.outcome.counts, gate.outcome.decision, gate.report)
+        if gate.failed:
+            raise DataChecksFailedError(gate.line)
         compare = config.compare
         local = compare.work_pool is None
         cells = plan_cells(
@@ -95,6 +104,7 @@ def compare_strategies(
             overrides or [],
             data_version,
             table.skipped,
+            dropped=gate.outcome.dropped["path"].tolist(),
             features_cached_first=local,
         )
         first_id = first_transfer_cell(plan)

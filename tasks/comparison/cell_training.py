@@ -59,8 +59,9 @@ def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
         config.data.test_fraction,
         loaded.config.seed,  # the comparison's split, whatever the cell's seed
     )
-    if cell.skipped_images:
-        kept = ~table.frame["path"].isin(set(cell.skipped_images))
+    left_out = {*cell.skipped_images, *cell.dropped_images}
+    if left_out:
+        kept = ~table.frame["path"].isin(left_out)
         table = replace(table, frame=table.frame[kept].reset_index(drop=True))
     labelled = keep_labels_per_class(table, cell.labels_per_class, config.seed)
     classifier = build_classifier_for(

@@ -40,6 +40,7 @@ class CellSpec(BaseModel):
     data_version: str
     after: tuple[str, ...] = ()
     skipped_images: tuple[str, ...] = ()  # undecodable files the comparison left out
+    dropped_images: tuple[str, ...] = ()  # images the data gate dropped (data.checks: drop)
     # Every seed's images at the largest budget: the training images whose frozen features all
     # the comparison's cells share.
     pool_seeds: tuple[int, ...] = ()
@@ -61,6 +62,7 @@ def plan_cells(
     overrides: Sequence[str],
     data_version: str,
     skipped: Sequence[tuple[str, str]] = (),
+    dropped: Sequence[str] = (),
     features_cached_first: bool = False,
 ) -> list[CellSpec]:
     """Every strategy at every budget with every seed, each after the cell it can resume from.
@@ -71,7 +73,8 @@ def plan_cells(
 
     The config file is named by its absolute path: workers on other machines need the project
     checked out at the same place. `skipped` are the undecodable files (and why) the comparison
-    leaves out under `data.on_bad_images: skip`, so no worker decodes every image again.
+    leaves out under `data.on_bad_images: skip`, so no worker decodes every image again;
+    `dropped` the images the data gate dropped from training, so no worker checks them again.
     """
     config_path = str(Path(config_path).resolve())
     paths = {strategy.name: stage_path(strategy) for strategy in plan.strategies}
@@ -100,6 +103,7 @@ def plan_cells(
                     data_version=data_version,
                     after=tuple(after),
                     skipped_images=tuple(path for path, _ in skipped),
+                    dropped_images=tuple(dropped),
                     pool_seeds=plan.seeds,
                     pool_budget=max(plan.label_budgets),
                 )

@@ -234,11 +234,6 @@ def _refuse_unusable(table: ImageTable, pixels: PixelSummary, settings: DataChec
             f"class(es) {', '.join(single)} have a single image; a class needs images to train "
             "on and to test on. Add images or remove the class."
         )
-    distinct = len(set(pixels.digest))
-    if settings.exact_duplicate != "off" and len(frame) > 1 and distinct == 1:
-        raise DataChecksError(
-            f"all {len(frame)} images have the same pixels; the data holds one picture"
-        )
     if settings.blank_image != "off" and len(frame):
         blank = pixels.spread < settings.blank_spread
         labels = frame["label"].to_numpy()
@@ -255,9 +250,14 @@ def _refuse_unusable(table: ImageTable, pixels: PixelSummary, settings: DataChec
                 f"by less than data.checks.blank_spread, {settings.blank_spread:g}); check how "
                 "they were exported"
             )
+    distinct = len(set(pixels.digest))
+    if settings.exact_duplicate != "off" and len(frame) > 1 and distinct == 1:
+        raise DataChecksError(
+            f"all {len(frame)} images have the same pixels; the data holds one picture"
+        )
 
 
-def test_leaks(flagged: pd.DataFrame) -> pd.Series:
+def leaks_into_test(flagged: pd.DataFrame) -> pd.Series:
     """Findings of a copy across splits with one side in the test split."""
     return flagged["leak"] & ((flagged["split"] == "test") | (flagged["partner_split"] == "test"))
 
@@ -280,7 +280,7 @@ def apply_policy(
         policy = getattr(settings, check)
         mine = flagged["check"] == check
         if policy == "fail":
-            counted = mine & test_leaks(flagged) if check.endswith("_duplicate") else mine
+            counted = mine & leaks_into_test(flagged) if check.endswith("_duplicate") else mine
             if counted.any():
                 failing[check] = int(counted.sum())
         elif policy == "drop":
@@ -300,6 +300,6 @@ def apply_policy(
         )
     counts = {check: int((flagged["check"] == check).sum()) for check in CHECKS}
     counts["leak"] = int(flagged["leak"].sum() // 2)
-    counts["test_leak"] = int(test_leaks(flagged).sum() // 2)
+    counts["test_leak"] = int(leaks_into_test(flagged).sum() // 2)
     counts["dropped"] = len(dropped)
     return CheckOutcome(findings, replace(table, frame=frame), dropped, failing, counts)

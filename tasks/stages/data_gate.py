@@ -18,6 +18,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from conf import LoadedConfig
 from conf.registry import RegistryConfig
 from tasks.data.check_record import (
     data_root,
@@ -34,6 +35,7 @@ from tasks.data.checks import CHECKS, CheckOutcome, apply_policy, find_problems
 from tasks.data.pixels import summarize_pixels
 from tasks.data.table import ImageTable
 from tasks.inference.features import weights_fingerprint
+from tasks.model.classifier import build_classifier_for
 from tasks.runtime.run_log import run_logger
 from tasks.stages.base import Stage, StageInputs
 from tasks.stages.feature_extraction import HeadOnFeatures
@@ -127,6 +129,27 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
         description="What the data gate found before training, and what it did",
     )
     return DataGate(outcome, summary, report, line)
+
+
+def gate_classifier(loaded: LoadedConfig, table: ImageTable):
+    """The classifier whose frozen base gives the label check its features, built as the
+    training flow builds it (the same cache entries); None when the label check is off.
+
+    A flow that trains builds its own; this one is for the flows that do not (check-data, and
+    a comparison, whose cells build theirs in workers).
+    """
+    config = loaded.config
+    if config.data.checks.label_issue == "off":
+        return None
+    return build_classifier_for.fn(
+        config.base,
+        config.head,
+        config.compute,
+        config.data.image_size,
+        config.seed,
+        loaded.project,
+        len(table.classes),
+    )
 
 
 def pool_after(gate: DataGate, table: ImageTable) -> pd.DataFrame | None:
