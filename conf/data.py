@@ -22,10 +22,14 @@ class DataChecksConfig(Section):
     """
 
     exact_duplicate: Policy = Field(
-        "fail", description="The same decoded pixels twice; across splits a leak."
+        "fail",
+        description="The same decoded pixels twice. 'fail' stops on a copy between the test split "
+        "and another (a leak); copies elsewhere are recorded.",
     )
     near_duplicate: Policy = Field(
-        "fail", description="Re-encoded or resized copies; across splits a leak."
+        "fail",
+        description="Re-encoded or resized copies. 'fail' stops on a copy between the test split "
+        "and another (a leak); copies elsewhere are recorded.",
     )
     conflicting_label: Policy = Field(
         "drop", description="Copies of one image under different labels."
