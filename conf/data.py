@@ -50,7 +50,7 @@ class DataChecksConfig(Section):
         gt=0.9,
         le=1.0,
         description="Correlation of two blurred grey thumbnails at or above which they are "
-        "near-copies (bench/data_checks.py measured the default).",
+        "near-copies (bench/data_checks.py shows where planted copies and the demo's pairs fall).",
     )
     blank_spread: float = Field(
         2.0,

@@ -15,7 +15,6 @@ import typer
 
 from conf import load_config, project_root
 from conf.errors import ExpectedError
-from tasks.data.checks import DataChecksFailedError
 from tasks.runtime.credentials import move_tracking_credentials, redact_url
 from tasks.runtime.prefect_server import local_prefect_server, stop_local_server
 from tasks.runtime.run_log import registration_line, resumed_line
@@ -182,7 +181,7 @@ def check_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = Non
     """Run the data gate alone: duplicates, leaks, label issues, class balance, blank images."""
     gate = _run_flow("flows.check_data:check_data_only", config, list(set_ or []))
     if gate.failed:
-        _fail(DataChecksFailedError(gate.line))
+        _fail(ExpectedError(gate.line))
     typer.echo(gate.line)
 
 

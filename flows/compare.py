@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 from prefect import flow
 
+from conf import LoadedConfig
 from tasks.comparison.cell_outcomes import read_cell_outcomes
 from tasks.comparison.cell_training import cache_shared_features, train_cell_step
 from tasks.comparison.cells import CellSpec, first_transfer_cell, in_dependency_order, plan_cells
@@ -17,18 +18,23 @@ from tasks.comparison.records import (
     publish_comparison,
     start_comparison_run,
 )
-from tasks.comparison.strategies import check_label_budgets, plan_comparison
+from tasks.comparison.strategies import (
+    ComparisonPlan,
+    check_label_budgets,
+    plan_comparison,
+    stages_on_same_base,
+)
 from tasks.comparison.winner import summarize_comparison
 from tasks.comparison.work_pool import train_cell_on_pool
 from tasks.comparison.workers import cell_task_runner
 from tasks.data.checks import DataChecksFailedError
-from tasks.data.table import load_images
+from tasks.data.table import ImageTable, load_images
 from tasks.data.versioning import pull_data_version
 from tasks.registry.decision import PromotionDecision
 from tasks.registry.promotion import check_gate_power, promote_if_better, register_challenger_step
 from tasks.registry.versions import config_fingerprint
 from tasks.runtime.run_names import label_flow_run
-from tasks.stages.base import StageInputs
+from tasks.stages.base import Stage, StageInputs
 from tasks.stages.data_gate import check_data, gate_classifier
 from tasks.stages.preflight import load_pipeline_config
 from tasks.tracking.runs import RunRef, close_run_after_failure
@@ -79,7 +85,7 @@ def compare_strategies(
     label_flow_run("compare", config.registry.model_name, data_version, plan.strategy_names)
     table = load_images(config.data, project, config.seed, data_version)
     check_gate_power(config.registry, table)
-    gate = check_data((), StageInputs(gate_classifier(loaded, table), table, loaded, data_version))
+    gate = check_data(*gate_inputs(plan, loaded, table, data_version))
     table = gate.outcome.table
     check_label_budgets(table, plan.label_budgets, config.seed)
     comparison = start_comparison_run(
@@ -105,6 +111,7 @@ def compare_strategies(
             data_version,
             table.skipped,
             dropped=gate.outcome.dropped["path"].tolist(),
+            pool_whole_split=config.data.checks.label_issue != "off",
             features_cached_first=local,
         )
         first_id = first_transfer_cell(plan)
@@ -163,6 +170,19 @@ def compare_strategies(
         decision=decision,
         files=files,
     )
+
+
+def gate_inputs(
+    plan: ComparisonPlan, loaded: LoadedConfig, table: ImageTable, data_version: str
+) -> tuple[tuple[Stage, ...], StageInputs]:
+    """The data gate's stages and inputs: the first transfer strategy's, so that its feature
+    pass is the one the cells share (every training image's features, and the activations at
+    the cuts of the strategies on the same base), and the cells find it all cached."""
+    first = next((strategy for strategy in plan.strategies if not strategy.from_scratch), None)
+    stages = first.stages if first is not None else ()
+    shared = stages_on_same_base(plan.strategies, first) if first is not None else ()
+    classifier = gate_classifier(loaded, table)
+    return stages, StageInputs(classifier, table, loaded, data_version, shared_stages=shared)
 
 
 @flow(name="train-comparison-cells")

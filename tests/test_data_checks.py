@@ -14,7 +14,7 @@ from PIL import Image
 
 from conf.data import DataChecksConfig
 from conf.registry import RegistryConfig
-from tasks.data.checks import DataChecksError, apply_policy, find_problems, leaks_into_test
+from tasks.data.checks import CHECKS, DataChecksError, apply_policy, find_problems, leaks_into_test
 from tasks.data.label_issues import find_likely_label_errors
 from tasks.data.pixels import summarize_pixels
 from tasks.data.table import ImageTable, load_image_table
@@ -364,3 +364,12 @@ def test_drop_trains_without_the_leaked_copy(leaky: Path, mlflow_uri: str) -> No
     dropped = pd.read_csv(client.download_artifacts(run.info.run_id, "data_checks/flagged.csv"))
     assert "images/leak/trouser.jpg" in set(dropped["path"])
     assert result.decision.promote
+
+
+def test_with_every_check_off_no_image_is_read(clean: Path) -> None:
+    off = DataChecksConfig(**{check: "off" for check in CHECKS})
+    table = load_image_table(clean / "manifest.csv", 0.1, 0.2, seed=0)
+    findings = find_problems(table, None, None, off, min_test_per_class=1000, seed=0)
+    assert findings.flagged.empty
+    with pytest.raises(ValueError, match="pixel checks need"):
+        find_problems(table, None, None, PIXEL_CHECKS, 1, 0)

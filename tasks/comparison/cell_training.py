@@ -59,9 +59,12 @@ def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
         config.data.test_fraction,
         loaded.config.seed,  # the comparison's split, whatever the cell's seed
     )
-    left_out = {*cell.skipped_images, *cell.dropped_images}
-    if left_out:
-        kept = ~table.frame["path"].isin(left_out)
+    if cell.skipped_images:
+        kept = ~table.frame["path"].isin(set(cell.skipped_images))
+        table = replace(table, frame=table.frame[kept].reset_index(drop=True))
+    checked = table  # the table the data gate checked, and computed the features of
+    if cell.dropped_images:
+        kept = ~table.frame["path"].isin(set(cell.dropped_images))
         table = replace(table, frame=table.frame[kept].reset_index(drop=True))
     labelled = keep_labels_per_class(table, cell.labels_per_class, config.seed)
     classifier = build_classifier_for(
@@ -78,7 +81,7 @@ def set_up_cell(cell: CellSpec) -> tuple[Strategy, StageInputs]:
         labelled,
         strategy.loaded,
         cell.data_version,
-        feature_pool(cell, table),
+        checked.split("train") if cell.pool_whole_split else feature_pool(cell, table),
         stages_on_same_base(strategies, strategy),
     )
 

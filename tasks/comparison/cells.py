@@ -45,6 +45,8 @@ class CellSpec(BaseModel):
     # the comparison's cells share.
     pool_seeds: tuple[int, ...] = ()
     pool_budget: int | None = None
+    # Every training image instead: the data gate's label check computed them all anyway.
+    pool_whole_split: bool = False
 
     @property
     def id(self) -> str:
@@ -63,6 +65,7 @@ def plan_cells(
     data_version: str,
     skipped: Sequence[tuple[str, str]] = (),
     dropped: Sequence[str] = (),
+    pool_whole_split: bool = False,
     features_cached_first: bool = False,
 ) -> list[CellSpec]:
     """Every strategy at every budget with every seed, each after the cell it can resume from.
@@ -75,6 +78,8 @@ def plan_cells(
     checked out at the same place. `skipped` are the undecodable files (and why) the comparison
     leaves out under `data.on_bad_images: skip`, so no worker decodes every image again;
     `dropped` the images the data gate dropped from training, so no worker checks them again.
+    With `pool_whole_split` the cells share the features of every training image, which the
+    data gate's label check cached, instead of those their seeds draw.
     """
     config_path = str(Path(config_path).resolve())
     paths = {strategy.name: stage_path(strategy) for strategy in plan.strategies}
@@ -106,6 +111,7 @@ def plan_cells(
                     dropped_images=tuple(dropped),
                     pool_seeds=plan.seeds,
                     pool_budget=max(plan.label_budgets),
+                    pool_whole_split=pool_whole_split,
                 )
             )
     return cells

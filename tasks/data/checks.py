@@ -23,6 +23,8 @@ CHECKS = (
     "class_balance",
     "blank_image",
 )
+# The checks that read the pixels: with all of them off, no image is decoded.
+PIXEL_CHECKS = ("exact_duplicate", "near_duplicate", "conflicting_label", "blank_image")
 FLAGGED_COLUMNS = ["path", "split", "check", "detail"]
 _POLICY_COLUMNS = ["row", "leak", "droppable", "partner", "partner_split", "suggested"]
 
@@ -75,19 +77,24 @@ class CheckOutcome:
 
 def find_problems(
     table: ImageTable,
-    pixels: PixelSummary,
+    pixels: PixelSummary | None,
     features: np.ndarray | None,
     settings: DataChecksConfig,
     min_test_per_class: int,
     seed: int,
     names: list[str] | None = None,
 ) -> CheckFindings:
-    """Run every check that is not `off` on `table` (pixels and features in the frame's order).
+    """Run every check that is not `off` on `table` (pixels and features in the frame's order;
+    no pixels when every check that reads them is off, see `reads_pixels`).
 
     `names` are the paths as details quote them (relative to data.path; default the table's).
     """
     frame = table.frame
     paths = names if names is not None else frame["path"].tolist()
+    if pixels is None:
+        if reads_pixels(settings):
+            raise ValueError("the pixel checks need the images' PixelSummary")
+        pixels = PixelSummary.none(len(frame))
     _refuse_unusable(table, pixels, settings)
     rows: list[dict] = []
     notes: dict[str, str] = {}
@@ -145,6 +152,11 @@ def find_problems(
         balance = balance_rows(counts, settings, min_test_per_class)
         flagged = pd.concat([flagged, balance], ignore_index=True)
     return CheckFindings(flagged, counts, notes)
+
+
+def reads_pixels(settings: DataChecksConfig) -> bool:
+    """Whether any check that is on reads the images' pixels."""
+    return any(getattr(settings, check) != "off" for check in PIXEL_CHECKS)
 
 
 def _as_frame(rows: list[dict], frame: pd.DataFrame) -> pd.DataFrame:

@@ -16,7 +16,8 @@ from scipy.ndimage import gaussian_filter
 # Near-duplicates are compared as grey images of DESCRIPTOR_SIZE px, blurred with a Gaussian of
 # BLUR_SIGMA px. The blur is what makes the comparison work: resampling and JPEG change the
 # finest detail of a copy, and Gaussian smoothing takes exactly that detail out of both images,
-# while distinct images still differ in their shapes (bench/data_checks.py has the figures).
+# while distinct images still differ in their shapes (docs/data-checks.md compares it with
+# perceptual hashes and frozen features; bench/data_checks.py measures it on planted copies).
 DESCRIPTOR_SIZE = 28
 BLUR_SIGMA = 1.2
 # Images of more pixels than this are decoded in threads.
@@ -38,6 +39,15 @@ class PixelSummary:
     digest: np.ndarray
     spread: np.ndarray
     descriptor: np.ndarray
+
+    @classmethod
+    def none(cls, count: int) -> PixelSummary:
+        """A stand-in for `count` images whose pixels no check reads: every one distinct."""
+        return cls(
+            digest=np.array([str(row) for row in range(count)], dtype=object),
+            spread=np.full(count, np.inf, dtype=np.float32),
+            descriptor=np.zeros((count, DESCRIPTOR_SIZE * DESCRIPTOR_SIZE), dtype=np.float32),
+        )
 
 
 def summarize_pixels(paths: Sequence[str]) -> PixelSummary:

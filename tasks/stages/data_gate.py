@@ -31,7 +31,7 @@ from tasks.data.check_record import (
     verdict,
     write_report,
 )
-from tasks.data.checks import CHECKS, CheckOutcome, apply_policy, find_problems
+from tasks.data.checks import CHECKS, CheckOutcome, apply_policy, find_problems, reads_pixels
 from tasks.data.pixels import summarize_pixels
 from tasks.data.table import ImageTable
 from tasks.inference.features import weights_fingerprint
@@ -108,7 +108,8 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
     if stored is not None:
         findings, picture = stored
     else:
-        pixels = summarize_pixels(table.frame["path"].tolist())
+        paths = table.frame["path"].tolist()
+        pixels = summarize_pixels(paths) if reads_pixels(settings) else None
         features = _features_in_table_order(stages, inputs) if label_check else None
         names = shown_paths(table.frame["path"], root)
         findings = find_problems(table, pixels, features, settings, min_test, config.seed, names)
