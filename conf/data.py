@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from conf.section import Section
 
@@ -55,7 +55,7 @@ class DataChecksConfig(Section):
     blank_spread: float = Field(
         2.0,
         ge=0.0,
-        description="Standard deviation of the grey values (0-255) below which an image is blank.",
+        description="Standard deviation of the grey values (0-255, on a 28 px thumbnail) below which an image is blank.",
     )
     label_issue_folds: int = Field(
         5, ge=2, le=20, description="Folds of the cross-validated linear model."
@@ -68,6 +68,21 @@ class DataChecksConfig(Section):
         ge=1.0,
         description="Largest over smallest class in training above this is a class_balance flag.",
     )
+
+    @field_validator(
+        "exact_duplicate",
+        "near_duplicate",
+        "conflicting_label",
+        "label_issue",
+        "class_balance",
+        "blank_image",
+        mode="before",
+    )
+    @classmethod
+    def _unquoted_off(cls, value: object) -> object:
+        # YAML reads an unquoted `off` (and `no`, `false`) as false: that is 'off'.
+        return "off" if value is False else value
+
     cache_dir: str | None = Field(
         ".cache/data_checks",
         description="Where results are kept per data version and settings; null: never reused.",

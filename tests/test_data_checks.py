@@ -373,3 +373,14 @@ def test_with_every_check_off_no_image_is_read(clean: Path) -> None:
     assert findings.flagged.empty
     with pytest.raises(ValueError, match="pixel checks need"):
         find_problems(table, None, None, PIXEL_CHECKS, 1, 0)
+
+
+def test_policies_read_from_yaml_as_written(tmp_path: Path) -> None:
+    from conf import ConfigError, load_config
+
+    config = tmp_path / "checks.yaml"
+    config.write_text("data:\n  checks:\n    label_issue: off\n    blank_image: warn\n")
+    checks = load_config(config).data.checks
+    assert (checks.label_issue, checks.blank_image) == ("off", "warn")  # not YAML's false
+    with pytest.raises(ConfigError, match=r"data\.checks\.class_balance"):
+        load_config(config, ["data.checks.class_balance=drop"])  # a class cannot be dropped
