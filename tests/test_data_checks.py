@@ -311,11 +311,27 @@ def test_check_data_stops_on_the_leak_with_one_message_and_reuses_its_findings(
     summary = json.loads((report / "summary.json").read_text())
     assert summary["decision"] == "fail" and summary["counts"]["test_leak"] == 1
     assert (report / "flagged.png").stat().st_size > 1000
+    artifact = latest_artifact("data-checks")
+    assert artifact.startswith("# Data checks: fail")
+    assert "| images/leak/trouser.jpg | train | near_duplicate | leak: copy in test" in artifact
 
     again = CliRunner().invoke(app, ["check-data", "-c", str(leaky / "leaky.yaml")])
     assert again.exit_code == 2
     summary = json.loads((report / "summary.json").read_text())
     assert summary["reused"] is True and summary["seconds"] < 1.0
+
+
+def latest_artifact(key: str) -> str:
+    """The newest Prefect artifact under `key`, as its markdown."""
+    import asyncio
+
+    from prefect import get_client
+
+    async def latest():
+        async with get_client() as client:
+            return await client.read_latest_artifacts()
+
+    return next(found.data for found in asyncio.run(latest()) if found.key == key)
 
 
 @pytest.mark.slow

@@ -125,7 +125,7 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
     line = verdict(outcome, report / "summary.json")
     (run_logger().warning if outcome.failing else run_logger().info)(line)
     create_markdown_artifact(
-        markdown_summary(outcome, summary, report),
+        markdown_summary(outcome, summary, report, root),
         key="data-checks",
         description="What the data gate found before training, and what it did",
     )
@@ -190,7 +190,7 @@ def _features_in_table_order(stages: Sequence[Stage], inputs: StageInputs) -> np
     return features
 
 
-def markdown_summary(outcome: CheckOutcome, summary: dict, report: Path) -> str:
+def markdown_summary(outcome: CheckOutcome, summary: dict, report: Path, root: Path) -> str:
     """The Prefect artifact: the decision, each check's count and policy, the first findings."""
     lines = [
         f"# Data checks: {outcome.decision}",
@@ -208,7 +208,8 @@ def markdown_summary(outcome: CheckOutcome, summary: dict, report: Path) -> str:
         )
     lines += [
         "",
-        f"Leaks across splits: {outcome.counts['leak']}. "
+        f"Copies across splits: {outcome.counts['leak']} pair(s), "
+        f"{outcome.counts['test_leak']} of them with the test split. "
         f"Dropped from training: {len(outcome.dropped)}.",
     ]
     for check, note in summary["notes"].items():
@@ -216,8 +217,9 @@ def markdown_summary(outcome: CheckOutcome, summary: dict, report: Path) -> str:
     first = outcome.findings.flagged.head(15)
     if len(first):
         lines += ["", "| path | split | check | detail |", "|---|---|---|---|"]
+        shown = shown_paths(first["path"], root)
         lines += [
-            f"| {Path(row.path).name if row.path else ''} | {row.split} | {row.check} | {row.detail} |"
-            for row in first.itertuples()
+            f"| {path} | {row.split} | {row.check} | {row.detail} |"
+            for path, row in zip(shown, first.itertuples(), strict=True)
         ]
     return "\n".join(lines)
