@@ -9,6 +9,15 @@ from pydantic import Field, field_validator, model_validator
 from conf.section import Section
 
 Policy = Literal["fail", "warn", "drop", "off"]
+# The data gate's checks, in the order reports list them; each is a policy field below.
+CHECK_NAMES = (
+    "exact_duplicate",
+    "near_duplicate",
+    "conflicting_label",
+    "label_issue",
+    "class_balance",
+    "blank_image",
+)
 
 
 class DataChecksConfig(Section):
@@ -69,15 +78,7 @@ class DataChecksConfig(Section):
         description="Largest over smallest class in training above this is a class_balance flag.",
     )
 
-    @field_validator(
-        "exact_duplicate",
-        "near_duplicate",
-        "conflicting_label",
-        "label_issue",
-        "class_balance",
-        "blank_image",
-        mode="before",
-    )
+    @field_validator(*CHECK_NAMES, mode="before")
     @classmethod
     def _unquoted_off(cls, value: object) -> object:
         # YAML reads an unquoted `off` (and `no`, `false`) as false: that is 'off'.

@@ -52,6 +52,18 @@ def resaved(folder: Path, source: str, name: str, factor: float) -> str:
     return name
 
 
+def with_copy(
+    clean: Path, tmp_path: Path, source: tuple[str, str], copy: tuple[str, str, str]
+) -> tuple[Path, pd.Series]:
+    """The clean data plus a byte copy of the first image of `source` (split, label), added to
+    the manifest as `copy` (path, label, split); the data folder and the source's row."""
+    manifest = pd.read_csv(clean / "manifest.csv")
+    row = first(manifest, *source)
+    folder = planted(clean, tmp_path, [copy])
+    shutil.copyfile(folder / row["path"], folder / copy[0])
+    return folder, row
+
+
 def first(manifest: pd.DataFrame, split: str, label: str | None = None) -> pd.Series:
     rows = manifest[manifest["split"] == split]
     if label is not None:
@@ -104,12 +116,9 @@ def test_a_resaved_test_image_in_training_is_a_leak_that_stops_the_run(
 def test_drop_removes_the_training_side_of_a_leak_and_keeps_the_test_image(
     clean: Path, tmp_path: Path
 ) -> None:
-    manifest = pd.read_csv(clean / "manifest.csv")
-    source = first(manifest, "test", "sandal")
-    folder = planted(clean, tmp_path, [])
-    shutil.copyfile(folder / source["path"], folder / "renamed.png")  # an exact copy
-    extra = pd.DataFrame([("renamed.png", "sandal", "train")], columns=manifest.columns)
-    pd.concat([manifest, extra]).to_csv(folder / "manifest.csv", index=False)
+    folder, source = with_copy(
+        clean, tmp_path, ("test", "sandal"), ("renamed.png", "sandal", "train")
+    )
     settings = replace_policy(exact_duplicate="drop")
 
     table, findings = checked(folder, settings)
@@ -125,12 +134,7 @@ def test_drop_removes_the_training_side_of_a_leak_and_keeps_the_test_image(
 def test_copies_within_training_are_recorded_but_do_not_stop_the_run(
     clean: Path, tmp_path: Path
 ) -> None:
-    manifest = pd.read_csv(clean / "manifest.csv")
-    source = first(manifest, "train", "dress")
-    folder = planted(clean, tmp_path, [])
-    shutil.copyfile(folder / source["path"], folder / "again.png")
-    extra = pd.DataFrame([("again.png", "dress", "train")], columns=manifest.columns)
-    pd.concat([manifest, extra]).to_csv(folder / "manifest.csv", index=False)
+    folder, _ = with_copy(clean, tmp_path, ("train", "dress"), ("again.png", "dress", "train"))
 
     table, findings = checked(folder)
     outcome = apply_policy(table, findings, PIXEL_CHECKS)
@@ -143,12 +147,8 @@ def test_copies_within_training_are_recorded_but_do_not_stop_the_run(
 def test_the_same_image_under_two_labels_is_dropped_from_training(
     clean: Path, tmp_path: Path
 ) -> None:
-    manifest = pd.read_csv(clean / "manifest.csv")
-    source = first(manifest, "train", "shirt")
-    folder = planted(clean, tmp_path, [])
-    shutil.copyfile(folder / source["path"], folder / "relabelled.png")
-    extra = pd.DataFrame([("relabelled.png", "pullover", "train")], columns=manifest.columns)
-    pd.concat([manifest, extra]).to_csv(folder / "manifest.csv", index=False)
+    copy = ("relabelled.png", "pullover", "train")
+    folder, source = with_copy(clean, tmp_path, ("train", "shirt"), copy)
 
     table, findings = checked(folder)
     outcome = apply_policy(table, findings, PIXEL_CHECKS)

@@ -8,21 +8,14 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
-from conf.data import DataChecksConfig
+from conf.data import CHECK_NAMES, DataChecksConfig
 from tasks.data.duplicates import conflicting_rows, duplicate_rows, exact_pairs, near_pairs
 from tasks.data.errors import DataError
 from tasks.data.label_issues import find_likely_label_errors
 from tasks.data.pixels import PixelSummary
 from tasks.data.table import SPLITS, ImageTable
 
-CHECKS = (
-    "exact_duplicate",
-    "near_duplicate",
-    "conflicting_label",
-    "label_issue",
-    "class_balance",
-    "blank_image",
-)
+CHECKS = CHECK_NAMES
 # The checks that read the pixels: with all of them off, no image is decoded.
 PIXEL_CHECKS = ("exact_duplicate", "near_duplicate", "conflicting_label", "blank_image")
 FLAGGED_COLUMNS = ["path", "split", "check", "detail"]

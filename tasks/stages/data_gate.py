@@ -38,7 +38,7 @@ from tasks.inference.features import weights_fingerprint
 from tasks.model.classifier import build_classifier_for
 from tasks.runtime.run_log import run_logger
 from tasks.stages.base import Stage, StageInputs
-from tasks.stages.feature_extraction import HeadOnFeatures
+from tasks.stages.feature_extraction import HeadOnFeatures, feature_pass_arguments
 from tasks.stages.frozen_features import extract_frozen_features
 
 REPORT_FOLDER = Path("reports") / "data_checks"
@@ -163,21 +163,7 @@ def _features_in_table_order(stages: Sequence[Stage], inputs: StageInputs) -> np
     """Every image's frozen features, in the table's row order, from the same feature pass (and
     cache entries) the first stage makes: the stage then finds them all cached."""
     head = next((stage for stage in stages if isinstance(stage, HeadOnFeatures)), None)
-    if head is not None:
-        arguments = head.feature_pass(inputs)
-    else:
-        config = inputs.loaded.config
-        arguments = (
-            inputs.classifier,
-            inputs.table,
-            config.base,
-            config.head.pooling,
-            config.data,
-            inputs.feature_cache_dir,
-            inputs.data_version,
-            inputs.feature_pool,
-            (),
-        )
+    arguments = head.feature_pass(inputs) if head else feature_pass_arguments(inputs, [])
     by_split = extract_frozen_features.fn(*arguments)
     splits = inputs.table.frame["split"].to_numpy()
     features: np.ndarray | None = None

@@ -46,24 +46,14 @@ class HeadOnFeatures:
     def feature_pass(self, inputs: StageInputs) -> tuple:
         """The arguments of this stage's call of `extract_frozen_features`: the data gate makes
         the same call first, so that the stage finds all of it cached."""
-        config = inputs.loaded.config
-        return (
+        cuts = cuts_ahead(
             inputs.classifier,
+            inputs.loaded.config.fine_tune.activation_cache_mb,
             inputs.table,
-            config.base,
-            config.head.pooling,
-            config.data,
-            inputs.feature_cache_dir,
-            inputs.data_version,
             inputs.feature_pool,
-            cuts_ahead(
-                inputs.classifier,
-                config.fine_tune.activation_cache_mb,
-                inputs.table,
-                inputs.feature_pool,
-                [*self.ahead, *inputs.shared_stages],
-            ),
+            [*self.ahead, *inputs.shared_stages],
         )
+        return feature_pass_arguments(inputs, cuts)
 
     def train(self, inputs: StageInputs) -> StageResult:
         config = inputs.loaded.config
@@ -81,6 +71,22 @@ class HeadOnFeatures:
             inputs.classifier, features["test"], inputs.table.classes
         )
         return StageResult(history, evaluation)
+
+
+def feature_pass_arguments(inputs: StageInputs, cuts: list) -> tuple:
+    """`extract_frozen_features`'s arguments for `inputs`, caching the activations at `cuts`."""
+    config = inputs.loaded.config
+    return (
+        inputs.classifier,
+        inputs.table,
+        config.base,
+        config.head.pooling,
+        config.data,
+        inputs.feature_cache_dir,
+        inputs.data_version,
+        inputs.feature_pool,
+        cuts,
+    )
 
 
 @task(name="train-head", cache_policy=NO_CACHE)
