@@ -377,8 +377,9 @@ def test_drop_trains_without_the_leaked_copy(leaky: Path, mlflow_uri: str) -> No
     assert run.data.metrics["data_checks.dropped"] == 1
     # 80 training images in the clean cut, 81 with the copy: the copy was left out.
     assert "80 training" in run.data.tags["mlflow.note.content"]
-    dropped = pd.read_csv(client.download_artifacts(run.info.run_id, "data_checks/flagged.csv"))
-    assert "images/leak/trouser.jpg" in set(dropped["path"])
+    dropped = pd.read_csv(client.download_artifacts(run.info.run_id, "data_checks/dropped.csv"))
+    assert dropped["path"].tolist() == ["images/leak/trouser.jpg"]
+    assert dropped["detail"].iat[0].startswith("leak: copy in test")
     assert result.decision.promote
 
 

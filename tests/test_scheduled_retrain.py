@@ -207,8 +207,12 @@ def test_first_run_trains_registers_and_crowns_a_champion(
     assert set(registered) == {"1"}
     assert registered["1"]["data_version"] == pinned_md5(project.origin)
     assert registered["1"]["promotion.decision"] == "promoted"
-    champion = MlflowClient(servers.mlflow_uri).get_model_version_by_alias(MODEL, "champion")
+    client = MlflowClient(servers.mlflow_uri)
+    champion = client.get_model_version_by_alias(MODEL, "champion")
     assert str(champion.version) == "1"
+    # The scheduled run checked the data before training: its record is on the parent run.
+    parent = client.get_run(client.get_run(champion.run_id).data.tags["mlflow.parentRunId"])
+    assert parent.data.tags["data_checks"] == "pass"
     assert (project.clone / "data" / "fashion_mnist" / "manifest.csv").is_file()  # pulled by DVC
 
 

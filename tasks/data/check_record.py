@@ -17,6 +17,7 @@ from tasks.data.checks import CHECKS, FLAGGED_COLUMNS, CheckFindings, CheckOutco
 from tasks.data.table import ImageTable
 
 FLAGGED_FILE = "flagged.csv"
+DROPPED_FILE = "dropped.csv"
 SUMMARY_FILE = "summary.json"
 PICTURE_FILE = "flagged.png"
 _FINDINGS_FILE = "findings.csv"
@@ -125,11 +126,13 @@ def write_report(
     root: Path,
 ) -> None:
     """reports/data_checks/: flagged.csv (path,split,check,detail; paths relative to data.path),
-    summary.json and flagged.png."""
+    dropped.csv (the images `drop` left out of training, same columns: the finding that dropped
+    each), summary.json and flagged.png."""
     folder.mkdir(parents=True, exist_ok=True)
-    flagged = outcome.findings.flagged[FLAGGED_COLUMNS].copy()
-    flagged["path"] = shown_paths(flagged["path"], root)
-    flagged.to_csv(folder / FLAGGED_FILE, index=False)
+    for name, frame in ((FLAGGED_FILE, outcome.findings.flagged), (DROPPED_FILE, outcome.dropped)):
+        listed = frame[FLAGGED_COLUMNS].copy()
+        listed["path"] = shown_paths(listed["path"], root)
+        listed.to_csv(folder / name, index=False)
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     if picture.resolve() != (folder / PICTURE_FILE).resolve():
         shutil.copyfile(picture, folder / PICTURE_FILE)
