@@ -352,9 +352,8 @@ def test_training_stops_before_training_and_records_why_on_a_failed_run(
     assert run.data.tags["data_checks"] == "fail"
     assert run.data.metrics["data_checks.test_leak"] == 1
     logged = {item.path for item in client.list_artifacts(run.info.run_id, "data_checks")}
-    assert logged == {
-        f"data_checks/{name}" for name in ("flagged.csv", "summary.json", "flagged.png")
-    }
+    names = ("flagged.csv", "dropped.csv", "summary.json", "flagged.png")
+    assert logged == {f"data_checks/{name}" for name in names}
     assert client.search_registered_models() == []
     stages = client.search_runs(
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
