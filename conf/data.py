@@ -54,6 +54,12 @@ class DataChecksConfig(Section):
         "the largest and smallest class in training (nothing to drop).",
     )
     blank_image: Policy = Field("drop", description="Constant or near-constant images.")
+    domain_fit: Literal["warn", "off"] = Field(
+        "warn",
+        description="Score how well the frozen features fit the training labels (LogME), and "
+        "a randomly initialised copy of the base the same way; warn when the pretrained base "
+        "does not beat it by domain_fit_margin.",
+    )
     near_duplicate_similarity: float = Field(
         0.9985,
         gt=0.9,
@@ -78,12 +84,20 @@ class DataChecksConfig(Section):
         description="Largest over smallest class in training above this is a class_balance flag.",
     )
 
-    @field_validator(*CHECK_NAMES, mode="before")
+    @field_validator(*CHECK_NAMES, "domain_fit", mode="before")
     @classmethod
     def _unquoted_off(cls, value: object) -> object:
         # YAML reads an unquoted `off` (and `no`, `false`) as false: that is 'off'.
         return "off" if value is False else value
 
+    domain_fit_margin: float = Field(
+        0.05,
+        ge=0.0,
+        description="LogME per image by which the pretrained base must beat the random one.",
+    )
+    domain_fit_images: int = Field(
+        1000, ge=10, description="Training images (a seeded sample) the domain fit is scored on."
+    )
     cache_dir: str | None = Field(
         ".cache/data_checks",
         description="Where results are kept per data version and settings; null: never reused.",

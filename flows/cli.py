@@ -180,6 +180,12 @@ def train(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) ->
 def check_data(config: ConfigOption = "conf/default.yaml", set_: SetOption = None) -> None:
     """Run the data gate alone: duplicates, leaks, label issues, class balance, blank images."""
     gate = _run_flow("flows.check_data:check_data_only", config, list(set_ or []))
+    fit = gate.summary["domain_fit"]
+    if fit:
+        typer.echo(
+            f"Domain fit: LogME {fit['pretrained']:.3f} pretrained, {fit['random_init']:.3f} "
+            f"random init, on {fit['images']:.0f} training images"
+        )
     if gate.failed:
         _fail(ExpectedError(gate.line))
     typer.echo(gate.line)

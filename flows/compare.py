@@ -27,6 +27,7 @@ from tasks.comparison.strategies import (
 from tasks.comparison.winner import summarize_comparison
 from tasks.comparison.work_pool import train_cell_on_pool
 from tasks.comparison.workers import cell_task_runner
+from tasks.data.check_record import reads_features
 from tasks.data.checks import DataChecksFailedError
 from tasks.data.table import ImageTable, load_images
 from tasks.data.versioning import pull_data_version
@@ -99,7 +100,7 @@ def compare_strategies(
         data_version,
     )
     try:
-        log_data_checks(comparison, gate.outcome.counts, gate.outcome.decision, gate.report)
+        log_data_checks(comparison, gate.record, gate.outcome.decision, gate.report)
         if gate.failed:
             raise DataChecksFailedError(gate.line)
         compare = config.compare
@@ -111,7 +112,7 @@ def compare_strategies(
             data_version,
             table.skipped,
             dropped=gate.outcome.dropped["path"].tolist(),
-            pool_whole_split=config.data.checks.label_issue != "off",
+            pool_whole_split=reads_features(config.data.checks),
             features_cached_first=local,
         )
         first_id = first_transfer_cell(plan)

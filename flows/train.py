@@ -88,7 +88,7 @@ def train_classifier(
     table = inputs.table
     run = start_tracking(config, project, table, data_version, strategy=STRATEGY)
     try:
-        log_data_checks(run, gate.outcome.counts, gate.outcome.decision, gate.report)
+        log_data_checks(run, gate.record, gate.outcome.decision, gate.report)
         if gate.failed:
             raise DataChecksFailedError(gate.line)
         outcome = run_stages(run, stages, inputs, resume=config.tracking.resume)

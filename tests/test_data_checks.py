@@ -362,12 +362,15 @@ def test_training_stops_before_training_and_records_why_on_a_failed_run(
 
 
 @pytest.mark.slow
-def test_drop_trains_without_the_leaked_copy(leaky: Path, mlflow_uri: str) -> None:
+def test_drop_trains_without_the_leaked_copy(leaky: Path, mlflow_uri: str, caplog) -> None:
+    import logging
+
     from mlflow import MlflowClient
 
     from flows.train import train_classifier
 
-    result = train_classifier(str(leaky / "leaky.yaml"), ["data.checks.near_duplicate=drop"])
+    with caplog.at_level(logging.WARNING, logger="prefect"):
+        result = train_classifier(str(leaky / "leaky.yaml"), ["data.checks.near_duplicate=drop"])
 
     client = MlflowClient(mlflow_uri)
     run = client.get_run(result.run_id)
@@ -380,6 +383,10 @@ def test_drop_trains_without_the_leaked_copy(leaky: Path, mlflow_uri: str) -> No
     assert dropped["path"].tolist() == ["images/leak/trouser.jpg"]
     assert dropped["detail"].iat[0].startswith("leak: copy in test")
     assert result.decision.promote
+    # This config's base has random weights: it cannot fit the labels better than a random base.
+    fit = run.data.metrics
+    assert fit["domain_fit.pretrained"] < fit["domain_fit.random_init"] + 0.05
+    assert any("fits these labels little better than a randomly" in m for m in caplog.messages)
 
 
 def test_with_every_check_off_no_image_is_read(clean: Path) -> None:
@@ -400,3 +407,18 @@ def test_policies_read_from_yaml_as_written(tmp_path: Path) -> None:
     assert (checks.label_issue, checks.blank_image) == ("off", "warn")  # not YAML's false
     with pytest.raises(ConfigError, match=r"data\.checks\.class_balance"):
         load_config(config, ["data.checks.class_balance=drop"])  # a class cannot be dropped
+
+
+def test_domain_fit_ranks_informative_features_above_noise_whatever_their_scale() -> None:
+    from tasks.data.domain_fit import logme
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(4), 100)
+    informative = rng.normal(0, 1, (4, 16))[labels] + rng.normal(0, 1, (400, 16))
+    noise = rng.normal(0, 1, (400, 16))
+    constant = np.ones((400, 16))
+
+    fit = logme(informative, labels, 4)
+    assert fit > logme(noise, labels, 4) + 0.1 > logme(constant, labels, 4)
+    assert logme(informative * 1000.0, labels, 4) == pytest.approx(fit)
+    assert logme(informative[:, :8], labels, 4) < fit  # half the signal, less evidence

@@ -23,6 +23,7 @@ PICTURE_FILE = "flagged.png"
 _FINDINGS_FILE = "findings.csv"
 _COUNTS_FILE = "class_counts.csv"
 _NOTES_FILE = "notes.json"
+_DOMAIN_FIT_FILE = "domain_fit.json"
 _COLUMNS = 8
 _MARGIN = 56
 
@@ -43,7 +44,7 @@ def findings_key(
         min_test_per_class=min_test_per_class,
         seed=seed,
         data_version=data_version,
-        features=features_key if settings.label_issue != "off" else None,
+        features=features_key if reads_features(settings) else None,
         classes=list(table.classes),
     )
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
@@ -54,7 +55,8 @@ def findings_key(
 
 def load_findings(folder: Path) -> tuple[CheckFindings, Path] | None:
     """Findings stored in `folder` and their picture; None when absent or incomplete."""
-    files = [folder / name for name in (_FINDINGS_FILE, _COUNTS_FILE, _NOTES_FILE, PICTURE_FILE)]
+    names = (_FINDINGS_FILE, _COUNTS_FILE, _NOTES_FILE, PICTURE_FILE, _DOMAIN_FIT_FILE)
+    files = [folder / name for name in names]
     if not all(path.is_file() for path in files):
         return None
     try:
@@ -64,11 +66,12 @@ def load_findings(folder: Path) -> tuple[CheckFindings, Path] | None:
         flagged["droppable"] = flagged["droppable"].astype(str) == "True"
         counts = pd.read_csv(files[1], index_col=0)
         notes = json.loads(files[2].read_text())
+        domain_fit = json.loads(files[4].read_text())
     except (OSError, ValueError) as error:
         print(f"Ignoring the data checks kept in {folder}: {error}")
         return None
     flagged["path"] = flagged["path"].astype(str)
-    return CheckFindings(flagged, counts, notes), files[3]
+    return CheckFindings(flagged, counts, notes, domain_fit), files[3]
 
 
 def store_findings(folder: Path, findings: CheckFindings, picture: Path) -> None:
@@ -79,11 +82,17 @@ def store_findings(folder: Path, findings: CheckFindings, picture: Path) -> None
     findings.flagged.to_csv(staging / _FINDINGS_FILE, index=False)
     findings.class_counts.to_csv(staging / _COUNTS_FILE)
     (staging / _NOTES_FILE).write_text(json.dumps(findings.notes))
+    (staging / _DOMAIN_FIT_FILE).write_text(json.dumps(findings.domain_fit))
     shutil.copyfile(picture, staging / PICTURE_FILE)
     try:
         os.replace(staging, folder)
     except OSError:  # another run stored the same findings first
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def reads_features(settings: DataChecksConfig) -> bool:
+    """Whether the gate needs the frozen features: for the label check or the domain fit."""
+    return settings.label_issue != "off" or settings.domain_fit != "off"
 
 
 def data_root(path: Path) -> Path:
@@ -115,6 +124,7 @@ def summary_of(outcome: CheckOutcome, settings: DataChecksConfig, data_version: 
         },
         "imbalance_ratio": float(train.max() / train.min()) if train.min() > 0 else None,
         "notes": outcome.findings.notes,
+        "domain_fit": outcome.findings.domain_fit,
     }
 
 

@@ -46,6 +46,8 @@ class CheckFindings:
     flagged: pd.DataFrame
     class_counts: pd.DataFrame
     notes: dict[str, str] = field(default_factory=dict)
+    # The domain fit: LogME of the pretrained and the random-init features, the images scored.
+    domain_fit: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

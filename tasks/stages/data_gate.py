@@ -8,7 +8,7 @@ import math
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from statistics import NormalDist
 
@@ -25,6 +25,7 @@ from tasks.data.check_record import (
     draw_picture,
     findings_key,
     load_findings,
+    reads_features,
     shown_paths,
     store_findings,
     summary_of,
@@ -32,9 +33,11 @@ from tasks.data.check_record import (
     write_report,
 )
 from tasks.data.checks import CHECKS, CheckOutcome, apply_policy, find_problems, reads_pixels
+from tasks.data.domain_fit import logme
 from tasks.data.pixels import summarize_pixels
 from tasks.data.table import ImageTable
 from tasks.inference.features import weights_fingerprint
+from tasks.inference.random_features import random_init_features
 from tasks.model.classifier import build_classifier_for
 from tasks.runtime.run_log import run_logger
 from tasks.stages.base import Stage, StageInputs
@@ -56,6 +59,20 @@ class DataGate:
     @property
     def failed(self) -> bool:
         return bool(self.outcome.failing)
+
+    @property
+    def record(self) -> dict[str, float]:
+        """The run's metrics: `data_checks.<count>` and `domain_fit.pretrained`/`random_init`."""
+        metrics = {f"data_checks.{name}": float(n) for name, n in self.outcome.counts.items()}
+        fit = self.outcome.findings.domain_fit
+        metrics.update(
+            {
+                f"domain_fit.{name}": fit[name]
+                for name in ("pretrained", "random_init")
+                if name in fit
+            }
+        )
+        return metrics
 
 
 def per_class_test_minimum(registry: RegistryConfig) -> int:
@@ -85,7 +102,7 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
     project = inputs.loaded.project
     table = inputs.table
     min_test = per_class_test_minimum(config.registry)
-    label_check = settings.label_issue != "off"
+    feature_check = reads_features(settings)
     features_key = (
         json.dumps(
             [
@@ -98,7 +115,7 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
             ],
             sort_keys=True,
         )
-        if label_check
+        if feature_check
         else None
     )
     root = data_root(inputs.loaded.path(config.data.path))
@@ -110,9 +127,12 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
     else:
         paths = table.frame["path"].tolist()
         pixels = summarize_pixels(paths) if reads_pixels(settings) else None
-        features = _features_in_table_order(stages, inputs) if label_check else None
+        features = _features_in_table_order(stages, inputs) if feature_check else None
         names = shown_paths(table.frame["path"], root)
         findings = find_problems(table, pixels, features, settings, min_test, config.seed, names)
+        if settings.domain_fit != "off":
+            assert features is not None
+            findings = replace(findings, domain_fit=score_domain_fit(features, inputs))
         picture = draw_picture(findings, table, Path(tempfile.mkdtemp()) / "flagged.png")
         if kept is not None:
             store_findings(kept, findings, picture)
@@ -124,6 +144,9 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
     write_report(report, outcome, summary, picture, root)
     line = verdict(outcome, report / "summary.json")
     (run_logger().warning if outcome.failing else run_logger().info)(line)
+    fit = findings.domain_fit
+    if fit and fit["pretrained"] - fit["random_init"] < settings.domain_fit_margin:
+        run_logger().warning(base_does_not_transfer(fit, config.base.architecture))
     create_markdown_artifact(
         markdown_summary(outcome, summary, report, root),
         key="data-checks",
@@ -132,15 +155,54 @@ def check_data(stages: Sequence[Stage], inputs: StageInputs) -> DataGate:
     return DataGate(outcome, summary, report, line)
 
 
+def score_domain_fit(features: np.ndarray, inputs: StageInputs) -> dict[str, float]:
+    """LogME of the frozen features and of a random-init copy of the base's, on the same seeded
+    sample of training images (data.checks.domain_fit_images): the frozen ones are the gate's
+    own, the random ones one forward pass over the sample."""
+    config = inputs.loaded.config
+    table = inputs.table
+    train = np.flatnonzero(table.frame["split"].to_numpy() == "train")
+    size = min(len(train), config.data.checks.domain_fit_images)
+    sample = np.sort(np.random.default_rng(config.seed).choice(train, size, replace=False))
+    frame = table.frame.iloc[sample].reset_index(drop=True)
+    labels = table.label_ids(frame)
+    random = random_init_features(
+        config.base,
+        config.head.pooling,
+        config.data.image_size,
+        config.seed,
+        frame,
+        table.classes,
+        config.data.batch_size,
+    )
+    classes = len(table.classes)
+    return {
+        "pretrained": logme(features[sample], labels, classes),
+        "random_init": logme(random, labels, classes),
+        "images": float(size),
+    }
+
+
+def base_does_not_transfer(fit: dict[str, float], architecture: str) -> str:
+    return (
+        f"The pretrained {architecture} fits these labels little better than a randomly "
+        f"initialised one (LogME {fit['pretrained']:.3f} against {fit['random_init']:.3f} on "
+        f"{fit['images']:.0f} training images, margin data.checks.domain_fit_margin): its "
+        "features may not transfer to this data. Consider another base, fine-tuning more "
+        "blocks, or training from scratch."
+    )
+
+
 def gate_classifier(loaded: LoadedConfig, table: ImageTable):
-    """The classifier whose frozen base gives the label check its features, built as the
-    training flow builds it (the same cache entries); None when the label check is off.
+    """The classifier whose frozen base gives the label check and the domain fit their
+    features, built as the training flow builds it (the same cache entries); None when both
+    are off.
 
     A flow that trains builds its own; this one is for the flows that do not (check-data, and
     a comparison, whose cells build theirs in workers).
     """
     config = loaded.config
-    if config.data.checks.label_issue == "off":
+    if not reads_features(config.data.checks):
         return None
     return build_classifier_for.fn(
         config.base,
@@ -198,6 +260,12 @@ def markdown_summary(outcome: CheckOutcome, summary: dict, report: Path, root: P
         f"{outcome.counts['test_leak']} of them with the test split. "
         f"Dropped from training: {len(outcome.dropped)}.",
     ]
+    fit = summary["domain_fit"]
+    if fit:
+        lines.append(
+            f"Domain fit (LogME on {fit['images']:.0f} training images): pretrained "
+            f"{fit['pretrained']:.3f}, random init {fit['random_init']:.3f}."
+        )
     for check, note in summary["notes"].items():
         lines.append(f"- {check}: {note}")
     first = outcome.findings.flagged.head(15)

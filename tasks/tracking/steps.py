@@ -247,14 +247,12 @@ def finish_tracking(run: RunRef, summaries, failed: bool) -> None:
     retry_delay_seconds=_BACKOFF,
     retry_condition_fn=retry_if_store_locked,
 )
-def log_data_checks(run: RunRef, counts: dict[str, int], decision: str, report: Path) -> None:
-    """The data gate's record on the parent run: each count as metric `data_checks.<name>`,
-    the report's files (flagged.csv, summary.json, flagged.png) under `data_checks/`, and the
-    decision as tag `data_checks`."""
+def log_data_checks(run: RunRef, metrics: dict[str, float], decision: str, report: Path) -> None:
+    """The data gate's record on the parent run: its `metrics` (`data_checks.<count>`,
+    `domain_fit.*`), the report's files under `data_checks/`, and the decision as tag
+    `data_checks`."""
     client = MlflowClient(run.tracking_uri)
-    metrics = [
-        Metric(f"data_checks.{name}", float(value), int(time.time() * 1000), 0)
-        for name, value in counts.items()
-    ]
-    client.log_batch(run.run_id, metrics=metrics, tags=[RunTag("data_checks", decision)])
+    now = int(time.time() * 1000)
+    logged = [Metric(name, float(value), now, 0) for name, value in metrics.items()]
+    client.log_batch(run.run_id, metrics=logged, tags=[RunTag("data_checks", decision)])
     client.log_artifacts(run.run_id, str(report), "data_checks")
