@@ -196,6 +196,7 @@ def test_the_gate_needs_dozens_of_test_images_per_class_for_its_per_class_check(
 
     assert 40 <= per_class_test_minimum(RegistryConfig()) <= 70
     assert per_class_test_minimum(RegistryConfig(max_class_drop=0.2)) < 40
+    assert per_class_test_minimum(RegistryConfig(gate="threshold", margin=0.0)) == 0
 
 
 @pytest.mark.parametrize(

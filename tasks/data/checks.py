@@ -155,19 +155,7 @@ def reads_pixels(settings: DataChecksConfig) -> bool:
 
 
 def _as_frame(rows: list[dict], frame: pd.DataFrame) -> pd.DataFrame:
-    found = pd.DataFrame(
-        rows,
-        columns=[
-            "row",
-            "check",
-            "detail",
-            "leak",
-            "droppable",
-            "partner",
-            "partner_split",
-            "suggested",
-        ],
-    )
+    found = pd.DataFrame(rows, columns=["check", "detail", *_POLICY_COLUMNS])
     found["path"] = frame["path"].to_numpy()[found["row"].to_numpy(dtype=np.int64)]
     found["split"] = frame["split"].to_numpy()[found["row"].to_numpy(dtype=np.int64)]
     found["leak"] = found["leak"].fillna(False).astype(bool)

@@ -76,14 +76,17 @@ class DataGate:
 
 
 def per_class_test_minimum(registry: RegistryConfig) -> int:
-    """Test images a class needs for the gate's per-class check to show a recall drop twice
-    `max_class_drop` (a 20-point drop at the default 0.10).
+    """Test images a class needs for the paired gate's per-class check to show a recall drop
+    twice `max_class_drop` (a 20-point drop at the default 0.10); 0 for the threshold gate,
+    which has no per-class check.
 
     A paired change of recall on n images, most of them discordant the way the drop goes, has
     a one-sided bound about z * sqrt(drop / n) wide; it excludes -max_class_drop when that is
     below drop - max_class_drop = max_class_drop. docs/promotion-gate.md measured the same
     order: a 20-point drop caught 34% of the time at 30 test images per class.
     """
+    if registry.gate == "threshold":  # no per-class check
+        return 0
     z = NormalDist().inv_cdf(1 - registry.alpha)
     drop = registry.max_class_drop
     return math.ceil(z * z * 2 * drop / (drop * drop))
