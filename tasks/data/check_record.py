@@ -11,10 +11,12 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
 
 from conf.data import DataChecksConfig
 from tasks.data.checks import CHECKS, FLAGGED_COLUMNS, CheckFindings, CheckOutcome
 from tasks.data.table import ImageTable
+from tasks.runtime.run_log import run_logger
 
 FLAGGED_FILE = "flagged.csv"
 DROPPED_FILE = "dropped.csv"
@@ -68,7 +70,9 @@ def load_findings(folder: Path) -> tuple[CheckFindings, Path] | None:
         notes = json.loads(files[2].read_text())
         domain_fit = json.loads(files[4].read_text())
     except (OSError, ValueError) as error:
-        print(f"Ignoring the data checks kept in {folder}: {error}")
+        run_logger().warning(
+            "Ignoring the data checks kept in %s (checking again): %s", folder, error
+        )
         return None
     flagged["path"] = flagged["path"].astype(str)
     return CheckFindings(flagged, counts, notes, domain_fit), files[3]
@@ -181,8 +185,6 @@ def picture_rows(findings: CheckFindings, limit: int = 8) -> dict[str, pd.DataFr
 def draw_picture(findings: CheckFindings, table: ImageTable, path: Path) -> Path:
     """A PNG grid: the top row holds label issues with their given and suggested labels, the two
     rows below duplicate pairs one above the other, with their splits and labels."""
-    from PIL import Image, ImageDraw, ImageFont
-
     rows = picture_rows(findings, limit=_COLUMNS)
     frame = table.frame
     cell, caption = 112, 30
