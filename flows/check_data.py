@@ -19,8 +19,8 @@ def check_data_only(
 ) -> DataGate:
     """Run the checks the training flow runs before it trains, and nothing else.
 
-    The frozen base is built only for the label check and the domain fit, which read its features; they land in
-    the feature cache, where the next training run finds them.
+    The frozen base is built only for the label check and the domain fit, which read its
+    features; they land in the feature cache, where the next training run finds them.
     """
     loaded = load_and_check(config_path, overrides or [])
     config, project = loaded.config, loaded.project
